@@ -1,0 +1,408 @@
+//! `config.json` of an HF InstructBLIP / BLIP-2 model directory: serde structs that mirror the HF
+//! field names, with the defaults `transformers` applies when a field is absent.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// Activation functions named in HF configs (`hidden_act`, `dense_act_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, x·Φ(x) with the error function (`"gelu"`).
+    Gelu,
+    /// Tanh approximation of GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+    Relu,
+    /// x·σ(x) (`"silu"`, `"swish"`).
+    Silu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+}
+
+/// `vision_config`: the EVA ViT image encoder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub qkv_bias: bool,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 1408,
+            intermediate_size: 6144,
+            num_hidden_layers: 39,
+            num_attention_heads: 16,
+            image_size: 224,
+            patch_size: 14,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-6,
+            qkv_bias: true,
+        }
+    }
+}
+
+/// `qformer_config`: the BERT-style querying transformer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QFormerConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    pub cross_attention_frequency: usize,
+    pub encoder_hidden_size: usize,
+    /// BLIP-2 only: whether the Q-Former also reads instruction text (InstructBLIP always does).
+    pub use_qformer_text_input: Option<bool>,
+}
+
+impl Default for QFormerConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30522,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".into(),
+            max_position_embeddings: 512,
+            layer_norm_eps: 1e-12,
+            cross_attention_frequency: 2,
+            encoder_hidden_size: 1408,
+            use_qformer_text_input: None,
+        }
+    }
+}
+
+/// `text_config` of a T5 language model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub feed_forward_proj: String,
+    /// Explicit activation; when absent HF derives it from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Written by transformers 5.x; older files imply it from `tie_word_embeddings`.
+    pub scale_decoder_outputs: Option<bool>,
+    pub decoder_start_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            model_type: "t5".into(),
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            decoder_start_token_id: None,
+            pad_token_id: None,
+            eos_token_id: None,
+        }
+    }
+}
+
+impl T5Config {
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// `gated-X` feeds `wo(act(wi_0 x) * wi_1 x)`; `X` feeds `wo(act(wi x))`.
+    pub fn is_gated(&self) -> bool {
+        self.feed_forward_proj.starts_with("gated-")
+    }
+
+    /// HF rule: `dense_act_fn` if given, else the last part of `feed_forward_proj`, where
+    /// `gated-gelu` means the tanh GELU (`gelu_new`).
+    pub fn activation_name(&self) -> String {
+        match &self.dense_act_fn {
+            Some(a) => a.clone(),
+            None if self.feed_forward_proj == "gated-gelu" => "gelu_new".into(),
+            None => self
+                .feed_forward_proj
+                .rsplit('-')
+                .next()
+                .unwrap_or("relu")
+                .to_string(),
+        }
+    }
+
+    /// T5 v1.0 rescales the decoder output by d_model^-0.5 before a tied `lm_head`.
+    pub fn scales_decoder_output(&self) -> bool {
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings.unwrap_or(true))
+    }
+
+    pub fn pad_token(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
+    }
+
+    pub fn eos_token(&self) -> u32 {
+        self.eos_token_id.unwrap_or(1)
+    }
+
+    pub fn decoder_start_token(&self) -> u32 {
+        self.decoder_start_token_id.unwrap_or(self.pad_token())
+    }
+}
+
+/// Which composite architecture a directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `InstructBlipForConditionalGeneration`: the Q-Former also reads the instruction.
+    InstructBlip,
+    /// `Blip2ForConditionalGeneration`: queries only.
+    Blip2,
+}
+
+/// The top-level `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlipConfig {
+    pub model_type: String,
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    #[serde(default)]
+    pub qformer_config: QFormerConfig,
+    pub text_config: serde_json::Value,
+    #[serde(default = "default_num_query_tokens")]
+    pub num_query_tokens: usize,
+    #[serde(default)]
+    pub image_token_index: Option<u32>,
+    #[serde(default)]
+    pub use_decoder_only_language_model: Option<bool>,
+}
+
+fn default_num_query_tokens() -> usize {
+    32
+}
+
+/// A parsed, validated configuration.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vision: VisionConfig,
+    pub qformer: QFormerConfig,
+    pub text: T5Config,
+    pub num_query_tokens: usize,
+    pub raw: BlipConfig,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: BlipConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let architecture = match raw.model_type.as_str() {
+            "instructblip" => Architecture::InstructBlip,
+            "blip-2" | "blip_2" => Architecture::Blip2,
+            other => {
+                return Err(ModelError::config(
+                    path,
+                    "model_type",
+                    format!("unknown model_type `{other}`, expected `instructblip` or `blip-2`"),
+                ));
+            }
+        };
+        let text_cfg: T5Config = serde_json::from_value(raw.text_config.clone())
+            .map_err(|e| ModelError::config(path, "text_config", e.to_string()))?;
+        if text_cfg.model_type != "t5" {
+            return Err(ModelError::config(
+                path,
+                "text_config.model_type",
+                format!(
+                    "unsupported language model `{}`, expected `t5`",
+                    text_cfg.model_type
+                ),
+            ));
+        }
+        let cfg = ModelConfig {
+            architecture,
+            vision: raw.vision_config.clone(),
+            qformer: raw.qformer_config.clone(),
+            text: text_cfg,
+            num_query_tokens: raw.num_query_tokens,
+            raw,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Whether the Q-Former reads instruction text beside its queries.
+    pub fn qformer_reads_text(&self) -> bool {
+        match self.architecture {
+            Architecture::InstructBlip => true,
+            Architecture::Blip2 => self.qformer.use_qformer_text_input.unwrap_or(false),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let check = |ok: bool, field: &str, msg: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ModelError::config(path, field, msg))
+            }
+        };
+        let v = &self.vision;
+        check(
+            v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
+            "vision_config.num_attention_heads",
+            format!(
+                "{} heads do not divide hidden_size {}",
+                v.num_attention_heads, v.hidden_size
+            ),
+        )?;
+        check(
+            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            "vision_config.patch_size",
+            format!(
+                "{} does not divide image_size {}",
+                v.patch_size, v.image_size
+            ),
+        )?;
+        check(
+            Activation::from_hf(&v.hidden_act).is_some(),
+            "vision_config.hidden_act",
+            format!("unknown activation `{}`", v.hidden_act),
+        )?;
+        let q = &self.qformer;
+        check(
+            q.num_attention_heads > 0 && q.hidden_size % q.num_attention_heads == 0,
+            "qformer_config.num_attention_heads",
+            format!(
+                "{} heads do not divide hidden_size {}",
+                q.num_attention_heads, q.hidden_size
+            ),
+        )?;
+        check(
+            q.cross_attention_frequency > 0,
+            "qformer_config.cross_attention_frequency",
+            "must be at least 1".into(),
+        )?;
+        check(
+            Activation::from_hf(&q.hidden_act).is_some(),
+            "qformer_config.hidden_act",
+            format!("unknown activation `{}`", q.hidden_act),
+        )?;
+        check(
+            q.encoder_hidden_size == v.hidden_size,
+            "qformer_config.encoder_hidden_size",
+            format!(
+                "{} differs from vision hidden_size {}",
+                q.encoder_hidden_size, v.hidden_size
+            ),
+        )?;
+        let t = &self.text;
+        let act = t.activation_name();
+        check(
+            Activation::from_hf(&act).is_some(),
+            "text_config.dense_act_fn",
+            format!("unknown activation `{act}`"),
+        )?;
+        let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
+        check(
+            parts.len() == 1 || (parts.len() == 2 && parts[0] == "gated"),
+            "text_config.feed_forward_proj",
+            format!("`{}` is neither `ACT` nor `gated-ACT`", t.feed_forward_proj),
+        )?;
+        check(
+            t.relative_attention_num_buckets >= 4,
+            "text_config.relative_attention_num_buckets",
+            "must be at least 4".into(),
+        )?;
+        check(
+            self.num_query_tokens > 0,
+            "num_query_tokens",
+            "must be at least 1".into(),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t5_activation_follows_hf_rules() {
+        let mut t = T5Config {
+            feed_forward_proj: "gated-gelu".into(),
+            ..Default::default()
+        };
+        assert_eq!(t.activation_name(), "gelu_new");
+        t.dense_act_fn = Some("gelu".into());
+        assert_eq!(t.activation_name(), "gelu");
+        t.feed_forward_proj = "gated-silu".into();
+        t.dense_act_fn = None;
+        assert_eq!(t.activation_name(), "silu");
+        assert!(t.is_gated());
+    }
+
+    #[test]
+    fn unknown_model_type_names_the_field() {
+        let err = ModelConfig::from_json(
+            r#"{"model_type": "llava", "text_config": {}}"#,
+            Path::new("x/config.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("x/config.json") && err.contains("model_type") && err.contains("llava"),
+            "{err}"
+        );
+    }
+}

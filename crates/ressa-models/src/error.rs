@@ -1,0 +1,71 @@
+//! One error type for the model crate. Every message is one line and names the file and the
+//! key or field it is about.
+
+use std::path::PathBuf;
+
+/// What can go wrong while reading, building, running or writing a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: missing tensor `{key}`")]
+    MissingKey { path: PathBuf, key: String },
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error(
+        "{path}: tensor `{key}` has dtype {dtype}, expected a float type (F32, F16, BF16, F64)"
+    )]
+    Dtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        ModelError::Config {
+            path: path.into(),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}

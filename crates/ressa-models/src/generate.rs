@@ -1,0 +1,331 @@
+//! Greedy and beam-search decoding for the T5 decoder with a KV cache, step for step the
+//! algorithm of `transformers` 5.x `generate` (`_sample` without sampling, and the vectorized
+//! `_beam_search` with its early-stop heuristic), so the returned tokens match it exactly.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+use crate::instructblip::{InstructBlip, VlmInputs};
+
+/// Decoding settings (HF `GenerationConfig` names).
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub num_beams: usize,
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// Hypothesis score = sum of log-probs / (generated length ^ length_penalty).
+    pub length_penalty: f32,
+    /// HF `early_stopping=True`: stop a batch item once `num_beams` hypotheses are finished.
+    pub early_stopping: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            num_beams: 1,
+            max_new_tokens: 20,
+            min_new_tokens: 0,
+            length_penalty: 1.0,
+            early_stopping: false,
+        }
+    }
+}
+
+/// Special tokens of the language model.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecialTokens {
+    pub decoder_start: u32,
+    pub eos: u32,
+    pub pad: u32,
+}
+
+const NEG: f32 = -1.0e9;
+
+/// Generates token ids for every batch item. Each row starts with the decoder start token and is
+/// padded with `pad` to the longest row, as `transformers` returns them.
+pub fn generate<B: Backend>(
+    model: &InstructBlip<B>,
+    inputs: &VlmInputs<B>,
+    cfg: &GenerationConfig,
+    tokens: SpecialTokens,
+) -> Vec<Vec<u32>> {
+    if cfg.num_beams <= 1 {
+        greedy(model, inputs, cfg, tokens)
+    } else {
+        beam_search(model, inputs, cfg, tokens)
+    }
+}
+
+/// One decoder step on the last tokens [rows] → log-probs or logits [rows, vocab] on the host.
+fn step<B: Backend>(
+    model: &InstructBlip<B>,
+    last: &[u32],
+    encoder: &Tensor<B, 3>,
+    mask: &Tensor<B, 2>,
+    cache: &mut crate::t5::DecoderCache<B>,
+    log_probs: bool,
+) -> (Vec<f32>, usize) {
+    let device = encoder.device();
+    let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [last.len(), 1]), &device);
+    let logits = model
+        .language_model
+        .decode_logits(ids, encoder, mask.clone(), Some(cache));
+    let [rows, _, vocab] = logits.dims();
+    let logits = logits.reshape([rows, vocab]);
+    let out = if log_probs {
+        log_softmax(logits, 1)
+    } else {
+        logits
+    };
+    (
+        out.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 logits"),
+        vocab,
+    )
+}
+
+fn greedy<B: Backend>(
+    model: &InstructBlip<B>,
+    inputs: &VlmInputs<B>,
+    cfg: &GenerationConfig,
+    tokens: SpecialTokens,
+) -> Vec<Vec<u32>> {
+    let enc = model.encode(inputs);
+    let batch = enc.hidden.dims()[0];
+    let mut cache = model.new_cache();
+    let mut seqs: Vec<Vec<u32>> = vec![vec![tokens.decoder_start]; batch];
+    let mut unfinished = vec![true; batch];
+    for new in 0..cfg.max_new_tokens {
+        let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap()).collect();
+        let (mut logits, vocab) = step(model, &last, &enc.hidden, &enc.mask, &mut cache, false);
+        for b in 0..batch {
+            let row = &mut logits[b * vocab..(b + 1) * vocab];
+            if new < cfg.min_new_tokens {
+                row[tokens.eos as usize] = f32::NEG_INFINITY;
+            }
+            // First maximum, as torch.argmax.
+            let mut best = 0;
+            for (i, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = i;
+                }
+            }
+            let next = if unfinished[b] {
+                best as u32
+            } else {
+                tokens.pad
+            };
+            seqs[b].push(next);
+            if next == tokens.eos {
+                unfinished[b] = false;
+            }
+        }
+        if unfinished.iter().all(|u| !u) {
+            break;
+        }
+    }
+    seqs
+}
+
+/// Per batch item state of the vectorized beam search.
+struct BeamState {
+    running: Vec<Vec<u32>>,
+    running_scores: Vec<f32>,
+    finished: Vec<Vec<u32>>,
+    finished_scores: Vec<f32>,
+    finished_len: Vec<usize>,
+    is_finished: Vec<bool>,
+    improvable: bool,
+}
+
+/// Indices of the `k` largest values, in descending order (ties: lower index first).
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| {
+        values[b]
+            .partial_cmp(&values[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx
+}
+
+fn beam_search<B: Backend>(
+    model: &InstructBlip<B>,
+    inputs: &VlmInputs<B>,
+    cfg: &GenerationConfig,
+    tokens: SpecialTokens,
+) -> Vec<Vec<u32>> {
+    let beams = cfg.num_beams;
+    let enc = model.encode(inputs);
+    let batch = enc.hidden.dims()[0];
+    let device = enc.hidden.device();
+    // Each batch row repeated `beams` times (HF `_expand_inputs_for_generation`).
+    let expand: Vec<i64> = (0..batch)
+        .flat_map(|b| std::iter::repeat_n(b as i64, beams))
+        .collect();
+    let expand = Tensor::<B, 1, Int>::from_data(TensorData::new(expand, [batch * beams]), &device);
+    let hidden = enc.hidden.select(0, expand.clone());
+    let mask = enc.mask.select(0, expand);
+    let mut cache = model.new_cache();
+
+    let prompt_len = 1usize;
+    let max_length = prompt_len + cfg.max_new_tokens;
+    let keep = 2 * beams; // max(2, 1 + #eos) * beams with one eos token
+    let mut states: Vec<BeamState> = (0..batch)
+        .map(|_| BeamState {
+            running: vec![vec![tokens.decoder_start]; beams],
+            running_scores: (0..beams).map(|i| if i == 0 { 0.0 } else { NEG }).collect(),
+            finished: vec![vec![tokens.decoder_start]; beams],
+            finished_scores: vec![NEG; beams],
+            finished_len: vec![0; beams],
+            is_finished: vec![false; beams],
+            improvable: true,
+        })
+        .collect();
+    let mut cur_len = prompt_len;
+    loop {
+        let last: Vec<u32> = states
+            .iter()
+            .flat_map(|s| s.running.iter().map(|r| *r.last().unwrap()))
+            .collect();
+        let (mut log_probs, vocab) = step(model, &last, &hidden, &mask, &mut cache, true);
+        if cur_len - prompt_len < cfg.min_new_tokens {
+            for r in 0..batch * beams {
+                log_probs[r * vocab + tokens.eos as usize] = f32::NEG_INFINITY;
+            }
+        }
+        let mut reorder: Vec<i64> = Vec::with_capacity(batch * beams);
+        let mut all_hit = true;
+        for (b, s) in states.iter_mut().enumerate() {
+            // Accumulated scores over (beam, token), flattened as beam * vocab + token.
+            let mut acc = vec![0f32; beams * vocab];
+            for beam in 0..beams {
+                let base = (b * beams + beam) * vocab;
+                for t in 0..vocab {
+                    acc[beam * vocab + t] = log_probs[base + t] + s.running_scores[beam];
+                }
+            }
+            let top = top_k(&acc, keep);
+            let cand_scores: Vec<f32> = top.iter().map(|&i| acc[i]).collect();
+            let cand_beam: Vec<usize> = top.iter().map(|&i| i / vocab).collect();
+            let cand_seq: Vec<Vec<u32>> = top
+                .iter()
+                .map(|&i| {
+                    let mut seq = s.running[i / vocab].clone();
+                    seq.push((i % vocab) as u32);
+                    seq
+                })
+                .collect();
+            let hits: Vec<bool> = cand_seq
+                .iter()
+                .map(|q| *q.last().unwrap() == tokens.eos || cur_len + 1 >= max_length)
+                .collect();
+            all_hit &= hits.iter().all(|&h| h);
+
+            // Running beams for the next step: best candidates that did not stop.
+            let running_vals: Vec<f32> = cand_scores
+                .iter()
+                .zip(&hits)
+                .map(|(&v, &h)| if h { v + NEG } else { v })
+                .collect();
+            let next = top_k(&running_vals, beams);
+
+            // Finished hypotheses: merge the current ones with top-`beams` candidates that stopped.
+            let denom = ((cur_len + 1 - prompt_len) as f64).powf(cfg.length_penalty as f64) as f32;
+            let full = cfg.early_stopping && s.is_finished.iter().all(|&f| f);
+            let mut merged_scores = s.finished_scores.clone();
+            for (k, &v) in cand_scores.iter().enumerate() {
+                let just_finished = hits[k] && k < beams;
+                let mut score = v / denom;
+                if full {
+                    score += NEG;
+                }
+                if !s.improvable {
+                    score += NEG;
+                }
+                if !just_finished {
+                    score += NEG;
+                }
+                merged_scores.push(score);
+            }
+            let chosen = top_k(&merged_scores, beams);
+            let mut finished = Vec::with_capacity(beams);
+            let mut finished_scores = Vec::with_capacity(beams);
+            let mut finished_len = Vec::with_capacity(beams);
+            let mut is_finished = Vec::with_capacity(beams);
+            for &m in &chosen {
+                if m < beams {
+                    finished.push(s.finished[m].clone());
+                    finished_len.push(s.finished_len[m]);
+                    is_finished.push(s.is_finished[m]);
+                } else {
+                    let k = m - beams;
+                    finished.push(cand_seq[k].clone());
+                    finished_len.push(cur_len + 1 - prompt_len);
+                    is_finished.push(hits[k] && k < beams);
+                }
+                finished_scores.push(merged_scores[m]);
+            }
+            s.finished = finished;
+            s.finished_scores = finished_scores;
+            s.finished_len = finished_len;
+            s.is_finished = is_finished;
+
+            s.running = next.iter().map(|&k| cand_seq[k].clone()).collect();
+            s.running_scores = next.iter().map(|&k| running_vals[k]).collect();
+            reorder.extend(next.iter().map(|&k| (b * beams + cand_beam[k]) as i64));
+        }
+        let rows =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * beams]), &device);
+        cache.select_rows(rows);
+        cur_len += 1;
+
+        // Early-stop heuristic (early_stopping=False): can a running beam still beat the worst
+        // finished one, judged at the current length?
+        for s in &mut states {
+            let best = s.running_scores[0]
+                / ((cur_len - prompt_len) as f64).powf(cfg.length_penalty as f64) as f32;
+            let worst = s
+                .finished_scores
+                .iter()
+                .cloned()
+                .fold(f32::INFINITY, f32::min);
+            let any = s
+                .is_finished
+                .iter()
+                .any(|&f| best > if f { worst } else { NEG });
+            s.improvable &= any;
+        }
+        let improvement_possible = states.iter().any(|s| s.improvable);
+        let open_beam =
+            !(cfg.early_stopping && states.iter().all(|s| s.is_finished.iter().all(|&f| f)));
+        if !(improvement_possible && open_beam && !all_hit) {
+            break;
+        }
+    }
+    let generated = states.iter().map(|s| s.finished_len[0]).max().unwrap_or(0);
+    states
+        .into_iter()
+        .map(|s| {
+            let mut seq = s.finished.into_iter().next().unwrap();
+            seq.truncate(prompt_len + s.finished_len[0]);
+            seq.resize(prompt_len + generated, tokens.pad);
+            seq
+        })
+        .collect()
+}
+
+/// Drops the decoder start token and everything from the first eos on.
+pub fn strip_special(seq: &[u32], tokens: SpecialTokens) -> Vec<u32> {
+    seq.iter()
+        .skip(1)
+        .take_while(|&&t| t != tokens.eos)
+        .copied()
+        .filter(|&t| t != tokens.pad)
+        .collect()
+}

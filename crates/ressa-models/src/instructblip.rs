@@ -1,0 +1,316 @@
+//! `InstructBlipForConditionalGeneration` (and `Blip2ForConditionalGeneration`, whose
+//! checkpoints share the names): ViT → Q-Former (queries [+ instruction]) → `language_projection`
+//! → T5 with the projected queries first in the encoder input, then the prompt tokens.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::prelude::*;
+use safetensors::Dtype;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::qformer::QFormer;
+use crate::t5::{DecoderCache, T5};
+use crate::vit::VisionModel;
+use crate::weights::{
+    ExportTensor, Exporter, INDEX_FILE, Loader, SINGLE_FILE, WeightStore, write_safetensors,
+};
+
+/// The composite vision-language model.
+#[derive(Module, Debug)]
+pub struct InstructBlip<B: Backend> {
+    pub vision_model: VisionModel<B>,
+    pub query_tokens: Param<Tensor<B, 3>>,
+    pub qformer: QFormer<B>,
+    pub language_projection: Linear<B>,
+    pub language_model: T5<B>,
+}
+
+/// Model inputs for one batch; masks are 1 (token) / 0 (padding).
+#[derive(Debug, Clone)]
+pub struct VlmInputs<B: Backend> {
+    /// Preprocessed images [B, 3, H, W].
+    pub pixel_values: Tensor<B, 4>,
+    /// Q-Former instruction tokens [B, T] and mask (InstructBLIP).
+    pub qformer_text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
+    /// Language-model prompt tokens [B, L] (without image placeholders) and mask.
+    pub input_ids: Tensor<B, 2, Int>,
+    pub attention_mask: Tensor<B, 2>,
+}
+
+/// Intermediate results of the encoding path, for parity checks and calibration.
+#[derive(Debug, Clone)]
+pub struct EncoderOutputs<B: Backend> {
+    pub vision: Tensor<B, 3>,
+    pub qformer: Tensor<B, 3>,
+    pub language_model_inputs: Tensor<B, 3>,
+    /// T5 encoder output [B, Q + L, D] and its mask [B, Q + L].
+    pub hidden: Tensor<B, 3>,
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> InstructBlip<B> {
+    /// Builds the model from a loader rooted at the checkpoint's top level.
+    pub fn load(cfg: &ModelConfig, vb: &Loader<B>) -> Result<Self> {
+        Ok(Self {
+            vision_model: VisionModel::load(&cfg.vision, &vb.pp("vision_model"))?,
+            query_tokens: vb.param(
+                "query_tokens",
+                [1, cfg.num_query_tokens, cfg.qformer.hidden_size],
+            )?,
+            qformer: QFormer::load(&cfg.qformer, cfg.qformer_reads_text(), &vb.pp("qformer"))?,
+            language_projection: vb.linear(
+                "language_projection",
+                cfg.qformer.hidden_size,
+                cfg.text.d_model,
+                true,
+            )?,
+            language_model: T5::load(&cfg.text, &vb.pp("language_model"))?,
+        })
+    }
+
+    /// Image → (vision output, Q-Former output, projected query outputs).
+    pub fn image_features(
+        &self,
+        pixel_values: Tensor<B, 4>,
+        qformer_text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let vision = self.vision_model.forward(pixel_values);
+        let b = vision.dims()[0];
+        let [_, q, d] = self.query_tokens.dims();
+        let queries = self.query_tokens.val().expand([b, q, d]);
+        let text = if self.qformer.reads_text() {
+            qformer_text
+        } else {
+            None
+        };
+        let qformer = self.qformer.forward(queries, text, vision.clone());
+        let query_out = qformer.clone().slice([0..b, 0..q, 0..d]);
+        let projected = self.language_projection.forward(query_out);
+        (vision, qformer, projected)
+    }
+
+    /// The encoding path: image features, then the T5 encoder over [queries ; prompt].
+    pub fn encode(&self, inputs: &VlmInputs<B>) -> EncoderOutputs<B> {
+        let (vision, qformer, projected) =
+            self.image_features(inputs.pixel_values.clone(), inputs.qformer_text.clone());
+        let [b, q, _] = projected.dims();
+        let prompt = self.language_model.embed(inputs.input_ids.clone());
+        let embeds = Tensor::cat(vec![projected.clone(), prompt], 1);
+        let device = embeds.device();
+        let mask = Tensor::cat(
+            vec![Tensor::ones([b, q], &device), inputs.attention_mask.clone()],
+            1,
+        );
+        let hidden = self.language_model.encoder.encode(embeds, mask.clone());
+        EncoderOutputs {
+            vision,
+            qformer,
+            language_model_inputs: projected,
+            hidden,
+            mask,
+        }
+    }
+
+    /// Teacher-forced logits [B, Ld, vocab] for `decoder_input_ids` [B, Ld].
+    pub fn forward(
+        &self,
+        inputs: &VlmInputs<B>,
+        decoder_input_ids: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let enc = self.encode(inputs);
+        self.language_model
+            .decode_logits(decoder_input_ids, &enc.hidden, enc.mask, None)
+    }
+
+    /// A fresh decoder KV cache.
+    pub fn new_cache(&self) -> DecoderCache<B> {
+        DecoderCache::new(self.language_model.decoder.blocks.len())
+    }
+
+    /// Every tensor under its HF name, in PyTorch layout.
+    pub fn export(&self) -> Vec<(String, ExportTensor<B>)> {
+        let mut ex = Exporter::default();
+        ex.scope("vision_model", |ex| self.vision_model.export(ex));
+        ex.add("query_tokens", ExportTensor::D3(self.query_tokens.val()));
+        ex.scope("qformer", |ex| self.qformer.export(ex));
+        ex.linear("language_projection", &self.language_projection);
+        ex.scope("language_model", |ex| self.language_model.export(ex));
+        ex.into_entries()
+    }
+}
+
+/// How the source checkpoint stored its tensors, so saving reproduces the layout.
+#[derive(Debug, Clone, Default)]
+pub struct SourceLayout {
+    pub dtypes: HashMap<String, Dtype>,
+    pub shards: Option<BTreeMap<String, String>>,
+}
+
+/// A model loaded from an HF directory, with what is needed to save it back.
+#[derive(Debug)]
+pub struct Pretrained<B: Backend> {
+    pub model: InstructBlip<B>,
+    pub config: ModelConfig,
+    pub layout: SourceLayout,
+    pub dir: PathBuf,
+}
+
+impl<B: Backend> Pretrained<B> {
+    /// Loads `config.json` and the (possibly sharded) safetensors of an HF model directory.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open_dir(dir)?;
+        let model = InstructBlip::load(&config, &Loader::new(&store, device))?;
+        let dtypes = store
+            .keys()
+            .filter_map(|k| store.info(k).map(|(_, d)| (k.clone(), d)))
+            .collect();
+        tracing::info!(dir = %dir.display(), params = model.num_params(), "loaded model");
+        Ok(Self {
+            model,
+            config,
+            layout: SourceLayout {
+                dtypes,
+                shards: store.shard_map().cloned(),
+            },
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Writes an HF model directory at `out`: the source directory's other files copied, the
+    /// weights in the source's dtypes and shard layout. Written to a temporary directory
+    /// beside `out` and renamed at the end, so a failure leaves no half-written output.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        save_model_dir(&self.model, &self.layout, &self.dir, out)
+    }
+}
+
+/// See [`Pretrained::save`].
+pub fn save_model_dir<B: Backend>(
+    model: &InstructBlip<B>,
+    layout: &SourceLayout,
+    src: &Path,
+    out: &Path,
+) -> Result<()> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(ModelError::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output directory exists and is not empty",
+            ),
+        ));
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| {
+        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        copy_non_weight_files(src, &tmp)?;
+        write_weights(model, layout, &tmp)?;
+        if out.exists() {
+            std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == INDEX_FILE
+}
+
+fn copy_non_weight_files(src: &Path, dst: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| ModelError::io(src, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if path.is_dir() {
+            let sub = dst.join(&name);
+            std::fs::create_dir_all(&sub).map_err(|e| ModelError::io(&sub, e))?;
+            copy_non_weight_files(&path, &sub)?;
+        } else if !is_weight_file(&name) && !name.starts_with('.') {
+            std::fs::copy(&path, dst.join(&name)).map_err(|e| ModelError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_weights<B: Backend>(
+    model: &InstructBlip<B>,
+    layout: &SourceLayout,
+    dir: &Path,
+) -> Result<()> {
+    let entries = model.export();
+    let dtype_of = |k: &str| *layout.dtypes.get(k).unwrap_or(&Dtype::F32);
+    match &layout.shards {
+        None => write_safetensors(&dir.join(SINGLE_FILE), &entries, &dtype_of),
+        Some(shards) => {
+            // Keys the source did not have (none for a plain round trip) go to the first shard.
+            let first = shards
+                .values()
+                .min()
+                .cloned()
+                .unwrap_or_else(|| SINGLE_FILE.to_string());
+            let mut groups: BTreeMap<String, Vec<(String, ExportTensor<B>)>> = BTreeMap::new();
+            let mut weight_map = BTreeMap::new();
+            let mut total = 0usize;
+            for (k, t) in entries {
+                let shard = shards.get(&k).cloned().unwrap_or_else(|| first.clone());
+                total += t.shape().iter().product::<usize>() * dtype_of(&k).bitsize() / 8;
+                weight_map.insert(k.clone(), shard.clone());
+                groups.entry(shard).or_default().push((k, t));
+            }
+            for (shard, group) in &groups {
+                write_safetensors(&dir.join(shard), group, &dtype_of)?;
+            }
+            let index =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let path = dir.join(INDEX_FILE);
+            std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
+                .map_err(|e| ModelError::io(&path, e))
+        }
+    }
+}
+
+/// Parameter counts per tower (`vision_model`, `query_tokens`, `qformer`,
+/// `language_projection`, `language_model`, and an untied `language_model.lm_head` apart),
+/// from the same construction code as loading but without allocating any weights.
+pub fn parameter_counts<B: Backend>(
+    cfg: &ModelConfig,
+    device: &B::Device,
+) -> Result<BTreeMap<String, usize>> {
+    let shapes = RefCell::new(Vec::new());
+    InstructBlip::<B>::load(cfg, &Loader::dry(&shapes, device))?;
+    let mut counts = BTreeMap::new();
+    for (key, shape) in shapes.into_inner() {
+        let tower = if key.starts_with("language_model.lm_head") {
+            "language_model_lm_head_untied".to_string()
+        } else {
+            key.split('.').next().unwrap_or("").to_string()
+        };
+        *counts.entry(tower).or_insert(0) += shape.iter().product::<usize>();
+    }
+    Ok(counts)
+}

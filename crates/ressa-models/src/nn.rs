@@ -1,0 +1,96 @@
+//! Small building blocks shared by the towers: multi-head attention math, activations,
+//! embedding lookups and attention masks.
+
+use burn::prelude::*;
+use burn::tensor::activation;
+
+use crate::config::Activation;
+
+/// Additive value for masked attention positions (HF uses `finfo(f32).min`; any value that
+/// drives `exp` to 0 gives the same softmax).
+pub const MASKED: f32 = -1.0e30;
+
+/// `[B, L, H·dh] → [B, H, L, dh]`.
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, l, d] = x.dims();
+    x.reshape([b, l, heads, d / heads]).swap_dims(1, 2)
+}
+
+/// `[B, H, L, dh] → [B, L, H·dh]`.
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, l, dh] = x.dims();
+    x.swap_dims(1, 2).reshape([b, l, h * dh])
+}
+
+/// Scaled dot-product attention: softmax(q·kᵀ·scale + bias)·v over `[B, H, L, dh]` inputs.
+/// `bias` broadcasts over `[B or 1, H or 1, Lq or 1, Lk]` (position bias and/or key mask).
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: Option<f64>,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let mut scores = q.matmul(k.swap_dims(2, 3));
+    if let Some(s) = scale {
+        scores = scores.mul_scalar(s);
+    }
+    if let Some(bias) = bias {
+        scores = scores + bias;
+    }
+    activation::softmax(scores, 3).matmul(v)
+}
+
+pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    match act {
+        Activation::Gelu => activation::gelu(x),
+        Activation::GeluTanh => activation::gelu_approximate(x),
+        Activation::Relu => activation::relu(x),
+        Activation::Silu => activation::silu(x),
+    }
+}
+
+/// Rows of `table` [V, D] for `ids` [B, L] → [B, L, D].
+pub fn embed<B: Backend>(table: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let [b, l] = ids.dims();
+    let d = table.dims()[1];
+    table.select(0, ids.reshape([b * l])).reshape([b, l, d])
+}
+
+/// A key-padding mask [B, L] of 1 (attend) / 0 (padding) → additive bias [B, 1, 1, L].
+pub fn key_padding_bias<B: Backend>(mask: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, l] = mask.dims();
+    mask.neg()
+        .add_scalar(1.0)
+        .mul_scalar(MASKED)
+        .reshape([b, 1, 1, l])
+}
+
+/// Causal bias [1, 1, Lq, Lk] where query i (at absolute position `offset + i`) sees keys ≤ it.
+pub fn causal_bias<B: Backend>(
+    lq: usize,
+    lk: usize,
+    offset: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mut data = vec![0.0f32; lq * lk];
+    for i in 0..lq {
+        for j in 0..lk {
+            if j > offset + i {
+                data[i * lk + j] = MASKED;
+            }
+        }
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(data, [lq, lk]), device).reshape([1, 1, lq, lk])
+}
+
+/// Host ids → an Int tensor [B, L].
+pub fn ids_tensor<B: Backend>(ids: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let b = ids.len();
+    let l = ids.first().map_or(0, |r| r.len());
+    let flat: Vec<i64> = ids
+        .iter()
+        .flat_map(|r| r.iter().map(|&x| x as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [b, l]), device)
+}

@@ -1,0 +1,514 @@
+//! Reading and writing HF safetensors checkpoints.
+//!
+//! Files are memory-mapped: a tensor is converted to f32 straight from the mapped bytes into the
+//! buffer that becomes the burn tensor, so loading never holds two owned copies of the weights.
+//! Construction is loading (as in candle's `VarBuilder`): modules ask a [`Loader`] for tensors by
+//! their HF names and shapes, so the HF key layout is visible in the model code.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::prelude::*;
+use memmap2::Mmap;
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+
+use crate::error::{ModelError, Result};
+
+/// The single-file and the sharded checkpoint names `transformers` writes.
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the map is read-only; the file is not modified while the model is loading.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: describe_safetensors_error(&e),
+                }
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            "file is truncated (header announces more data than present)".into()
+        }
+        E::HeaderTooSmall => "file is shorter than the 8-byte header length".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A tensor copied to host memory as f32, with the dtype it had on disk.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub dtype: Dtype,
+}
+
+/// All safetensors files of one checkpoint, memory-mapped, with a key → file index.
+pub struct WeightStore {
+    root: PathBuf,
+    files: Vec<MappedFile>,
+    index: HashMap<String, usize>,
+    /// Shard file name per key when the checkpoint came with an index (kept for saving).
+    shard_of: Option<BTreeMap<String, String>>,
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let index: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            let mut names: Vec<&String> = index.weight_map.values().collect();
+            names.sort();
+            names.dedup();
+            let mut files = Vec::new();
+            let mut file_of_name = HashMap::new();
+            for name in names {
+                file_of_name.insert(name.clone(), files.len());
+                files.push(MappedFile::open(&dir.join(name))?);
+            }
+            let mut store = Self::from_files(dir, files)?;
+            for (key, shard) in &index.weight_map {
+                let f = file_of_name[shard];
+                if store.index.get(key) != Some(&f) {
+                    return Err(ModelError::MissingKey {
+                        path: dir.join(shard),
+                        key: key.clone(),
+                    });
+                }
+            }
+            store.shard_of = Some(index.weight_map);
+            Ok(store)
+        } else if single.exists() {
+            Self::from_files(dir, vec![MappedFile::open(&single)?])
+        } else {
+            Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
+                ),
+            ))
+        }
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_files(&root, vec![MappedFile::open(path)?])
+    }
+
+    fn from_files(root: &Path, files: Vec<MappedFile>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.metadata.tensors().keys() {
+                index.insert(name.clone(), i);
+            }
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            files,
+            index,
+            shard_of: None,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// The shard assignment of the source checkpoint, if it was sharded.
+    pub fn shard_map(&self) -> Option<&BTreeMap<String, String>> {
+        self.shard_of.as_ref()
+    }
+
+    /// Shape and dtype on disk.
+    pub fn info(&self, key: &str) -> Option<(Vec<usize>, Dtype)> {
+        let f = &self.files[*self.index.get(key)?];
+        let info = f.metadata.info(key)?;
+        Some((info.shape.clone(), info.dtype))
+    }
+
+    fn missing(&self, key: &str) -> ModelError {
+        let path = if self.files.len() == 1 {
+            self.files[0].path.clone()
+        } else {
+            self.root.join(INDEX_FILE)
+        };
+        ModelError::MissingKey {
+            path,
+            key: key.to_string(),
+        }
+    }
+
+    /// Reads a float tensor as f32, checking its shape.
+    pub fn get(&self, key: &str, expected: &[usize]) -> Result<HostTensor> {
+        let &i = self.index.get(key).ok_or_else(|| self.missing(key))?;
+        let f = &self.files[i];
+        let info = f.metadata.info(key).ok_or_else(|| self.missing(key))?;
+        if info.shape != expected {
+            return Err(ModelError::Shape {
+                path: f.path.clone(),
+                key: key.to_string(),
+                found: info.shape.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        let bytes = &f.mmap[f.data_start + info.data_offsets.0..f.data_start + info.data_offsets.1];
+        let data = bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::Dtype {
+            path: f.path.clone(),
+            key: key.to_string(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        Ok(HostTensor {
+            shape: info.shape.clone(),
+            data,
+            dtype: info.dtype,
+        })
+    }
+}
+
+fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Hands out tensors by HF name under a key prefix. Without a store it runs "dry": it only
+/// records the requested shapes (for parameter counts of full-size configs) and returns
+/// 1-element placeholders, so nothing the size of the model is allocated.
+pub struct Loader<'a, B: Backend> {
+    store: Option<&'a WeightStore>,
+    device: B::Device,
+    prefix: String,
+    shapes: Option<&'a RefCell<Vec<(String, Vec<usize>)>>>,
+}
+
+impl<'a, B: Backend> Loader<'a, B> {
+    pub fn new(store: &'a WeightStore, device: &B::Device) -> Self {
+        Self {
+            store: Some(store),
+            device: device.clone(),
+            prefix: String::new(),
+            shapes: None,
+        }
+    }
+
+    /// A loader that records shapes instead of reading data.
+    pub fn dry(shapes: &'a RefCell<Vec<(String, Vec<usize>)>>, device: &B::Device) -> Self {
+        Self {
+            store: None,
+            device: device.clone(),
+            prefix: String::new(),
+            shapes: Some(shapes),
+        }
+    }
+
+    /// The loader for a sub-module: `pp("encoder").pp("layers.0")` reads `encoder.layers.0.*`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        let name = name.as_ref();
+        Self {
+            store: self.store,
+            device: self.device.clone(),
+            prefix: self.key(name),
+            shapes: self.shapes,
+        }
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Whether the checkpoint has `name` (a dry loader answers `default`).
+    pub fn contains_or(&self, name: &str, default: bool) -> bool {
+        match self.store {
+            Some(s) => s.contains(&self.key(name)),
+            None => default,
+        }
+    }
+
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let key = self.key(name);
+        match self.store {
+            Some(store) => {
+                let host = store.get(&key, &shape)?;
+                Ok(Tensor::from_data(
+                    TensorData::new(host.data, shape),
+                    &self.device,
+                ))
+            }
+            None => {
+                if let Some(shapes) = self.shapes {
+                    shapes.borrow_mut().push((key, shape.to_vec()));
+                }
+                Ok(Tensor::zeros([1; D], &self.device))
+            }
+        }
+    }
+
+    pub fn param<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape)?))
+    }
+
+    /// An `nn.Linear` stored as `{name}.weight` [d_out, d_in] (+ `{name}.bias`), transposed to
+    /// burn's [d_in, d_out].
+    pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
+        let weight = self
+            .tensor(&format!("{name}.weight"), [d_out, d_in])?
+            .transpose();
+        let bias = if bias {
+            Some(self.param(&format!("{name}.bias"), [d_out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    /// An `nn.LayerNorm` stored as `{name}.weight` / `{name}.bias`.
+    pub fn layer_norm(&self, name: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
+        let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(&self.device);
+        norm.gamma = self.param(&format!("{name}.weight"), [d])?;
+        norm.beta = Some(self.param(&format!("{name}.bias"), [d])?);
+        Ok(norm)
+    }
+}
+
+/// A tensor in PyTorch layout, ready to be written under its HF name.
+#[derive(Debug, Clone)]
+pub enum ExportTensor<B: Backend> {
+    D1(Tensor<B, 1>),
+    D2(Tensor<B, 2>),
+    D3(Tensor<B, 3>),
+    D4(Tensor<B, 4>),
+}
+
+impl<B: Backend> ExportTensor<B> {
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            ExportTensor::D1(t) => t.dims().to_vec(),
+            ExportTensor::D2(t) => t.dims().to_vec(),
+            ExportTensor::D3(t) => t.dims().to_vec(),
+            ExportTensor::D4(t) => t.dims().to_vec(),
+        }
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let data = match self {
+            ExportTensor::D1(t) => t.to_data(),
+            ExportTensor::D2(t) => t.to_data(),
+            ExportTensor::D3(t) => t.to_data(),
+            ExportTensor::D4(t) => t.to_data(),
+        };
+        data.convert::<f32>()
+            .into_vec::<f32>()
+            .expect("float tensor")
+    }
+}
+
+/// Collects named tensors for export, in PyTorch layout.
+pub struct Exporter<B: Backend> {
+    prefix: String,
+    pub(crate) entries: Vec<(String, ExportTensor<B>)>,
+}
+
+impl<B: Backend> Default for Exporter<B> {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> Exporter<B> {
+    /// Runs `f` with the prefix extended by `name`.
+    pub fn scope(&mut self, name: impl AsRef<str>, f: impl FnOnce(&mut Self)) {
+        let saved = self.prefix.clone();
+        self.prefix = if saved.is_empty() {
+            name.as_ref().to_string()
+        } else {
+            format!("{saved}.{}", name.as_ref())
+        };
+        f(self);
+        self.prefix = saved;
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn add(&mut self, name: &str, t: ExportTensor<B>) {
+        let key = self.key(name);
+        self.entries.push((key, t));
+    }
+
+    pub fn linear(&mut self, name: &str, l: &Linear<B>) {
+        self.add(
+            &format!("{name}.weight"),
+            ExportTensor::D2(l.weight.val().transpose()),
+        );
+        if let Some(b) = &l.bias {
+            self.add(&format!("{name}.bias"), ExportTensor::D1(b.val()));
+        }
+    }
+
+    pub fn layer_norm(&mut self, name: &str, n: &LayerNorm<B>) {
+        self.add(&format!("{name}.weight"), ExportTensor::D1(n.gamma.val()));
+        if let Some(b) = &n.beta {
+            self.add(&format!("{name}.bias"), ExportTensor::D1(b.val()));
+        }
+    }
+
+    pub fn into_entries(self) -> Vec<(String, ExportTensor<B>)> {
+        self.entries
+    }
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "F16",
+        Dtype::BF16 => "BF16",
+        Dtype::F64 => "F64",
+        _ => "F32",
+    }
+}
+
+fn encode(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        Dtype::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        Dtype::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F64 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as f64).to_le_bytes())),
+        _ => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+    }
+}
+
+/// Writes one safetensors file, streaming tensor by tensor (one host copy at a time).
+/// `dtype_of` picks each tensor's on-disk dtype (F32 when absent).
+pub fn write_safetensors<B: Backend>(
+    path: &Path,
+    entries: &[(String, ExportTensor<B>)],
+    dtype_of: &dyn Fn(&str) -> Dtype,
+) -> Result<()> {
+    let mut sorted: Vec<&(String, ExportTensor<B>)> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, t) in &sorted {
+        let shape = t.shape();
+        let dtype = dtype_of(name);
+        let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype_name(dtype), "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut header_bytes = serde_json::to_vec(&header).expect("json");
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    let io = |e| ModelError::io(path, e);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header_bytes).map_err(io)?;
+    let mut buf = Vec::new();
+    for (name, t) in &sorted {
+        encode(&t.to_f32(), dtype_of(name), &mut buf);
+        w.write_all(&buf).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok(())
+}
