@@ -273,6 +273,17 @@ def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts,
         rewrite_hub_layout(d, shards)
 
 
+def untie_text_config(d: str):
+    """transformers 5.x writes `tie_word_embeddings: true` for every T5 text config; the hub's
+    InstructBLIP-FlanT5 configs say false (FlanT5 has its own `lm_head`). Restore that."""
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["text_config"]["tie_word_embeddings"] = False
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
 def full_size_counts():
     """InstructBLIP-FlanT5-XL config from the reference dimensions; per-tower counts on the meta device."""
     d = os.path.join(ROOT, "configs", "models", "instructblip-flan-t5-xl")
@@ -295,6 +306,7 @@ def full_size_counts():
         num_query_tokens=32, image_token_index=32100,
     )
     cfg.save_pretrained(d)
+    untie_text_config(d)
     with torch.device("meta"):
         model = InstructBlipForConditionalGeneration(cfg)
     counts = {}
@@ -358,6 +370,21 @@ def main():
         seed=3,
     )
     full_size_counts()
+    relative_buckets()
+
+
+def relative_buckets():
+    """HF's T5 relative-position buckets for distances -300..300 (float32 logarithm included)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rel = torch.arange(-300, 301)
+    out = {"relative_position": rel.tolist()}
+    for nb, md in [(32, 128), (16, 20), (8, 16)]:
+        for bidir in (True, False):
+            b = T5Attention._relative_position_bucket(rel, bidirectional=bidir, num_buckets=nb, max_distance=md)
+            out[f"{nb}_{md}_{'bidirectional' if bidir else 'causal'}"] = b.tolist()
+    with open(os.path.join(OUT, "t5_relative_buckets.json"), "w") as f:
+        json.dump(out, f)
 
 
 if __name__ == "__main__":

@@ -236,8 +236,10 @@ pub fn save_model_dir<B: Backend>(
     result
 }
 
+/// The checkpoint's own weight files (`model.safetensors`, `model-0000N-of-0000M.safetensors`,
+/// the index); other safetensors files in the directory are copied like any other file.
 fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name == INDEX_FILE
+    name == INDEX_FILE || (name.starts_with("model") && name.ends_with(".safetensors"))
 }
 
 fn copy_non_weight_files(src: &Path, dst: &Path) -> Result<()> {

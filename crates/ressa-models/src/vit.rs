@@ -88,7 +88,7 @@ impl<B: Backend> VisionAttention<B> {
         let mut qkv = vb.linear("qkv", e, 3 * e, false)?;
         let mut split_bias = false;
         if cfg.qkv_bias {
-            if vb.contains_or("qkv.bias", false) {
+            if vb.contains_or("qkv.bias", true) {
                 qkv.bias = Some(vb.param("qkv.bias", [3 * e])?);
             } else {
                 let q = vb.tensor("q_bias", [e])?;

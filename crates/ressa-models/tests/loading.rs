@@ -1,0 +1,296 @@
+//! Loading, saving and config behaviour: full-size parameter counts, the relative position
+//! buckets, round trips in the source layout, and one-line errors for bad checkpoints.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use common::{B, fixture};
+use ressa_models::instructblip::parameter_counts;
+use ressa_models::t5::relative_position_bucket;
+use ressa_models::weights::WeightStore;
+use ressa_models::{ModelConfig, Pretrained};
+
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+#[test]
+fn relative_position_buckets_match_transformers() {
+    let text = std::fs::read_to_string(fixture("../models/t5_relative_buckets.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rel: Vec<i64> = serde_json::from_value(json["relative_position"].clone()).unwrap();
+    for (nb, md) in [(32, 128), (16, 20), (8, 16)] {
+        for bidir in [true, false] {
+            let key = format!(
+                "{nb}_{md}_{}",
+                if bidir { "bidirectional" } else { "causal" }
+            );
+            let expected: Vec<usize> = serde_json::from_value(json[&key].clone()).unwrap();
+            for (r, e) in rel.iter().zip(&expected) {
+                assert_eq!(
+                    relative_position_bucket(*r, bidir, nb, md),
+                    *e,
+                    "{key} at {r}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn full_size_instructblip_flan_t5_xl_counts_match_transformers() {
+    let dir = repo("configs/models/instructblip-flan-t5-xl");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ours = parameter_counts::<B>(&cfg, &Default::default()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("param_counts.json")).unwrap())
+            .unwrap();
+    let expected: BTreeMap<String, usize> =
+        serde_json::from_value(reference["counts"].clone()).unwrap();
+    assert_eq!(ours, expected);
+    let total: usize = ours.values().sum();
+    assert!((4_000_000_000..4_100_000_000).contains(&total), "{total}");
+}
+
+fn tensors_of(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let store = WeightStore::open_dir(dir).unwrap();
+    let mut keys: Vec<String> = store.keys().cloned().collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| {
+            let (shape, _) = store.info(&k).unwrap();
+            let t = store.get(&k, &shape).unwrap();
+            (k, (shape, t.data))
+        })
+        .collect()
+}
+
+#[test]
+fn save_reproduces_every_tensor_in_the_source_layout() {
+    let device = Default::default();
+    for name in ["instructblip-t5-a", "instructblip-t5-b", "blip2-t5"] {
+        let src = fixture(name);
+        let model = Pretrained::<B>::load(&src, &device).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("saved");
+        model.save(&out).unwrap();
+        assert_eq!(tensors_of(&src), tensors_of(&out), "{name}");
+        let files = |d: &Path| {
+            let mut v: Vec<String> = walk(d)
+                .into_iter()
+                .map(|p| p.strip_prefix(d).unwrap().display().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(files(&src), files(&out), "{name}: same files");
+        // No temporary directory left beside the output.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // Saving again onto a non-empty directory is refused.
+        assert!(
+            model
+                .save(&out)
+                .unwrap_err()
+                .to_string()
+                .contains("not empty")
+        );
+    }
+}
+
+fn walk(d: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Copies a fixture into a temporary directory so a test can damage it.
+fn scratch_copy(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for p in walk(&fixture(name)) {
+        let rel = p.strip_prefix(fixture(name)).unwrap();
+        let to = dst.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&p, &to).unwrap();
+    }
+    (tmp, dst)
+}
+
+fn load_err(dir: &Path) -> String {
+    let err = Pretrained::<B>::load(dir, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains('\n'), "one line: {err}");
+    err
+}
+
+#[test]
+fn missing_weights_file_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("no model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_weights_file_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-b");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+/// Rewrites model.safetensors of a copy with `edit` applied to its tensor map.
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)) {
+    let mut tensors = tensors_of(dir);
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    drop(views);
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (s, d))| {
+            (
+                k.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                s.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn missing_key_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    let key = "language_model.decoder.block.1.layer.1.EncDecAttention.k.weight";
+    edit_weights(&dir, |t| {
+        t.remove(key);
+    });
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains(key) && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shape_mismatch_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    let key = "qformer.encoder.layer.0.crossattention.attention.key.weight";
+    edit_weights(&dir, |t| {
+        let e = t.get_mut(key).unwrap();
+        e.0 = vec![e.0[1], e.0[0]];
+    });
+    let err = load_err(&dir);
+    assert!(
+        err.contains(key) && err.contains("[24, 32]") && err.contains("[32, 24]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_model_type_is_named() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"instructblip\"", "\"llava_next\"");
+    std::fs::write(&path, text).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("model_type") && err.contains("llava_next"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_config_reports_line_and_column() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    std::fs::write(
+        dir.join("config.json"),
+        "{\n  \"model_type\": \"instructblip\",\n  oops\n}",
+    )
+    .unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("line 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_precision_checkpoints_load_and_save_back_in_their_dtype() {
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    // Rewrite as bf16 and check the logits stay close and the saved file keeps bf16.
+    let tensors = tensors_of(&dir);
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (s, d))| {
+            (
+                k.clone(),
+                d.iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                s.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let model = Pretrained::<B>::load(&dir, &Default::default()).unwrap();
+    let out = dir.parent().unwrap().join("saved");
+    model.save(&out).unwrap();
+    let store = WeightStore::open_dir(&out).unwrap();
+    let (_, dtype) = store.info("query_tokens").unwrap();
+    assert_eq!(dtype, safetensors::Dtype::BF16);
+    assert_eq!(tensors_of(&dir), tensors_of(&out));
+    let _: Tensor<B, 3> = model.model.query_tokens.val();
+}
