@@ -299,7 +299,7 @@ impl ModelConfig {
         };
         let v = &self.vision;
         check(
-            v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
+            v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
             "vision_config.num_attention_heads",
             format!(
                 "{} heads do not divide hidden_size {}",
@@ -307,7 +307,7 @@ impl ModelConfig {
             ),
         )?;
         check(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.patch_size",
             format!(
                 "{} does not divide image_size {}",
@@ -321,7 +321,7 @@ impl ModelConfig {
         )?;
         let q = &self.qformer;
         check(
-            q.num_attention_heads > 0 && q.hidden_size % q.num_attention_heads == 0,
+            q.num_attention_heads > 0 && q.hidden_size.is_multiple_of(q.num_attention_heads),
             "qformer_config.num_attention_heads",
             format!(
                 "{} heads do not divide hidden_size {}",

@@ -18,6 +18,7 @@ use crate::t5::{DecoderCache, T5};
 use crate::vit::VisionModel;
 use crate::weights::{
     ExportTensor, Exporter, INDEX_FILE, Loader, SINGLE_FILE, WeightStore, write_safetensors,
+    write_safetensors_stream,
 };
 
 /// The composite vision-language model.
@@ -294,6 +295,48 @@ fn write_weights<B: Backend>(
                 .map_err(|e| ModelError::io(&path, e))
         }
     }
+}
+
+/// Every tensor the model reads, with its HF name and shape, in construction order.
+pub fn parameter_shapes<B: Backend>(
+    cfg: &ModelConfig,
+    device: &B::Device,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let shapes = RefCell::new(Vec::new());
+    InstructBlip::<B>::load(cfg, &Loader::dry(&shapes, device))?;
+    Ok(shapes.into_inner())
+}
+
+/// Writes `model.safetensors` with random weights for `cfg` into `dir` (benchmarks and memory
+/// tests of full-width models without a download). Values ~ U(-scale, scale) from a seeded
+/// xorshift generator; norm weights are 1. Written tensor by tensor.
+pub fn write_random_checkpoint<B: Backend>(
+    cfg: &ModelConfig,
+    dir: &Path,
+    seed: u64,
+    scale: f32,
+    device: &B::Device,
+) -> Result<()> {
+    let mut specs: Vec<(String, Vec<usize>, Dtype)> = parameter_shapes::<B>(cfg, device)?
+        .into_iter()
+        .map(|(k, s)| (k, s, Dtype::F32))
+        .collect();
+    specs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let names: Vec<String> = specs.iter().map(|s| s.0.clone()).collect();
+    write_safetensors_stream(&dir.join(SINGLE_FILE), &specs, |i| {
+        let n: usize = specs[i].1.iter().product();
+        let is_norm = names[i].to_lowercase().contains("norm") && names[i].ends_with("weight");
+        (0..n)
+            .map(|_| if is_norm { 1.0 } else { next() * scale })
+            .collect()
+    })
 }
 
 /// Parameter counts per tower (`vision_model`, `query_tokens`, `qformer`,

@@ -110,7 +110,7 @@ pub struct QFormerLayer<B: Backend> {
 
 impl<B: Backend> QFormerLayer<B> {
     fn load(cfg: &QFormerConfig, index: usize, reads_text: bool, vb: &Loader<B>) -> Result<Self> {
-        let crossattention = if index % cfg.cross_attention_frequency == 0 {
+        let crossattention = if index.is_multiple_of(cfg.cross_attention_frequency) {
             Some(QFormerAttention::load(
                 cfg,
                 cfg.encoder_hidden_size,

@@ -285,7 +285,7 @@ impl<B: Backend> T5Block<B> {
             (&self.cross_attention, &self.cross_norm, cross)
         {
             let h = norm.forward(x.clone());
-            let (k, v) = match cache.as_deref_mut() {
+            let (k, v) = match cache {
                 Some(c) => c
                     .cross_kv
                     .get_or_insert_with(|| attn.key_values(enc.clone()))

@@ -236,6 +236,9 @@ fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     })
 }
 
+/// (HF name, shape) pairs a dry [`Loader`] records.
+pub type ShapeLog = RefCell<Vec<(String, Vec<usize>)>>;
+
 /// Hands out tensors by HF name under a key prefix. Without a store it runs "dry": it only
 /// records the requested shapes (for parameter counts of full-size configs) and returns
 /// 1-element placeholders, so nothing the size of the model is allocated.
@@ -243,7 +246,7 @@ pub struct Loader<'a, B: Backend> {
     store: Option<&'a WeightStore>,
     device: B::Device,
     prefix: String,
-    shapes: Option<&'a RefCell<Vec<(String, Vec<usize>)>>>,
+    shapes: Option<&'a ShapeLog>,
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
@@ -257,7 +260,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     /// A loader that records shapes instead of reading data.
-    pub fn dry(shapes: &'a RefCell<Vec<(String, Vec<usize>)>>, device: &B::Device) -> Self {
+    pub fn dry(shapes: &'a ShapeLog, device: &B::Device) -> Self {
         Self {
             store: None,
             device: device.clone(),
@@ -481,21 +484,33 @@ pub fn write_safetensors<B: Backend>(
 ) -> Result<()> {
     let mut sorted: Vec<&(String, ExportTensor<B>)> = entries.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let specs: Vec<(String, Vec<usize>, Dtype)> = sorted
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape(), dtype_of(k)))
+        .collect();
+    write_safetensors_stream(path, &specs, |i| sorted[i].1.to_f32())
+}
+
+/// Writes a safetensors file from `(name, shape, dtype)` specs; `data(i)` yields tensor i's
+/// values as f32 when its bytes are due, so only one tensor is on the host at a time.
+pub fn write_safetensors_stream(
+    path: &Path,
+    specs: &[(String, Vec<usize>, Dtype)],
+    mut data: impl FnMut(usize) -> Vec<f32>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0usize;
-    for (name, t) in &sorted {
-        let shape = t.shape();
-        let dtype = dtype_of(name);
+    for (name, shape, dtype) in specs {
         let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         header.insert(
             name.clone(),
-            serde_json::json!({"dtype": dtype_name(dtype), "shape": shape, "data_offsets": [offset, offset + n]}),
+            serde_json::json!({"dtype": dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + n]}),
         );
         offset += n;
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("json");
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
@@ -505,8 +520,10 @@ pub fn write_safetensors<B: Backend>(
         .map_err(io)?;
     w.write_all(&header_bytes).map_err(io)?;
     let mut buf = Vec::new();
-    for (name, t) in &sorted {
-        encode(&t.to_f32(), dtype_of(name), &mut buf);
+    for (i, (_, shape, dtype)) in specs.iter().enumerate() {
+        let values = data(i);
+        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+        encode(&values, *dtype, &mut buf);
         w.write_all(&buf).map_err(io)?;
     }
     w.flush().map_err(io)?;

@@ -294,3 +294,32 @@ fn half_precision_checkpoints_load_and_save_back_in_their_dtype() {
     assert_eq!(tensors_of(&dir), tensors_of(&out));
     let _: Tensor<B, 3> = model.model.query_tokens.val();
 }
+
+#[test]
+fn random_checkpoints_load_with_every_tensor_present() {
+    let device = Default::default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("instructblip-t5-a").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    json["text_config"]["tie_word_embeddings"] = false.into();
+    let config_path = tmp.path().join("config.json");
+    std::fs::write(&config_path, serde_json::to_string(&json).unwrap()).unwrap();
+    let cfg = ModelConfig::from_file(&config_path).unwrap();
+    ressa_models::instructblip::write_random_checkpoint::<B>(&cfg, tmp.path(), 7, 0.1, &device)
+        .unwrap();
+    let model = Pretrained::<B>::load(tmp.path(), &device).unwrap();
+    let counts = parameter_counts::<B>(&cfg, &device).unwrap();
+    // The untied lm_head is in the file (the config says untied), the fused qkv bias too.
+    assert_eq!(model.model.num_params(), counts.values().sum::<usize>());
+    let store = WeightStore::open_dir(tmp.path()).unwrap();
+    let norm = store
+        .get("vision_model.post_layernorm.weight", &[24])
+        .unwrap();
+    assert!(norm.data.iter().all(|&v| v == 1.0));
+    let w = store
+        .get("language_model.lm_head.weight", &[60, 40])
+        .unwrap();
+    assert!(w.data.iter().all(|v| v.abs() <= 0.1) && w.data.iter().any(|&v| v != 0.0));
+}
