@@ -1,0 +1,255 @@
+//! Image preprocessing as `transformers`' `BlipImageProcessor` (PIL backend) does it:
+//! convert to RGB, resize with PIL's bicubic filter, rescale by 1/255, normalize with the
+//! config's mean and std, channels first.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{DataError, Result};
+
+/// `preprocessor_config.json` fields that matter for BLIP-style processors (HF defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ImageProcessorConfig {
+    pub do_resize: bool,
+    pub size: ImageSize,
+    /// PIL resampling filter id; 3 = bicubic (the only one implemented).
+    pub resample: u32,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: Vec<f32>,
+    pub image_std: Vec<f32>,
+    pub do_convert_rgb: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Default for ImageProcessorConfig {
+    // OpenAI CLIP mean/std exactly as `transformers` spells them.
+    #[allow(clippy::excessive_precision)]
+    fn default() -> Self {
+        Self {
+            do_resize: true,
+            size: ImageSize {
+                height: 384,
+                width: 384,
+            },
+            resample: 3,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: vec![0.481_454_66, 0.457_827_5, 0.408_210_73],
+            image_std: vec![0.268_629_54, 0.261_302_6, 0.275_777_1],
+            do_convert_rgb: true,
+        }
+    }
+}
+
+impl ImageProcessorConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| DataError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let field = |field: &str, message: String| DataError::Field {
+            path: path.to_path_buf(),
+            field: field.into(),
+            message,
+        };
+        if cfg.do_resize && cfg.resample != 3 {
+            return Err(field(
+                "resample",
+                format!(
+                    "filter {} is not supported, expected 3 (bicubic)",
+                    cfg.resample
+                ),
+            ));
+        }
+        if cfg.image_mean.len() != 3 || cfg.image_std.len() != 3 {
+            return Err(field(
+                "image_mean",
+                "mean and std need 3 values (RGB)".into(),
+            ));
+        }
+        if cfg.image_std.contains(&0.0) {
+            return Err(field("image_std", "contains 0".into()));
+        }
+        if cfg.size.height == 0 || cfg.size.width == 0 {
+            return Err(field("size", "height and width must be positive".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Pixel values [3, H, W] (channels first) for one RGB image.
+    pub fn preprocess(&self, img: &image::RgbImage) -> Vec<f32> {
+        let resized;
+        let img = if self.do_resize {
+            resized = resize_bicubic(img, self.size.width, self.size.height);
+            &resized
+        } else {
+            img
+        };
+        let (w, h) = img.dimensions();
+        let (w, h) = (w as usize, h as usize);
+        let mut out = vec![0f32; 3 * h * w];
+        for (x, y, p) in img.enumerate_pixels() {
+            for c in 0..3 {
+                // numpy: float64 multiply, cast to float32; then float32 (x - mean) / std.
+                let mut v = if self.do_rescale {
+                    (p.0[c] as f64 * self.rescale_factor) as f32
+                } else {
+                    p.0[c] as f32
+                };
+                if self.do_normalize {
+                    v = (v - self.image_mean[c]) / self.image_std[c];
+                }
+                out[c * h * w + y as usize * w + x as usize] = v;
+            }
+        }
+        out
+    }
+
+    /// Output size (height, width).
+    pub fn output_size(&self) -> (usize, usize) {
+        (self.size.height, self.size.width)
+    }
+}
+
+/// Decodes an image file (PNG, JPEG) to RGB; alpha is dropped as PIL's `convert("RGB")` does.
+pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| DataError::Image {
+        path: PathBuf::from(path),
+        message: e.to_string(),
+    })?;
+    Ok(img.to_rgb8())
+}
+
+/// Pillow's bicubic kernel (a = -0.5, support 2).
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: first input index and fixed-point weights (Pillow `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let mut k: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .collect();
+            let ww: f64 = k.iter().sum();
+            if ww != 0.0 {
+                k.iter_mut().for_each(|w| *w /= ww);
+            }
+            let one = (1u64 << PRECISION_BITS) as f64;
+            let fixed = k
+                .iter()
+                .map(|&w| {
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i32
+                    } else {
+                        (0.5 + w * one) as i32
+                    }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL-exact `Image.resize((w, h), BICUBIC)` for 8-bit RGB: a horizontal then a vertical pass
+/// with fixed-point weights, clipped to 8 bits in between.
+pub fn resize_bicubic(img: &image::RgbImage, out_w: usize, out_h: usize) -> image::RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    let horizontal = if out_w != in_w {
+        let coeffs = coefficients(in_w, out_w);
+        let mut tmp = vec![0u8; in_h * out_w * 3];
+        for y in 0..in_h {
+            for (xx, (xmin, k)) in coeffs.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        acc += src[(y * in_w + xmin + i) * 3 + c] as i64 * w as i64;
+                    }
+                    tmp[(y * out_w + xx) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        tmp
+    } else {
+        src.clone()
+    };
+    let out = if out_h != in_h {
+        let coeffs = coefficients(in_h, out_h);
+        let mut out = vec![0u8; out_h * out_w * 3];
+        for (yy, (ymin, k)) in coeffs.iter().enumerate() {
+            for x in 0..out_w {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        acc += horizontal[((ymin + i) * out_w + x) * 3 + c] as i64 * w as i64;
+                    }
+                    out[(yy * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        out
+    } else {
+        horizontal
+    };
+    image::RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_size_keeps_pixels() {
+        let img =
+            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        assert_eq!(resize_bicubic(&img, 5, 4), img);
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = image::RgbImage::from_pixel(37, 23, image::Rgb([200, 13, 99]));
+        let out = resize_bicubic(&img, 16, 11);
+        assert!(out.pixels().all(|p| p.0 == [200, 13, 99]));
+    }
+}

@@ -1,0 +1,83 @@
+//! Tokenization through `tokenizers` (`tokenizer.json`, `qformer_tokenizer/tokenizer.json`).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+
+/// A tokenizer loaded from an HF `tokenizer.json`.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+/// A padded batch: ids and 1/0 attention mask, both [B, L] row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub ids: Vec<Vec<u32>>,
+    pub mask: Vec<Vec<u32>>,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(DataError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "No such file or directory",
+                ),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string().replace('\n', " "),
+        })?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Token ids with the tokenizer's special tokens (e.g. `</s>`, `[CLS] … [SEP]`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes and right-pads with `pad` to the longest text.
+    pub fn encode_batch(&self, texts: &[&str], pad: u32) -> Result<Batch> {
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<_>>()?;
+        let len = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let mask = ids
+            .iter()
+            .map(|r| (0..len).map(|i| u32::from(i < r.len())).collect())
+            .collect();
+        let ids = ids
+            .into_iter()
+            .map(|mut r| {
+                r.resize(len, pad);
+                r
+            })
+            .collect();
+        Ok(Batch { ids, mask })
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+}
