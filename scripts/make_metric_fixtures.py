@@ -185,7 +185,7 @@ BASE_ANSWERS = [
     "st. louis", "st louis", "a.m.", "am", "50/50", "50 50", "(none)", "n/a", "?", "!", "...", "....5",
     "whats", "what's", "youre", "you're", "i dont know", "left;", "up-down", "[blank]", "{x}", "x=y",
     "a+b", "back\\slash", "under_score", "<3", "@home", "`quote`", "why?", "stop!", "hes", "he's",
-    "it is 5.", "5.", ". 5", "5 .", "yes,", ",yes", "yes ,no", "1,2", "1, 2", "one, two",
+    "it is 5.", "5.", ". 5", "5 .", "yes,", ",yes", "yes ,no", "1,2", "1, 2", "one, two", "", " ",
 ]
 PUNCT_DECOR = ["", "", "", ".", "?", "!", "...", " .", ",", ";", " !", "\n", "\t", "  ", "'", '"']
 
@@ -470,6 +470,12 @@ PTB_HANDWRITTEN = [
     "don't. can't, won't! isn't? ain't", "hello,world hello.world hello!world hello?world hello:world",
     "", " ", "...", "!!", ".", "a", "A", "emoji \U0001F600 here", "tab\there", "nbsp\u00a0here",
     "zero\u200bwidth", "ideographic\u3000space", "soft\u00adhyphen", "end with space ",
+    "x \u00ad.D.C. y", "1.x 12.jpg photo.JPG 12a.b", "x etc.u Ph.D.o md.c", "a*b.", "He saw b.",
+    "ΣΑΣ12D.C. ab_Σ", "ΑΣ-Σα 1Σ_Σ", ":) ;-) :D ^_^ (^_^)", "c++ C# f#", "me@x.org <a@b.com> a@b",
+    "No. 5 no. 5 No. no.", "Co. Ltd. Inc. Corp", "#tag #ab8 @user", "x Jan.", "dunno O'o o'o 'twas",
+    "mass. Mass. pa. Pa. ill. Ill. est. al. Mt. Fuji, St. Louis", "Mrs. Smith's 2nd T-shirt (size L).",
+    # Known difference (see ressa_eval::ptb): sigma before "." + combining mark.
+    "\u03a3\u0391\u03a3.\u0301ab",
 ]
 
 
