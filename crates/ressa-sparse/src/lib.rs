@@ -1,0 +1,22 @@
+//! Binary sparsity masks and patterns for RESSA, independent of any tensor framework.
+//!
+//! Orientation: masks follow burn's Linear layout `[d_in, d_out]` (row-major), the transpose
+//! of PyTorch's `[d_out, d_in]`. A PyTorch "output row" `j` is column `j` here, and N:M groups
+//! run along the input dimension (dim 0) inside each column.
+//!
+//! - [`Mask`]: bit-packed keep/prune mask (`true` = keep), with a documented byte layout.
+//! - [`SparsityPattern`]: unstructured or N:M (`n` pruned per group of `m`), [`is_n_m`],
+//!   per-column and per-matrix sparsity.
+//! - [`sidecar`]: `masks.safetensors` files holding named masks.
+
+pub mod error;
+pub mod mask;
+pub mod pattern;
+pub mod sidecar;
+
+pub use error::SparseError;
+pub use mask::Mask;
+pub use pattern::{
+    SparsityPattern, check_n_m, column_sparsity, is_n_m, matrix_sparsity, satisfies,
+    weight_sparsity,
+};
