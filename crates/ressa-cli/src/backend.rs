@@ -1,0 +1,71 @@
+//! Backends chosen by cargo features and picked at run time with `--backend`.
+
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// burn-flex: pure-Rust CPU backend (SIMD + threads), the default.
+    #[cfg(feature = "flex")]
+    Flex,
+    /// burn-ndarray CPU backend.
+    #[cfg(feature = "ndarray")]
+    Ndarray,
+    /// wgpu (Vulkan/Metal/GL; runs on Mesa's CPU drivers without a GPU).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    /// CUDA through CubeCL (loads the driver at run time).
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl Default for BackendKind {
+    fn default() -> Self {
+        #[cfg(feature = "flex")]
+        return BackendKind::Flex;
+        #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+        return BackendKind::Ndarray;
+        #[cfg(all(not(feature = "flex"), not(feature = "ndarray"), feature = "cuda"))]
+        return BackendKind::Cuda;
+        #[cfg(all(
+            not(feature = "flex"),
+            not(feature = "ndarray"),
+            not(feature = "cuda"),
+            feature = "wgpu"
+        ))]
+        return BackendKind::Wgpu;
+    }
+}
+
+/// Runs `$body` with the type alias `B` and value `device` bound to the chosen backend.
+#[macro_export]
+macro_rules! with_backend {
+    ($kind:expr, |$device:ident: $b:ident| $body:expr) => {{
+        use $crate::backend::BackendKind;
+        match $kind {
+            #[cfg(feature = "flex")]
+            BackendKind::Flex => {
+                type $b = burn::backend::Flex;
+                let $device = burn::backend::flex::FlexDevice;
+                $body
+            }
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => {
+                type $b = burn::backend::NdArray;
+                let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => {
+                type $b = burn::backend::Wgpu;
+                let $device = burn::backend::wgpu::WgpuDevice::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => {
+                type $b = burn::backend::Cuda;
+                let $device = burn::backend::cuda::CudaDevice::default();
+                $body
+            }
+        }
+    }};
+}

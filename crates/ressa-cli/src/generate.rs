@@ -1,0 +1,108 @@
+//! `ressa generate`: one image, one prompt, text on stdout.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use ressa_data::image::{ImageProcessorConfig, load_rgb};
+use ressa_data::text::TextTokenizer;
+use ressa_models::generate::{GenerationConfig, SpecialTokens, generate};
+use ressa_models::{Pretrained, VlmInputs};
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF model directory (config.json, safetensors, tokenizers, preprocessor_config.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Image file (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Instruction / prompt, e.g. "Question: what is shown? Short answer:".
+    #[arg(long)]
+    prompt: String,
+    /// Beam width (1 = greedy).
+    #[arg(long, default_value_t = 5)]
+    beams: usize,
+    #[arg(long, default_value_t = 30)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    min_new_tokens: usize,
+    /// Beam score = log-prob sum / length^penalty.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    length_penalty: f32,
+}
+
+pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+    if args.prompt.trim().is_empty() {
+        bail!(
+            "--prompt is empty: give an instruction, e.g. \"Question: what is in the picture? Short answer:\""
+        );
+    }
+    if args.beams == 0 || args.max_new_tokens == 0 {
+        bail!("--beams and --max-new-tokens must be at least 1");
+    }
+    with_backend!(kind, |device: B| run_on::<B>(&args, &device))
+}
+
+fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let pretrained = Pretrained::<B>::load(&args.model, device)?;
+    let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
+    let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
+    let image = load_rgb(&args.image)?;
+    let (h, w) = processor.output_size();
+    let pixels = processor.preprocess(&image);
+    let pixel_values = Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, 3, h, w]), device);
+
+    let text = &pretrained.config.text;
+    let ids = tokenizer.encode(&args.prompt)?;
+    let n = ids.len();
+    let input_ids = ressa_models::nn::ids_tensor::<B>(&[ids], device);
+    let qformer_text = if pretrained.model.qformer.reads_text() {
+        let qtok =
+            TextTokenizer::from_file(&args.model.join("qformer_tokenizer").join("tokenizer.json"))?;
+        let qids = qtok.encode(&args.prompt)?;
+        let max = pretrained.config.qformer.max_position_embeddings;
+        if qids.len() > max {
+            bail!(
+                "--prompt: {} Q-Former tokens, more than max_position_embeddings {max}",
+                qids.len()
+            );
+        }
+        let len = qids.len();
+        Some((
+            ressa_models::nn::ids_tensor::<B>(&[qids], device),
+            Tensor::ones([1, len], device),
+        ))
+    } else {
+        None
+    };
+    let inputs = VlmInputs {
+        pixel_values,
+        qformer_text,
+        input_ids,
+        attention_mask: Tensor::ones([1, n], device),
+    };
+    let tokens = SpecialTokens {
+        decoder_start: text.decoder_start_token(),
+        eos: text.eos_token(),
+        pad: text.pad_token(),
+    };
+    let cfg = GenerationConfig {
+        num_beams: args.beams,
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: args.min_new_tokens,
+        length_penalty: args.length_penalty,
+        early_stopping: false,
+    };
+    let start = std::time::Instant::now();
+    let out = generate(&pretrained.model, &inputs, &cfg, tokens);
+    tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, tokens = ?out[0], "generated");
+    let text = tokenizer
+        .decode(&out[0])
+        .context("decoding the generated tokens")?;
+    println!("{}", text.trim());
+    Ok(())
+}

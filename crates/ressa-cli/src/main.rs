@@ -1,0 +1,71 @@
+//! `ressa`: prune vision-language models and repair them afterwards.
+
+mod backend;
+mod generate;
+mod inspect;
+mod logits;
+mod score;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use backend::BackendKind;
+
+#[derive(Parser)]
+#[command(
+    name = "ressa",
+    version,
+    about = "Prune vision-language models and repair them (RESSA)"
+)]
+struct Cli {
+    /// Compute backend (those compiled in through cargo features).
+    #[arg(long, value_enum, default_value_t = BackendKind::default(), global = true)]
+    backend: BackendKind,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for an image and a prompt.
+    Generate(generate::Args),
+    /// Teacher-forced logits for inputs in a safetensors file (parity and debugging).
+    Logits(logits::Args),
+    /// Architecture, parameter counts per tower, dtypes and sparsity of every linear weight.
+    Inspect(inspect::Args),
+    /// Score a predictions file (VQA accuracy, GQA exact match, CIDEr/BLEU) as one JSON object.
+    Score(score::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(cli.backend, args),
+        Command::Logits(args) => logits::run(cli.backend, args),
+        Command::Inspect(args) => inspect::run(cli.backend, args),
+        Command::Score(args) => score::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed stdout (`ressa inspect | head`) is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
