@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod image;
+pub mod lavis;
 pub mod text;
 
 pub use error::{DataError, Result};
