@@ -31,13 +31,16 @@ pub struct InstructBlip<B: Backend> {
     pub language_model: T5<B>,
 }
 
+/// Token ids [B, T] and their 1/0 mask.
+pub type TextInput<B> = (Tensor<B, 2, Int>, Tensor<B, 2>);
+
 /// Model inputs for one batch; masks are 1 (token) / 0 (padding).
 #[derive(Debug, Clone)]
 pub struct VlmInputs<B: Backend> {
     /// Preprocessed images [B, 3, H, W].
     pub pixel_values: Tensor<B, 4>,
     /// Q-Former instruction tokens [B, T] and mask (InstructBLIP).
-    pub qformer_text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
+    pub qformer_text: Option<TextInput<B>>,
     /// Language-model prompt tokens [B, L] (without image placeholders) and mask.
     pub input_ids: Tensor<B, 2, Int>,
     pub attention_mask: Tensor<B, 2>,
@@ -74,21 +77,49 @@ impl<B: Backend> InstructBlip<B> {
         })
     }
 
-    /// Image → (vision output, Q-Former output, projected query outputs).
-    pub fn image_features(
+    /// Query tokens expanded to the batch, and the instruction text if the Q-Former reads it.
+    pub(crate) fn qformer_queries(
         &self,
-        pixel_values: Tensor<B, 4>,
-        qformer_text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
-        let vision = self.vision_model.forward(pixel_values);
-        let b = vision.dims()[0];
+        batch: usize,
+        qformer_text: Option<TextInput<B>>,
+    ) -> (Tensor<B, 3>, Option<TextInput<B>>) {
         let [_, q, d] = self.query_tokens.dims();
-        let queries = self.query_tokens.val().expand([b, q, d]);
+        let queries = self.query_tokens.val().expand([batch, q, d]);
         let text = if self.qformer.reads_text() {
             qformer_text
         } else {
             None
         };
+        (queries, text)
+    }
+
+    /// T5 encoder input: [projected queries ; prompt embeddings] and its mask.
+    pub(crate) fn encoder_embeds(
+        &self,
+        projected: Tensor<B, 3>,
+        inputs: &VlmInputs<B>,
+    ) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let [b, q, _] = projected.dims();
+        let prompt = self.language_model.embed(inputs.input_ids.clone());
+        let embeds = Tensor::cat(vec![projected, prompt], 1);
+        let device = embeds.device();
+        let mask = Tensor::cat(
+            vec![Tensor::ones([b, q], &device), inputs.attention_mask.clone()],
+            1,
+        );
+        (embeds, mask)
+    }
+
+    /// Image → (vision output, Q-Former output, projected query outputs).
+    pub fn image_features(
+        &self,
+        pixel_values: Tensor<B, 4>,
+        qformer_text: Option<TextInput<B>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let vision = self.vision_model.forward(pixel_values);
+        let b = vision.dims()[0];
+        let [_, q, d] = self.query_tokens.dims();
+        let (queries, text) = self.qformer_queries(b, qformer_text);
         let qformer = self.qformer.forward(queries, text, vision.clone());
         let query_out = qformer.clone().slice([0..b, 0..q, 0..d]);
         let projected = self.language_projection.forward(query_out);
@@ -99,14 +130,7 @@ impl<B: Backend> InstructBlip<B> {
     pub fn encode(&self, inputs: &VlmInputs<B>) -> EncoderOutputs<B> {
         let (vision, qformer, projected) =
             self.image_features(inputs.pixel_values.clone(), inputs.qformer_text.clone());
-        let [b, q, _] = projected.dims();
-        let prompt = self.language_model.embed(inputs.input_ids.clone());
-        let embeds = Tensor::cat(vec![projected.clone(), prompt], 1);
-        let device = embeds.device();
-        let mask = Tensor::cat(
-            vec![Tensor::ones([b, q], &device), inputs.attention_mask.clone()],
-            1,
-        );
+        let (embeds, mask) = self.encoder_embeds(projected.clone(), inputs);
         let hidden = self.language_model.encoder.encode(embeds, mask.clone());
         EncoderOutputs {
             vision,

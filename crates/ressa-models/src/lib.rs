@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod instructblip;
 pub mod nn;
+pub mod prunable;
 pub mod qformer;
 pub mod t5;
 pub mod vit;

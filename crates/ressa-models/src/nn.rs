@@ -6,6 +6,13 @@ use burn::tensor::activation;
 
 use crate::config::Activation;
 
+/// Receives the input of one or more linears (their HF names relative to the block) during a
+/// calibration forward: burn has no forward hooks, so blocks report their linear inputs.
+pub type Tap<'a, B> = &'a mut dyn FnMut(&[&str], &Tensor<B, 3>);
+
+/// A tap that ignores everything (plain inference).
+pub fn no_tap<B: Backend>(_: &[&str], _: &Tensor<B, 3>) {}
+
 /// Additive value for masked attention positions (HF uses `finfo(f32).min`; any value that
 /// drives `exp` to 0 gives the same softmax).
 pub const MASKED: f32 = -1.0e30;

@@ -9,7 +9,9 @@ use burn::prelude::*;
 
 use crate::config::{Activation, QFormerConfig};
 use crate::error::Result;
-use crate::nn::{activate, attention, embed, key_padding_bias, merge_heads, split_heads};
+use crate::nn::{
+    Tap, activate, attention, embed, key_padding_bias, merge_heads, no_tap, split_heads,
+};
 use crate::weights::{ExportTensor, Exporter, Loader};
 
 /// `{attention,crossattention}.attention.{query,key,value}` + `.output.{dense,LayerNorm}`.
@@ -36,19 +38,39 @@ impl<B: Backend> QFormerAttention<B> {
         })
     }
 
-    /// LN(x + dense(attn(x, kv))); `kv` is `x` itself for self-attention.
+    /// LN(x + dense(attn(x, kv))); `kv` is `None` for self-attention. `prefix` names the
+    /// module (`attention` / `crossattention`) for `tap`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        kv: Tensor<B, 3>,
+        kv: Option<Tensor<B, 3>>,
         bias: Option<Tensor<B, 4>>,
+        prefix: &str,
+        tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let h = self.num_heads;
         let dh = x.dims()[2] / h;
+        let (nq, nk, nv) = (
+            format!("{prefix}.attention.query"),
+            format!("{prefix}.attention.key"),
+            format!("{prefix}.attention.value"),
+        );
+        let kv = match kv {
+            Some(kv) => {
+                tap(&[&nq], &x);
+                tap(&[&nk, &nv], &kv);
+                kv
+            }
+            None => {
+                tap(&[&nq, &nk, &nv], &x);
+                x.clone()
+            }
+        };
         let q = split_heads(self.query.forward(x.clone()), h);
         let k = split_heads(self.key.forward(kv.clone()), h);
         let v = split_heads(self.value.forward(kv), h);
         let ctx = merge_heads(attention(q, k, v, Some((dh as f64).powf(-0.5)), bias));
+        tap(&[&format!("{prefix}.output.dense")], &ctx);
         self.layer_norm.forward(self.dense.forward(ctx) + x)
     }
 
@@ -86,8 +108,11 @@ impl<B: Backend> QFormerFfn<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `suffix` is `""` (text positions) or `"_query"`, for `tap`.
+    pub fn forward(&self, x: Tensor<B, 3>, suffix: &str, tap: Tap<B>) -> Tensor<B, 3> {
+        tap(&[&format!("intermediate{suffix}.dense")], &x);
         let h = activate(self.intermediate.forward(x.clone()), self.act);
+        tap(&[&format!("output{suffix}.dense")], &h);
         self.layer_norm.forward(self.output.forward(h) + x)
     }
 
@@ -139,14 +164,15 @@ impl<B: Backend> QFormerLayer<B> {
         self_bias: Option<Tensor<B, 4>>,
         image: Tensor<B, 3>,
         num_queries: usize,
+        tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
-        let att = self.attention.forward(x.clone(), x, self_bias);
+        let att = self.attention.forward(x, None, self_bias, "attention", tap);
         let mut queries = att.clone().slice([0..b, 0..num_queries, 0..d]);
         if let Some(cross) = &self.crossattention {
-            queries = cross.forward(queries, image, None);
+            queries = cross.forward(queries, Some(image), None, "crossattention", tap);
         }
-        let queries = self.ffn_query.forward(queries);
+        let queries = self.ffn_query.forward(queries, "_query", tap);
         if l == num_queries {
             return queries;
         }
@@ -155,7 +181,7 @@ impl<B: Backend> QFormerLayer<B> {
             .ffn_text
             .as_ref()
             .expect("text input needs the text FFN (checked at load)");
-        Tensor::cat(vec![queries, ffn.forward(text)], 1)
+        Tensor::cat(vec![queries, ffn.forward(text, "", tap)], 1)
     }
 
     fn export(&self, ex: &mut Exporter<B>) {
@@ -264,6 +290,21 @@ impl<B: Backend> QFormer<B> {
         text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
         image: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
+        let q = queries.dims()[1];
+        let (mut x, bias) = self.embed(queries, text);
+        for layer in &self.layers {
+            x = layer.forward(x, bias.clone(), image.clone(), q, &mut no_tap);
+        }
+        x
+    }
+
+    /// The layers' input: [queries ; text embeddings] after LayerNorm, and the key-padding
+    /// bias of the self-attention (`None` without text).
+    pub fn embed(
+        &self,
+        queries: Tensor<B, 3>,
+        text: Option<(Tensor<B, 2, Int>, Tensor<B, 2>)>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let [b, q, _] = queries.dims();
         let (x, bias) = match (text, &self.text_embeddings) {
             (Some((ids, mask)), Some(emb)) => {
@@ -282,11 +323,7 @@ impl<B: Backend> QFormer<B> {
             }
             _ => (queries, None),
         };
-        let mut x = self.layernorm.forward(x);
-        for layer in &self.layers {
-            x = layer.forward(x, bias.clone(), image.clone(), q);
-        }
-        x
+        (self.layernorm.forward(x), bias)
     }
 
     pub fn export(&self, ex: &mut Exporter<B>) {

@@ -10,7 +10,8 @@ use burn::prelude::*;
 use crate::config::{Activation, T5Config};
 use crate::error::Result;
 use crate::nn::{
-    activate, attention, causal_bias, embed, key_padding_bias, merge_heads, split_heads,
+    Tap, activate, attention, causal_bias, embed, key_padding_bias, merge_heads, no_tap,
+    split_heads,
 };
 use crate::weights::{ExportTensor, Exporter, Loader};
 
@@ -114,9 +115,13 @@ impl<B: Backend> T5Attention<B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         bias: Option<Tensor<B, 4>>,
+        o_name: &str,
+        tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let q = split_heads(self.q.forward(x), self.num_heads);
-        self.o.forward(merge_heads(attention(q, k, v, None, bias)))
+        let ctx = merge_heads(attention(q, k, v, None, bias));
+        tap(&[o_name], &ctx);
+        self.o.forward(ctx)
     }
 
     fn export(&self, ex: &mut Exporter<B>) {
@@ -162,11 +167,17 @@ impl<B: Backend> T5Ffn<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `prefix` is the block-relative name of `DenseReluDense`, for `tap`.
+    pub fn forward(&self, x: Tensor<B, 3>, prefix: &str, tap: Tap<B>) -> Tensor<B, 3> {
+        match &self.wi_1 {
+            Some(_) => tap(&[&format!("{prefix}.wi_0"), &format!("{prefix}.wi_1")], &x),
+            None => tap(&[&format!("{prefix}.wi")], &x),
+        }
         let mut h = activate(self.wi_0.forward(x.clone()), self.act);
         if let Some(wi_1) = &self.wi_1 {
             h = h * wi_1.forward(x);
         }
+        tap(&[&format!("{prefix}.wo")], &h);
         self.wo.forward(h)
     }
 
@@ -269,8 +280,17 @@ impl<B: Backend> T5Block<B> {
         self_bias: Option<Tensor<B, 4>>,
         cross: Option<(&Tensor<B, 3>, &Tensor<B, 4>)>,
         cache: Option<&mut BlockCache<B>>,
+        tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let h = self.self_norm.forward(x.clone());
+        tap(
+            &[
+                "layer.0.SelfAttention.q",
+                "layer.0.SelfAttention.k",
+                "layer.0.SelfAttention.v",
+            ],
+            &h,
+        );
         let (mut k, mut v) = self.self_attention.key_values(h.clone());
         let mut cache = cache;
         if let Some(c) = cache.as_deref_mut() {
@@ -280,11 +300,19 @@ impl<B: Backend> T5Block<B> {
             }
             c.self_kv = Some((k.clone(), v.clone()));
         }
-        let mut x = x + self.self_attention.attend(h, k, v, self_bias);
+        let mut x =
+            x + self
+                .self_attention
+                .attend(h, k, v, self_bias, "layer.0.SelfAttention.o", tap);
         if let (Some(attn), Some(norm), Some((enc, enc_bias))) =
             (&self.cross_attention, &self.cross_norm, cross)
         {
             let h = norm.forward(x.clone());
+            tap(&["layer.1.EncDecAttention.q"], &h);
+            tap(
+                &["layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"],
+                enc,
+            );
             let (k, v) = match cache {
                 Some(c) => c
                     .cross_kv
@@ -292,10 +320,22 @@ impl<B: Backend> T5Block<B> {
                     .clone(),
                 None => attn.key_values(enc.clone()),
             };
-            x = x + attn.attend(h, k, v, Some(enc_bias.clone()));
+            x = x + attn.attend(
+                h,
+                k,
+                v,
+                Some(enc_bias.clone()),
+                "layer.1.EncDecAttention.o",
+                tap,
+            );
         }
         let h = self.ffn_norm.forward(x.clone());
-        x + self.ffn.forward(h)
+        let ff = if self.cross_attention.is_some() {
+            "layer.2"
+        } else {
+            "layer.1"
+        };
+        x + self.ffn.forward(h, &format!("{ff}.DenseReluDense"), tap)
     }
 
     fn export(&self, ex: &mut Exporter<B>) {
@@ -425,7 +465,7 @@ impl<B: Backend> T5Stack<B> {
         let bias = self.position_bias(0, l, l) + key_padding_bias(mask);
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(x, Some(bias.clone()), None, None);
+            x = block.forward(x, Some(bias.clone()), None, None, &mut no_tap);
         }
         self.final_layer_norm.forward(x)
     }
@@ -454,6 +494,7 @@ impl<B: Backend> T5Stack<B> {
                         Some(self_bias.clone()),
                         Some((encoder, &cross_bias)),
                         Some(c),
+                        &mut no_tap,
                     );
                 }
                 cache.len += lq;
@@ -465,6 +506,7 @@ impl<B: Backend> T5Stack<B> {
                         Some(self_bias.clone()),
                         Some((encoder, &cross_bias)),
                         None,
+                        &mut no_tap,
                     );
                 }
             }

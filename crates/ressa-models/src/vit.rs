@@ -8,7 +8,7 @@ use burn::prelude::*;
 
 use crate::config::{Activation, VisionConfig};
 use crate::error::Result;
-use crate::nn::{activate, attention, merge_heads, split_heads};
+use crate::nn::{Tap, activate, attention, merge_heads, no_tap, split_heads};
 use crate::weights::{ExportTensor, Exporter, Loader};
 
 /// `embeddings.{class_embedding, patch_embedding, position_embedding}`.
@@ -106,8 +106,9 @@ impl<B: Backend> VisionAttention<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
         let [b, l, e] = x.dims();
+        tap(&["self_attn.qkv"], &x);
         let qkv = self.qkv.forward(x);
         let part = |i: usize| {
             split_heads(
@@ -116,14 +117,15 @@ impl<B: Backend> VisionAttention<B> {
             )
         };
         let dh = e / self.num_heads;
-        let out = attention(
+        let out = merge_heads(attention(
             part(0),
             part(1),
             part(2),
             Some((dh as f64).powf(-0.5)),
             None,
-        );
-        self.projection.forward(merge_heads(out))
+        ));
+        tap(&["self_attn.projection"], &out);
+        self.projection.forward(out)
     }
 
     fn export(&self, ex: &mut Exporter<B>) {
@@ -135,8 +137,8 @@ impl<B: Backend> VisionAttention<B> {
             let bias = bias.val();
             if self.split_bias {
                 let e = bias.dims()[0] / 3;
-                ex.add("q_bias", ExportTensor::D1(bias.clone().slice([0..e])));
-                ex.add("v_bias", ExportTensor::D1(bias.slice([2 * e..3 * e])));
+                ex.add("q_bias", ExportTensor::D1(bias.clone().narrow(0, 0, e)));
+                ex.add("v_bias", ExportTensor::D1(bias.narrow(0, 2 * e, e)));
             } else {
                 ex.add("qkv.bias", ExportTensor::D1(bias));
             }
@@ -171,11 +173,16 @@ impl<B: Backend> VisionLayer<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let h = activate(
-            self.fc1.forward(self.layer_norm2.forward(x.clone())),
-            self.act,
-        );
+        self.forward_tapped(x, &mut no_tap)
+    }
+
+    /// The block, reporting each linear's input to `tap`.
+    pub fn forward_tapped(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), tap);
+        let h = self.layer_norm2.forward(x.clone());
+        tap(&["mlp.fc1"], &h);
+        let h = activate(self.fc1.forward(h), self.act);
+        tap(&["mlp.fc2"], &h);
         x + self.fc2.forward(h)
     }
 
