@@ -237,7 +237,14 @@ def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts,
         ref["logits"] = out.logits
 
         gen_settings = []
-        for beams, max_new, min_new, lp in [(1, 8, 0, 1.0), (5, 8, 0, 1.0), (5, 7, 3, -1.0), (3, 6, 2, 2.0)]:
+        for beams, max_new, min_new, lp, rep in [
+            (1, 8, 0, 1.0, 1.0),
+            (5, 8, 0, 1.0, 1.0),
+            (5, 7, 3, -1.0, 1.0),
+            (3, 6, 2, 2.0, 1.0),
+            (1, 8, 2, 1.0, 1.5),
+            (5, 8, 1, -1.0, 1.5),
+        ]:
             ids = model.generate(
                 pixel_values=pixel_values,
                 input_ids=hf_input_ids,
@@ -246,14 +253,16 @@ def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts,
                 max_new_tokens=max_new,
                 min_new_tokens=min_new,
                 length_penalty=lp,
+                repetition_penalty=rep,
                 do_sample=False,
                 early_stopping=False,
                 **kwargs,
             )
-            key = f"generate_b{beams}_max{max_new}_min{min_new}_lp{lp:+.0f}".replace("+", "p").replace("-", "m")
+            key = f"generate_b{beams}_max{max_new}_min{min_new}_lp{lp:+.0f}_rep{rep:.1f}".replace("+", "p").replace("-", "m")
             ref[key] = ids
             gen_settings.append(
-                {"key": key, "num_beams": beams, "max_new_tokens": max_new, "min_new_tokens": min_new, "length_penalty": lp}
+                {"key": key, "num_beams": beams, "max_new_tokens": max_new, "min_new_tokens": min_new,
+                 "length_penalty": lp, "repetition_penalty": rep}
             )
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(d, "reference.safetensors"))
     with open(os.path.join(d, "reference.json"), "w") as f:

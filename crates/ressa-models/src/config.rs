@@ -244,7 +244,7 @@ impl ModelConfig {
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let raw: BlipConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         let architecture = match raw.model_type.as_str() {
             "instructblip" => Architecture::InstructBlip,

@@ -17,6 +17,10 @@ pub struct GenerationConfig {
     pub length_penalty: f32,
     /// HF `early_stopping=True`: stop a batch item once `num_beams` hypotheses are finished.
     pub early_stopping: bool,
+    /// CTRL repetition penalty (HF `repetition_penalty`; LAVIS generates with 1.5): every token
+    /// already in the sequence has its score divided by it when positive, multiplied when
+    /// negative. 1.0 disables it.
+    pub repetition_penalty: f32,
 }
 
 impl Default for GenerationConfig {
@@ -27,6 +31,7 @@ impl Default for GenerationConfig {
             min_new_tokens: 0,
             length_penalty: 1.0,
             early_stopping: false,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -40,6 +45,20 @@ pub struct SpecialTokens {
 }
 
 const NEG: f32 = -1.0e9;
+
+/// HF `RepetitionPenaltyLogitsProcessor` on one row of scores.
+fn penalize_repeats(row: &mut [f32], seq: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = seq.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for t in seen {
+        let v = &mut row[t as usize];
+        *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+    }
+}
 
 /// Generates token ids for every batch item. Each row starts with the decoder start token and is
 /// padded with `pad` to the longest row, as `transformers` returns them.
@@ -103,6 +122,7 @@ fn greedy<B: Backend>(
         let (mut logits, vocab) = step(model, &last, &enc.hidden, &enc.mask, &mut cache, false);
         for b in 0..batch {
             let row = &mut logits[b * vocab..(b + 1) * vocab];
+            penalize_repeats(row, &seqs[b], cfg.repetition_penalty);
             if new < cfg.min_new_tokens {
                 row[tokens.eos as usize] = f32::NEG_INFINITY;
             }
@@ -194,6 +214,13 @@ fn beam_search<B: Backend>(
             .flat_map(|s| s.running.iter().map(|r| *r.last().unwrap()))
             .collect();
         let (mut log_probs, vocab) = step(model, &last, &hidden, &mask, &mut cache, true);
+        for (r, seq) in states.iter().flat_map(|s| s.running.iter()).enumerate() {
+            penalize_repeats(
+                &mut log_probs[r * vocab..(r + 1) * vocab],
+                seq,
+                cfg.repetition_penalty,
+            );
+        }
         if cur_len - prompt_len < cfg.min_new_tokens {
             for r in 0..batch * beams {
                 log_probs[r * vocab + tokens.eos as usize] = f32::NEG_INFINITY;
@@ -309,12 +336,15 @@ fn beam_search<B: Backend>(
         }
     }
     let generated = states.iter().map(|s| s.finished_len[0]).max().unwrap_or(0);
+    // transformers fills with `pad_token_id or eos_token_id`: a pad id of 0 is falsy there, so
+    // T5's beam outputs are filled with eos.
+    let fill = if tokens.pad != 0 { tokens.pad } else { tokens.eos };
     states
         .into_iter()
         .map(|s| {
             let mut seq = s.finished.into_iter().next().unwrap();
             seq.truncate(prompt_len + s.finished_len[0]);
-            seq.resize(prompt_len + generated, tokens.pad);
+            seq.resize(prompt_len + generated, fill);
             seq
         })
         .collect()

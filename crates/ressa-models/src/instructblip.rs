@@ -222,6 +222,18 @@ pub fn save_model_dir<B: Backend>(
     src: &Path,
     out: &Path,
 ) -> Result<()> {
+    save_model_dir_with(model, layout, src, out, &mut |_| Ok(()))
+}
+
+/// [`save_model_dir`] plus `extra`, which writes further files (mask sidecars, reports) into
+/// the temporary directory before it is renamed to `out`.
+pub fn save_model_dir_with<B: Backend>(
+    model: &InstructBlip<B>,
+    layout: &SourceLayout,
+    src: &Path,
+    out: &Path,
+    extra: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -250,6 +262,7 @@ pub fn save_model_dir<B: Backend>(
         std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         copy_non_weight_files(src, &tmp)?;
         write_weights(model, layout, &tmp)?;
+        extra(&tmp)?;
         if out.exists() {
             std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
         }

@@ -94,7 +94,7 @@ impl WeightStore {
             }
             let index: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
                 path: index_path.clone(),
-                source,
+                error: source,
             })?;
             let mut names: Vec<&String> = index.weight_map.values().collect();
             names.sort();

@@ -99,6 +99,7 @@ fn generation_matches_transformers() {
                 min_new_tokens: g["min_new_tokens"].as_u64().unwrap() as usize,
                 length_penalty: g["length_penalty"].as_f64().unwrap() as f32,
                 early_stopping: false,
+                repetition_penalty: g["repetition_penalty"].as_f64().unwrap() as f32,
             };
             let key = g["key"].as_str().unwrap();
             let ours = generate(&pretrained.model, &inputs, &cfg, tokens);
