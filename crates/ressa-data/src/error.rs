@@ -1,20 +1,21 @@
 //! One-line errors that name the file and the field.
+//!
+//! The underlying I/O and JSON errors are part of the message and deliberately not exposed as
+//! `source()`: printing an error chain (`anyhow`'s `{:#}`) would otherwise repeat them.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: {}", json_message(error))]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{path}: field `{field}`: {message}")]
     Field {
@@ -28,6 +29,16 @@ pub enum DataError {
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]
     Input(String),
+}
+
+/// serde_json's message (with line and column), prefixed with "invalid JSON" for syntax errors
+/// and a premature end; a well-formed file with a missing or mistyped field reads as such.
+fn json_message(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof => format!("invalid JSON: {e}"),
+        Category::Data | Category::Io => e.to_string(),
+    }
 }
 
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -53,13 +53,13 @@ impl Default for ImageProcessorConfig {
 
 impl ImageProcessorConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| DataError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| DataError::Json {
+        let cfg: Self = serde_json::from_str(&text).map_err(|error| DataError::Json {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let field = |field: &str, message: String| DataError::Field {
             path: path.to_path_buf(),
@@ -127,13 +127,14 @@ impl ImageProcessorConfig {
 
 /// Decodes an image file (PNG, JPEG) to RGB; alpha is dropped as PIL's `convert("RGB")` does.
 pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let img = image::load_from_memory(&bytes).map_err(|e| DataError::Image {
         path: PathBuf::from(path),
-        message: e.to_string(),
+        // Decoder messages may end in (or contain) newlines; errors stay on one line.
+        message: e.to_string().replace(['\n', '\r'], " ").trim().to_string(),
     })?;
     Ok(img.to_rgb8())
 }
@@ -187,8 +188,23 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One output pixel: Σ k_i · px_i over `taps` RGB pixels `stride` bytes apart, for the three
+/// channels at once. Pillow accumulates in `int` too; |Σ| ≤ 255 · Σ|k| < 2^31 for the bicubic
+/// kernel (Σ|k| ≤ 1.25 · 2^22), so i32 is exact.
+#[inline(always)]
+fn convolve3(src: &[u8], stride: usize, k: &[i32]) -> [u8; 3] {
+    let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+    for (i, &w) in k.iter().enumerate() {
+        let p = &src[i * stride..i * stride + 3];
+        acc[0] += p[0] as i32 * w;
+        acc[1] += p[1] as i32 * w;
+        acc[2] += p[2] as i32 * w;
+    }
+    acc.map(clip8)
 }
 
 /// PIL-exact `Image.resize((w, h), BICUBIC)` for 8-bit RGB: a horizontal then a vertical pass
@@ -199,15 +215,12 @@ pub fn resize_bicubic(img: &image::RgbImage, out_w: usize, out_h: usize) -> imag
     let horizontal = if out_w != in_w {
         let coeffs = coefficients(in_w, out_w);
         let mut tmp = vec![0u8; in_h * out_w * 3];
-        for y in 0..in_h {
-            for (xx, (xmin, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        acc += src[(y * in_w + xmin + i) * 3 + c] as i64 * w as i64;
-                    }
-                    tmp[(y * out_w + xx) * 3 + c] = clip8(acc);
-                }
+        for (row, out_row) in src
+            .chunks_exact(in_w * 3)
+            .zip(tmp.chunks_exact_mut(out_w * 3))
+        {
+            for ((xmin, k), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
+                px.copy_from_slice(&convolve3(&row[xmin * 3..], 3, k));
             }
         }
         tmp
@@ -216,16 +229,12 @@ pub fn resize_bicubic(img: &image::RgbImage, out_w: usize, out_h: usize) -> imag
     };
     let out = if out_h != in_h {
         let coeffs = coefficients(in_h, out_h);
-        let mut out = vec![0u8; out_h * out_w * 3];
-        for (yy, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..out_w {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        acc += horizontal[((ymin + i) * out_w + x) * 3 + c] as i64 * w as i64;
-                    }
-                    out[(yy * out_w + x) * 3 + c] = clip8(acc);
-                }
+        let stride = out_w * 3;
+        let mut out = vec![0u8; out_h * stride];
+        for ((ymin, k), out_row) in coeffs.iter().zip(out.chunks_exact_mut(stride)) {
+            let column = &horizontal[ymin * stride..];
+            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+                px.copy_from_slice(&convolve3(&column[x * 3..], stride, k));
             }
         }
         out
@@ -244,6 +253,65 @@ mod tests {
         let img =
             image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
         assert_eq!(resize_bicubic(&img, 5, 4), img);
+    }
+
+    /// The straightforward per-channel i64 form of Pillow's two passes.
+    fn reference_resize(img: &image::RgbImage, out_w: usize, out_h: usize) -> image::RgbImage {
+        let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+        let src = img.as_raw();
+        let clip = |acc: i64| (acc >> PRECISION_BITS).clamp(0, 255) as u8;
+        let mut tmp = vec![0u8; in_h * out_w * 3];
+        for y in 0..in_h {
+            for (xx, (xmin, k)) in coefficients(in_w, out_w).iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        acc += src[(y * in_w + xmin + i) * 3 + c] as i64 * w as i64;
+                    }
+                    tmp[(y * out_w + xx) * 3 + c] = clip(acc);
+                }
+            }
+        }
+        let mut out = vec![0u8; out_h * out_w * 3];
+        for (yy, (ymin, k)) in coefficients(in_h, out_h).iter().enumerate() {
+            for x in 0..out_w {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (i, &w) in k.iter().enumerate() {
+                        acc += tmp[((ymin + i) * out_w + x) * 3 + c] as i64 * w as i64;
+                    }
+                    out[(yy * out_w + x) * 3 + c] = clip(acc);
+                }
+            }
+        }
+        image::RgbImage::from_raw(out_w as u32, out_h as u32, out).unwrap()
+    }
+
+    #[test]
+    fn fast_passes_equal_the_reference_form() {
+        let mut state = 12345u32;
+        for (w, h, ow, oh) in [
+            (97, 61, 32, 32),
+            (500, 375, 224, 224),
+            (20, 30, 57, 41),
+            (9, 9, 3, 17),
+        ] {
+            let img = image::RgbImage::from_fn(w, h, |_, _| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let b = state.to_le_bytes();
+                // Extremes (0/255 edges) exercise the clipping.
+                image::Rgb([
+                    (b[3] & 0xf0) | ((b[3] >> 7) * 15),
+                    b[2],
+                    if b[1] > 128 { 255 } else { 0 },
+                ])
+            });
+            assert_eq!(
+                resize_bicubic(&img, ow as usize, oh as usize),
+                reference_resize(&img, ow as usize, oh as usize),
+                "{w}x{h} -> {ow}x{oh}"
+            );
+        }
     }
 
     #[test]

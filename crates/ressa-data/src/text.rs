@@ -22,7 +22,7 @@ impl TextTokenizer {
         if !path.exists() {
             return Err(DataError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "No such file or directory",
                 ),
@@ -69,6 +69,58 @@ impl TextTokenizer {
             })
             .collect();
         Ok(Batch { ids, mask })
+    }
+
+    /// Truncates encodings to `max_length` ids (special tokens included), dropping tokens from
+    /// the left (`left = true`, LAVIS' Q-Former tokenizer: `truncation_side="left"`) or the
+    /// right (the `transformers` default), as `truncation=True, max_length=...` does.
+    pub fn with_truncation(mut self, max_length: usize, left: bool) -> Result<Self> {
+        let params = tokenizers::TruncationParams {
+            direction: if left {
+                tokenizers::TruncationDirection::Left
+            } else {
+                tokenizers::TruncationDirection::Right
+            },
+            max_length,
+            strategy: tokenizers::TruncationStrategy::LongestFirst,
+            stride: 0,
+        };
+        use tokenizers::PostProcessor as _;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_length <= added {
+            return Err(DataError::Tokenizer {
+                path: self.path.clone(),
+                message: format!(
+                    "truncation length {max_length} leaves no room next to {added} special tokens"
+                ),
+            });
+        }
+        self.inner
+            .with_truncation(Some(params))
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string().replace('\n', " "),
+            })?;
+        Ok(self)
+    }
+
+    /// The padding id the tokenizer declares (`padding.pad_id`), else the id of its `<pad>` or
+    /// `[PAD]` token.
+    pub fn pad_id(&self) -> Option<u32> {
+        if let Some(p) = self.inner.get_padding() {
+            return Some(p.pad_id);
+        }
+        ["<pad>", "[PAD]"]
+            .iter()
+            .find_map(|t| self.inner.token_to_id(t))
+    }
+
+    /// The file the tokenizer was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Text of `ids`, special tokens skipped.
