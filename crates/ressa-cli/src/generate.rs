@@ -33,6 +33,9 @@ pub struct Args {
     /// Beam score = log-prob sum / length^penalty.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     length_penalty: f32,
+    /// Repetition penalty (HF `repetition_penalty`; LAVIS uses 1.5). 1.0 disables it.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
@@ -96,6 +99,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         min_new_tokens: args.min_new_tokens,
         length_penalty: args.length_penalty,
         early_stopping: false,
+        repetition_penalty: args.repetition_penalty,
     };
     let start = std::time::Instant::now();
     let out = generate(&pretrained.model, &inputs, &cfg, tokens);

@@ -1,9 +1,11 @@
 //! `ressa`: prune vision-language models and repair them afterwards.
 
 mod backend;
+mod eval;
 mod generate;
 mod inspect;
 mod logits;
+mod prune;
 mod score;
 
 use std::io::IsTerminal;
@@ -35,8 +37,12 @@ enum Command {
     Logits(logits::Args),
     /// Architecture, parameter counts per tower, dtypes and sparsity of every linear weight.
     Inspect(inspect::Args),
+    /// Prune a model layer by layer (magnitude, Wanda, SparseGPT, DSnoT; unstructured or N:M).
+    Prune(Box<prune::Args>),
     /// Score a predictions file (VQA accuracy, GQA exact match, CIDEr/BLEU) as one JSON object.
     Score(score::Args),
+    /// Generate on a LAVIS annotation list, write official-format predictions, score them.
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,8 @@ fn main() -> ExitCode {
         Command::Logits(args) => logits::run(cli.backend, args),
         Command::Inspect(args) => inspect::run(cli.backend, args),
         Command::Score(args) => score::run(args),
+        Command::Prune(args) => prune::run(cli.backend, *args),
+        Command::Eval(args) => eval::run(cli.backend, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,708 @@
+//! `ressa eval`: zero-shot evaluation as the reference loops run it (reference §9). Reads a
+//! LAVIS annotation list, generates answers or captions in batches (images decoded on a
+//! background thread by `ressa_data::loader`), writes the predictions in the official result
+//! format (`[{"question_id", "answer"}]` / `[{"image_id", "caption"}]`, to a temporary file
+//! renamed at the end) and, given ground truth, prints one JSON object of metrics on stdout.
+//!
+//! Decoding defaults per task (LAVIS `predict_answers` / caption task):
+//!
+//! | Task | Prompt | Beams | Max new tokens | Min new tokens | Length penalty |
+//! |---|---|---|---|---|---|
+//! | vqav2, okvqa, gqa | `Question: {} Short answer:` | 5 | 10 | 0 (LAVIS `min_len=1`) | −1 |
+//! | coco-caption, nocaps | empty | 5 | 30 | 7 (LAVIS `min_len=8`) | 1 |
+//!
+//! LAVIS passes `min_length=min_len` to `transformers`' `generate`, which for T5 counts the
+//! decoder start token, so `min_len = L` is `--min-new-tokens L-1`.
+//!
+//! Scoring: the ground truth is restricted to the items predicted (as pycocoevalcap scores
+//! only the images in the results), so `--limit` and skipped images give subset scores; every
+//! prediction must be in the ground truth. GQA's LAVIS list carries its answers and is used as
+//! ground truth when `--ground-truth` is not given.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ressa_data::image::ImageProcessorConfig;
+use ressa_data::lavis::{self, Id};
+use ressa_data::loader::{
+    BadImages, Example, ImageTransform, Loader, LoaderConfig, TextEncoder, Texts,
+};
+use ressa_data::prompts;
+use ressa_data::text::{Batch as TokenBatch, TextTokenizer};
+use ressa_eval::Task;
+use ressa_eval::formats::{self, CaptionPrediction, CocoCaptions, VqaPrediction};
+use ressa_models::generate::{GenerationConfig, SpecialTokens, generate, strip_special};
+use ressa_models::{Pretrained, VlmInputs};
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+
+/// LAVIS' `max_txt_len`: the Q-Former tokenizer truncates the prompt to this many tokens.
+const QFORMER_MAX_TXT_LEN: usize = 128;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF model directory (config.json, safetensors, tokenizers, preprocessor_config.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// vqav2 | okvqa | gqa | coco-caption | nocaps
+    #[arg(long, value_parser = parse_task)]
+    task: Task,
+    /// LAVIS annotation list: vqa_val_eval.json / okvqa_val_eval.json, GQA
+    /// testdev_balanced_questions.json, coco_karpathy_test.json, nocaps_val.json.
+    #[arg(long)]
+    annotations: PathBuf,
+    /// Image root the annotations' `image` paths are relative to.
+    #[arg(long)]
+    images: PathBuf,
+    /// Evaluate only the first N annotations.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Beam width (1 = greedy). Default 5.
+    #[arg(long)]
+    beams: Option<usize>,
+    /// Default 10 (VQA tasks) or 30 (captions).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Tokens generated before end-of-sequence is allowed. Default 0 (VQA tasks; LAVIS
+    /// `min_len=1`) or 7 (captions; LAVIS `min_len=8`).
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// Beam score = log-prob sum / length^penalty. Default -1 (VQA tasks) or 1 (captions).
+    #[arg(long, allow_negative_numbers = true)]
+    length_penalty: Option<f32>,
+    /// Repetition penalty (LAVIS generates with 1.5; 1.0 disables it).
+    #[arg(long, default_value_t = 1.5)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Prompt template; `{}` is replaced by the question (processed as LAVIS does). Default
+    /// "Question: {} Short answer:" for VQA tasks, empty for captions.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Where the predictions go (official result format).
+    #[arg(long, default_value = "predictions.json")]
+    out: PathBuf,
+    /// Official ground truth to score against: VQA annotation (+ question) file, GQA list,
+    /// COCO-format caption file.
+    #[arg(long, num_args = 1..)]
+    ground_truth: Vec<PathBuf>,
+    /// Leave out images that are missing or cannot be decoded (counted and reported) instead
+    /// of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Image decoding threads (0 = number of CPUs).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    s.parse::<Task>().map_err(|e| e.to_string())
+}
+
+fn is_vqa(task: Task) -> bool {
+    !task.is_captioning()
+}
+
+/// One item to evaluate.
+struct Entry {
+    id: Id,
+    image: PathBuf,
+    prompt: String,
+}
+
+/// Decoding settings after task defaults.
+struct Decoding {
+    generation: GenerationConfig,
+    prompt: String,
+}
+
+fn decoding(args: &Args) -> Result<Decoding> {
+    let vqa = is_vqa(args.task);
+    let generation = GenerationConfig {
+        num_beams: args.beams.unwrap_or(5),
+        max_new_tokens: args.max_new_tokens.unwrap_or(if vqa { 10 } else { 30 }),
+        min_new_tokens: args.min_new_tokens.unwrap_or(if vqa { 0 } else { 7 }),
+        length_penalty: args.length_penalty.unwrap_or(if vqa { -1.0 } else { 1.0 }),
+        early_stopping: false,
+        repetition_penalty: args.repetition_penalty,
+    };
+    if generation.num_beams == 0 || generation.max_new_tokens == 0 {
+        bail!("--beams and --max-new-tokens must be at least 1");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let prompt = args.prompt.clone().unwrap_or_else(|| {
+        if vqa {
+            prompts::VQA_PROMPT.to_string()
+        } else {
+            prompts::NOCAPS_PROMPT.to_string()
+        }
+    });
+    let holes = prompts::placeholders(&prompt);
+    if vqa && holes != 1 {
+        bail!("--prompt: a VQA template needs exactly one `{{}}` for the question, found {holes}");
+    }
+    if !vqa && holes != 0 {
+        bail!("--prompt: a captioning prompt has no question to fill in; remove the `{{}}`");
+    }
+    Ok(Decoding { generation, prompt })
+}
+
+fn read_entries(args: &Args, template: &str) -> Result<Vec<Entry>> {
+    let ann = &args.annotations;
+    let path = |rel: &str| lavis::image_path(&args.images, rel, ann);
+    let question = |q: &str| prompts::fill(template, &prompts::pre_question(q, prompts::MAX_WORDS));
+    let caption_prompt = prompts::fill(template, "");
+    let mut entries: Vec<Entry> = match args.task {
+        Task::Vqav2 | Task::Okvqa => lavis::read_vqa_eval(ann)?
+            .into_iter()
+            .map(|q| {
+                Ok(Entry {
+                    image: path(&q.image)?,
+                    prompt: question(&q.question),
+                    id: q.question_id,
+                })
+            })
+            .collect::<Result<_, ressa_data::DataError>>()?,
+        Task::Gqa => lavis::read_gqa(ann)?
+            .into_iter()
+            .map(|q| {
+                Ok(Entry {
+                    image: path(&q.image)?,
+                    prompt: question(&q.question),
+                    id: q.question_id,
+                })
+            })
+            .collect::<Result<_, ressa_data::DataError>>()?,
+        Task::CocoCaption | Task::Nocaps => {
+            let items = if args.task == Task::Nocaps {
+                lavis::read_nocaps_eval(ann)?
+            } else {
+                lavis::read_coco_caption_eval(ann)?
+            };
+            items
+                .into_iter()
+                .map(|c| {
+                    Ok(Entry {
+                        image: path(&c.image)?,
+                        prompt: caption_prompt.clone(),
+                        id: Id::Int(c.image_id),
+                    })
+                })
+                .collect::<Result<_, ressa_data::DataError>>()?
+        }
+    };
+    if let Some(n) = args.limit {
+        if n == 0 {
+            bail!("--limit must be at least 1");
+        }
+        entries.truncate(n);
+    }
+    let mut seen = HashSet::new();
+    for e in &entries {
+        if !seen.insert(&e.id) {
+            bail!(
+                "{}: {} id {} appears twice; the result file could not tell the predictions apart",
+                ann.display(),
+                if is_vqa(args.task) {
+                    "question"
+                } else {
+                    "image"
+                },
+                e.id
+            );
+        }
+    }
+    Ok(entries)
+}
+
+fn to_eval_id(id: &Id) -> ressa_eval::Id {
+    match id {
+        Id::Int(i) => ressa_eval::Id::Int(*i),
+        Id::Str(s) => ressa_eval::Id::Str(s.clone()),
+    }
+}
+
+pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+    let dec = decoding(&args)?;
+    if !args.images.is_dir() {
+        bail!("--images {}: not a directory", args.images.display());
+    }
+    let entries = read_entries(&args, &dec.prompt)?;
+    let missing: Vec<&Entry> = entries.iter().filter(|e| !e.image.is_file()).collect();
+    if let Some(first) = missing.first()
+        && !args.skip_bad_images
+    {
+        bail!(
+            "{}: {} of the {} images listed are missing under {} (first: {}); \
+             pass --skip-bad-images to evaluate the rest",
+            args.annotations.display(),
+            missing.len(),
+            entries.len(),
+            args.images.display(),
+            first.image.display()
+        );
+    }
+    let gt = ground_truth(&args)?;
+    // Fail now, not after the generation, if the output cannot be written.
+    let out = OutputFile::create(&args.out)?;
+    tracing::info!(
+        task = %args.task,
+        items = entries.len(),
+        beams = dec.generation.num_beams,
+        max_new_tokens = dec.generation.max_new_tokens,
+        min_new_tokens = dec.generation.min_new_tokens,
+        length_penalty = dec.generation.length_penalty,
+        prompt = %dec.prompt,
+        "evaluating"
+    );
+    if args.task == Task::Okvqa {
+        tracing::warn!(
+            "OK-VQA predictions are not lemmatised (the reference lemmatises NOUN/VERB tokens with spaCy)"
+        );
+    }
+    let (predictions, skipped) = with_backend!(kind, |device: B| predict::<B>(
+        &args, &dec, &entries, &device
+    ))?;
+
+    let kept: Vec<(&Entry, &String)> = entries
+        .iter()
+        .zip(&predictions)
+        .filter_map(|(e, p)| p.as_ref().map(|p| (e, p)))
+        .collect();
+    if kept.is_empty() {
+        bail!(
+            "no image could be read: all {} items were skipped",
+            entries.len()
+        );
+    }
+    let json = if is_vqa(args.task) {
+        serde_json::Value::Array(
+            kept.iter()
+                .map(|(e, p)| serde_json::json!({"question_id": e.id, "answer": p}))
+                .collect(),
+        )
+    } else {
+        serde_json::Value::Array(
+            kept.iter()
+                .map(|(e, p)| serde_json::json!({"image_id": e.id, "caption": p}))
+                .collect(),
+        )
+    };
+    out.commit(&serde_json::to_vec(&json)?)?;
+    tracing::info!(path = %args.out.display(), predictions = kept.len(), skipped, "wrote predictions");
+
+    let mut metrics = match &gt {
+        Some(gt) => score(gt, &kept, &args.out)?,
+        None => BTreeMap::new(),
+    };
+    metrics.insert("num_predictions".into(), kept.len() as f64);
+    metrics.insert("num_skipped".into(), skipped as f64);
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
+}
+
+/// Generates for every entry; `None` where the image was skipped. Returns the skip count.
+fn predict<B: Backend>(
+    args: &Args,
+    dec: &Decoding,
+    entries: &[Entry],
+    device: &B::Device,
+) -> Result<(Vec<Option<String>>, usize)> {
+    // The model error's message already carries its cause; `{e}` keeps the line single.
+    let pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
+    let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
+    let image_size = pretrained.config.vision.image_size;
+    if processor.output_size() != (image_size, image_size) {
+        bail!(
+            "{}: size {:?} does not match the vision model's image_size {image_size}",
+            args.model.join("preprocessor_config.json").display(),
+            processor.output_size()
+        );
+    }
+    let text = &pretrained.config.text;
+    let tokens = SpecialTokens {
+        decoder_start: text.decoder_start_token(),
+        eos: text.eos_token(),
+        pad: text.pad_token(),
+    };
+    let tokenizer = Arc::new(TextTokenizer::from_file(
+        &args.model.join("tokenizer.json"),
+    )?);
+    let qformer = if pretrained.model.qformer.reads_text() {
+        let max = QFORMER_MAX_TXT_LEN.min(pretrained.config.qformer.max_position_embeddings);
+        let qtok =
+            TextTokenizer::from_file(&args.model.join("qformer_tokenizer").join("tokenizer.json"))?
+                .with_truncation(max, true)?;
+        let pad = qtok.pad_id().unwrap_or(0);
+        Some(TextEncoder {
+            tokenizer: Arc::new(qtok),
+            pad,
+        })
+    } else {
+        None
+    };
+    let texts = Texts {
+        input: Some(TextEncoder {
+            tokenizer: Arc::clone(&tokenizer),
+            pad: tokens.pad,
+        }),
+        qformer,
+        output: None,
+    };
+    let examples: Vec<Example> = entries
+        .iter()
+        .map(|e| Example {
+            image: e.image.clone(),
+            text_input: e.prompt.clone(),
+            text_output: None,
+        })
+        .collect();
+    let loader = Loader::new(
+        examples,
+        ImageTransform::Eval(processor),
+        texts,
+        LoaderConfig {
+            batch_size: args.batch_size,
+            prefetch: 2,
+            threads: args.workers,
+            bad_images: if args.skip_bad_images {
+                BadImages::Skip
+            } else {
+                BadImages::Fail
+            },
+        },
+    )?;
+
+    let bar =
+        ProgressBar::with_draw_target(Some(entries.len() as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {pos}/{len} [{elapsed_precise}] {wide_bar} {per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let start = Instant::now();
+    let mut predictions: Vec<Option<String>> = vec![None; entries.len()];
+    let mut loader = loader;
+    for batch in loader.by_ref() {
+        let batch = batch?;
+        let b = batch.len();
+        let (h, w) = batch.image_size;
+        let pixel_values =
+            Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values, [b, 3, h, w]), device);
+        let input = batch
+            .input
+            .as_ref()
+            .expect("the loader tokenizes the prompt");
+        let qformer_text = batch
+            .qformer
+            .as_ref()
+            .map(|q| (ids_tensor::<B>(q, device), mask_tensor::<B>(q, device)));
+        let inputs = VlmInputs {
+            pixel_values,
+            qformer_text,
+            input_ids: ids_tensor::<B>(input, device),
+            attention_mask: mask_tensor::<B>(input, device),
+        };
+        let out = generate(&pretrained.model, &inputs, &dec.generation, tokens);
+        for (seq, &i) in out.iter().zip(&batch.indices) {
+            let text = tokenizer
+                .decode(&strip_special(seq, tokens))
+                .context("decoding the generated tokens")?;
+            predictions[i] = Some(text.trim().to_string());
+        }
+        bar.inc(b as u64);
+    }
+    let skipped = loader.skipped_items();
+    bar.finish_and_clear();
+    for s in skipped.iter().take(10) {
+        tracing::warn!(index = s.index, reason = %s.reason, "skipped an image");
+    }
+    let done = entries.len() - skipped.len();
+    let secs = start.elapsed().as_secs_f64();
+    tracing::info!(
+        items = done,
+        skipped = skipped.len(),
+        seconds = format!("{secs:.1}"),
+        items_per_s = format!("{:.2}", done as f64 / secs.max(1e-9)),
+        "generation done"
+    );
+    if !skipped.is_empty() {
+        eprintln!(
+            "skipped {} of {} items whose image could not be read (first: {})",
+            skipped.len(),
+            entries.len(),
+            skipped[0].reason
+        );
+    }
+    Ok((predictions, skipped.len()))
+}
+
+fn ids_tensor<B: Backend>(t: &TokenBatch, device: &B::Device) -> Tensor<B, 2, Int> {
+    ressa_models::nn::ids_tensor::<B>(&t.ids, device)
+}
+
+fn mask_tensor<B: Backend>(t: &TokenBatch, device: &B::Device) -> Tensor<B, 2> {
+    let b = t.mask.len();
+    let l = t.mask.first().map_or(0, Vec::len);
+    let flat: Vec<f32> = t.mask.iter().flatten().map(|&m| m as f32).collect();
+    Tensor::from_data(TensorData::new(flat, [b, l]), device)
+}
+
+/// Ground truth read before generating, so a wrong file fails fast.
+enum GroundTruth {
+    Vqa {
+        path: PathBuf,
+        annotations: Vec<formats::VqaAnnotation>,
+        questions: Option<(PathBuf, HashSet<ressa_eval::Id>)>,
+    },
+    Gqa {
+        path: PathBuf,
+        annotations: Vec<formats::GqaAnnotation>,
+    },
+    Captions {
+        path: PathBuf,
+        gt: CocoCaptions,
+    },
+}
+
+fn eval_err(e: ressa_eval::EvalError) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+fn ground_truth(args: &Args) -> Result<Option<GroundTruth>> {
+    let files = if args.ground_truth.is_empty() && args.task == Task::Gqa {
+        // The LAVIS GQA list carries the answers.
+        vec![args.annotations.clone()]
+    } else {
+        args.ground_truth.clone()
+    };
+    if files.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(match args.task {
+        Task::Vqav2 | Task::Okvqa => {
+            let mut annotations = None;
+            let mut questions = None;
+            for p in &files {
+                let f = formats::read_vqa_file(p).map_err(eval_err)?;
+                match (f.annotations, f.questions) {
+                    (Some(a), _) if annotations.is_none() => annotations = Some((p.clone(), a)),
+                    (None, Some(q)) if questions.is_none() => {
+                        questions = Some((
+                            p.clone(),
+                            q.into_iter().map(|q| q.question_id).collect::<HashSet<_>>(),
+                        ))
+                    }
+                    (None, None) => bail!(
+                        "{}: neither an `annotations` nor a `questions` list: not an official VQA file",
+                        p.display()
+                    ),
+                    _ => bail!(
+                        "{}: a second VQA annotation or question file was given",
+                        p.display()
+                    ),
+                }
+            }
+            let Some((path, annotations)) = annotations else {
+                bail!(
+                    "--ground-truth: VQA scoring needs the official annotation file (`annotations` list)"
+                );
+            };
+            GroundTruth::Vqa {
+                path,
+                annotations,
+                questions,
+            }
+        }
+        Task::Gqa => {
+            let [p] = files.as_slice() else {
+                bail!("--ground-truth: gqa takes one file, got {}", files.len());
+            };
+            GroundTruth::Gqa {
+                path: p.clone(),
+                annotations: formats::read_gqa_annotations(p).map_err(eval_err)?,
+            }
+        }
+        Task::CocoCaption | Task::Nocaps => {
+            let [p] = files.as_slice() else {
+                bail!(
+                    "--ground-truth: {} takes one COCO-format file, got {}",
+                    args.task,
+                    files.len()
+                );
+            };
+            GroundTruth::Captions {
+                path: p.clone(),
+                gt: formats::read_coco_captions(p).map_err(eval_err)?,
+            }
+        }
+    }))
+}
+
+/// Metrics of the predictions against the ground truth restricted to the predicted ids.
+fn score(
+    gt: &GroundTruth,
+    kept: &[(&Entry, &String)],
+    pred_path: &Path,
+) -> Result<BTreeMap<String, f64>> {
+    let ids: HashSet<ressa_eval::Id> = kept.iter().map(|(e, _)| to_eval_id(&e.id)).collect();
+    let log = |path: &Path, used: usize, total: usize| {
+        tracing::info!(
+            ground_truth = %path.display(),
+            used,
+            total,
+            "scoring against the ground-truth items predicted"
+        );
+    };
+    match gt {
+        GroundTruth::Vqa {
+            path,
+            annotations,
+            questions,
+        } => {
+            if let Some((qpath, qids)) = questions
+                && let Some((e, _)) = kept
+                    .iter()
+                    .find(|(e, _)| !qids.contains(&to_eval_id(&e.id)))
+            {
+                bail!(
+                    "{}: question id {} of the annotations is not in this question file",
+                    qpath.display(),
+                    e.id
+                );
+            }
+            let subset: Vec<formats::VqaAnnotation> = annotations
+                .iter()
+                .filter(|a| ids.contains(&a.question_id))
+                .cloned()
+                .collect();
+            log(path, subset.len(), annotations.len());
+            let preds: Vec<VqaPrediction> = kept
+                .iter()
+                .map(|(e, p)| VqaPrediction {
+                    question_id: to_eval_id(&e.id),
+                    answer: (*p).clone(),
+                })
+                .collect();
+            let report = ressa_eval::evaluate_vqa(&subset, &preds, None, pred_path, path)
+                .map_err(eval_err)?;
+            Ok(report.metrics())
+        }
+        GroundTruth::Gqa { path, annotations } => {
+            let subset: Vec<formats::GqaAnnotation> = annotations
+                .iter()
+                .filter(|a| ids.contains(&a.question_id))
+                .cloned()
+                .collect();
+            log(path, subset.len(), annotations.len());
+            let preds: Vec<VqaPrediction> = kept
+                .iter()
+                .map(|(e, p)| VqaPrediction {
+                    question_id: to_eval_id(&e.id),
+                    answer: (*p).clone(),
+                })
+                .collect();
+            let report =
+                ressa_eval::evaluate_gqa(&subset, &preds, pred_path, path).map_err(eval_err)?;
+            Ok(BTreeMap::from([("accuracy".to_string(), report.accuracy)]))
+        }
+        GroundTruth::Captions { path, gt } => {
+            let subset = CocoCaptions {
+                images: gt
+                    .images
+                    .iter()
+                    .filter(|i| ids.contains(&i.id))
+                    .cloned()
+                    .collect(),
+                annotations: gt
+                    .annotations
+                    .iter()
+                    .filter(|a| ids.contains(&a.image_id))
+                    .cloned()
+                    .collect(),
+            };
+            log(path, subset.images.len(), gt.images.len());
+            let preds: Vec<CaptionPrediction> = kept
+                .iter()
+                .map(|(e, p)| CaptionPrediction {
+                    image_id: to_eval_id(&e.id),
+                    caption: (*p).clone(),
+                })
+                .collect();
+            let report = ressa_eval::evaluate_captions(&subset, &preds, pred_path, path)
+                .map_err(eval_err)?;
+            Ok(report.metrics())
+        }
+    }
+}
+
+/// The predictions file: a temporary file beside the target, renamed over it on success and
+/// removed on failure.
+struct OutputFile {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl OutputFile {
+    fn create(target: &Path) -> Result<Self> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| anyhow!("--out {}: not a file path", target.display()))?;
+        if target.is_dir() {
+            bail!("--out {}: is a directory", target.display());
+        }
+        let tmp = target.with_file_name(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::File::create(&tmp).with_context(|| {
+            format!(
+                "--out {}: cannot create {}",
+                target.display(),
+                tmp.display()
+            )
+        })?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    fn commit(mut self, bytes: &[u8]) -> Result<()> {
+        let mut f = std::fs::File::create(&self.tmp)
+            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.target).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.tmp.display(),
+                self.target.display()
+            )
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `ressa prune`: layer-wise post-training pruning of an HF InstructBLIP / BLIP-2 directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use ressa_data::calibration::{Sampler, prefix_examples};
+use ressa_data::image::{ImageProcessorConfig, load_rgb};
+use ressa_data::lavis::read_caption_list;
+use ressa_data::text::TextTokenizer;
+use ressa_models::instructblip::save_model_dir_with;
+use ressa_models::nn::ids_tensor;
+use ressa_models::prunable::{BlockOptions, CalibrationSample, Prunable, Tower};
+use ressa_models::{Pretrained, VlmInputs};
+use ressa_prune::calibrate::{
+    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
+};
+use ressa_prune::{ComparisonGroup, Method, OwlConfig};
+use ressa_sparse::SparsityPattern;
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// HF model directory to prune.
+    #[arg(long)]
+    model: PathBuf,
+    /// magnitude | wanda | sparsegpt | dsnot
+    #[arg(long)]
+    method: String,
+    /// Fraction of weights removed in the vision and language towers (the paper's V+L);
+    /// the Q-Former stays dense unless --qformer is given.
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// unstructured, or N:M (prune N of every M consecutive inputs), e.g. 2:4, 4:8.
+    #[arg(long, default_value = "unstructured")]
+    pattern: String,
+    /// Vision tower sparsity (overrides --sparsity; 0 leaves it dense).
+    #[arg(long)]
+    vision: Option<f64>,
+    /// Q-Former sparsity (default 0: dense, as in the paper).
+    #[arg(long)]
+    qformer: Option<f64>,
+    /// Language model sparsity (overrides --sparsity; 0 leaves it dense).
+    #[arg(long)]
+    language: Option<f64>,
+    /// uniform | owl
+    #[arg(long, default_value = "uniform")]
+    allocation: String,
+    /// OWL outlier threshold M.
+    #[arg(long, default_value_t = 5.0)]
+    owl_m: f64,
+    /// OWL spread λ.
+    #[arg(long, default_value_t = 0.08)]
+    owl_lambda: f64,
+    /// LAVIS caption list `[{"image", "caption"}]` (optional for magnitude).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Image root of the calibration list.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Number of calibration samples (the first N of the list).
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Draw the samples at random with this seed instead of taking the first N.
+    #[arg(long)]
+    shuffle_seed: Option<u64>,
+    /// Seed of the caption prefix split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// pruned (inputs of later blocks from the pruned blocks) | dense (RESSA path)
+    #[arg(long, default_value = "pruned")]
+    propagation: String,
+    /// Wanda's comparison group for every tower: per-output | per-matrix (default: per matrix
+    /// for the vision tower, per output elsewhere, as the reference).
+    #[arg(long)]
+    wanda_group: Option<String>,
+    /// Reproduce the reference's calibration of T5 blocks ≥ 1 without relative position bias.
+    #[arg(long)]
+    reference_t5_bias: bool,
+    /// Output directory (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn check_ratio(name: &str, v: f64) -> Result<f64> {
+    if !(0.0..1.0).contains(&v) {
+        bail!("--{name} {v}: a sparsity must be in [0, 1)");
+    }
+    Ok(v)
+}
+
+fn settings(args: &Args) -> Result<CalibrationConfig> {
+    let method: Method = args.method.parse().map_err(|e| anyhow!("--method: {e}"))?;
+    let pattern: SparsityPattern = args
+        .pattern
+        .parse()
+        .map_err(|e| anyhow!("--pattern: {e}"))?;
+    let nm = matches!(pattern, SparsityPattern::NM { .. });
+    let base = match (args.sparsity, nm) {
+        (Some(s), _) => check_ratio("sparsity", s)?,
+        (None, true) => pattern_sparsity(pattern),
+        (None, false)
+            if args.vision.is_none() && args.language.is_none() && args.qformer.is_none() =>
+        {
+            bail!(
+                "give --sparsity S (vision and language) or per-tower --vision/--qformer/--language"
+            )
+        }
+        (None, false) => 0.0,
+    };
+    let tower = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
+        let v = check_ratio(name, v.unwrap_or(default))?;
+        // With N:M a tower is either pruned N:M or dense.
+        Ok(if nm && v > 0.0 {
+            pattern_sparsity(pattern)
+        } else {
+            v
+        })
+    };
+    let sparsity = TowerSparsity {
+        vision: tower("vision", args.vision, base)?,
+        qformer: tower("qformer", args.qformer, 0.0)?,
+        language: tower("language", args.language, base)?,
+    };
+    if sparsity.vision == 0.0 && sparsity.qformer == 0.0 && sparsity.language == 0.0 {
+        bail!("every tower has sparsity 0: nothing to prune");
+    }
+    let allocation = match args.allocation.as_str() {
+        "uniform" => Allocation::Uniform,
+        "owl" => Allocation::Owl(OwlConfig {
+            m: args.owl_m,
+            lambda: args.owl_lambda,
+        }),
+        other => bail!("--allocation {other}: expected uniform or owl"),
+    };
+    let propagation = match args.propagation.as_str() {
+        "pruned" => Propagation::Pruned,
+        "dense" => Propagation::Dense,
+        other => bail!("--propagation {other}: expected pruned or dense"),
+    };
+    let wanda_group = match args.wanda_group.as_deref() {
+        None => None,
+        Some("per-output") => Some(ComparisonGroup::PerOutput),
+        Some("per-matrix") => Some(ComparisonGroup::PerMatrix),
+        Some(other) => bail!("--wanda-group {other}: expected per-output or per-matrix"),
+    };
+    Ok(CalibrationConfig {
+        method,
+        pattern,
+        sparsity,
+        allocation,
+        propagation,
+        wanda_group,
+        dsnot: None,
+        block: BlockOptions {
+            t5_position_bias_after_block0: !args.reference_t5_bias,
+        },
+    })
+}
+
+fn pattern_sparsity(p: SparsityPattern) -> f64 {
+    match p {
+        SparsityPattern::NM { n, m } => n as f64 / m as f64,
+        SparsityPattern::Unstructured => 0.0,
+    }
+}
+
+pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+    let cfg = settings(&args)?;
+    if args.out.exists()
+        && std::fs::read_dir(&args.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{}: output directory exists and is not empty",
+            args.out.display()
+        );
+    }
+    with_backend!(kind, |device: B| run_on::<B>(&args, &cfg, &device))
+}
+
+/// Calibration samples: caption prefix → Q-Former and T5 encoder text, the rest → decoder
+/// targets (teacher forced), one image each, batch 1 (natural lengths, as the reference).
+fn samples<B: Backend>(
+    args: &Args,
+    pretrained: &Pretrained<B>,
+    device: &B::Device,
+) -> Result<(Vec<CalibrationSample<B>>, usize)> {
+    let (Some(annotations), Some(images)) = (&args.calibration, &args.images) else {
+        bail!(
+            "--calibration ANNOTATIONS.json and --images DIR are required for {}",
+            args.method
+        );
+    };
+    let items = read_caption_list(annotations)?;
+    let sampler = match args.shuffle_seed {
+        Some(seed) => Sampler::Random {
+            n: args.samples,
+            seed,
+        },
+        None => Sampler::First(args.samples),
+    };
+    let indices = sampler
+        .indices(items.len())
+        .with_context(|| annotations.display().to_string())?;
+    let set = prefix_examples(&items, &indices, images, annotations, args.seed)?;
+    if set.examples.is_empty() {
+        bail!(
+            "{}: no usable calibration caption (all shorter than 2 characters)",
+            annotations.display()
+        );
+    }
+    let dir = &pretrained.dir;
+    let processor = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let qformer_tokenizer = if pretrained.model.qformer.reads_text() {
+        Some(TextTokenizer::from_file(
+            &dir.join("qformer_tokenizer").join("tokenizer.json"),
+        )?)
+    } else {
+        None
+    };
+    let text = &pretrained.config.text;
+    let (h, w) = processor.output_size();
+    let mut out = Vec::with_capacity(set.examples.len());
+    for ex in &set.examples {
+        let pixels = processor.preprocess(&load_rgb(&ex.image)?);
+        let prompt = tokenizer.encode(&ex.text_input)?;
+        let target = tokenizer.encode(ex.text_output.as_deref().unwrap_or(""))?;
+        // Teacher forcing: decoder input = [start] + target[..-1].
+        let mut decoder = vec![text.decoder_start_token()];
+        decoder.extend(&target[..target.len().saturating_sub(1)]);
+        let qformer_text = match &qformer_tokenizer {
+            Some(t) => {
+                let ids = t.encode(&ex.text_input)?;
+                let n = ids
+                    .len()
+                    .min(pretrained.config.qformer.max_position_embeddings);
+                Some((
+                    ids_tensor::<B>(&[ids[..n].to_vec()], device),
+                    Tensor::ones([1, n], device),
+                ))
+            }
+            None => None,
+        };
+        let n = prompt.len();
+        out.push(CalibrationSample {
+            inputs: VlmInputs {
+                pixel_values: Tensor::from_data(TensorData::new(pixels, [1, 3, h, w]), device),
+                qformer_text,
+                input_ids: ids_tensor::<B>(&[prompt], device),
+                attention_mask: Tensor::ones([1, n], device),
+            },
+            decoder_input_ids: ids_tensor::<B>(&[decoder], device),
+        });
+    }
+    Ok((out, set.skipped.len()))
+}
+
+fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) -> Result<()> {
+    let start = Instant::now();
+    let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
+    let needs_data =
+        cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
+    let (calibration, skipped) = if needs_data || args.calibration.is_some() {
+        samples(args, &pretrained, device)?
+    } else {
+        (Vec::new(), 0)
+    };
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            "calibration captions too short to split were skipped"
+        );
+    }
+    let total_blocks: usize = pretrained
+        .model
+        .stacks()
+        .iter()
+        .filter(|s| cfg.sparsity.of(s.tower) > 0.0)
+        .map(|s| s.blocks)
+        .sum();
+    let bar = ProgressBar::new(total_blocks as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} pruning [{bar:30}] {pos}/{len} blocks {msg} ({elapsed})",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    tracing::info!(method = %cfg.method, samples = calibration.len(), "pruning");
+    let result = calibrate_and_prune(
+        &mut pretrained.model,
+        &calibration,
+        cfg,
+        &mut |prefix, b, _| {
+            bar.set_message(format!("{prefix}.{b}"));
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+
+    let mut towers: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for l in &result.layers {
+        let e = towers.entry(l.tower.name()).or_default();
+        e.0 += result.masks[&l.name].count_pruned();
+        e.1 += l.d_in * l.d_out;
+    }
+    let report = serde_json::json!({
+        "method": cfg.method.to_string(),
+        "pattern": cfg.pattern.to_string(),
+        "target": {
+            "vision": cfg.sparsity.of(Tower::Vision),
+            "qformer": cfg.sparsity.of(Tower::QFormer),
+            "language": cfg.sparsity.of(Tower::Language),
+        },
+        "allocation": args.allocation,
+        "propagation": args.propagation,
+        "reference_t5_bias": args.reference_t5_bias,
+        "calibration_samples": calibration.len(),
+        "skipped_captions": skipped,
+        "seed": args.seed,
+        "time_s": elapsed,
+        "towers": towers.iter().map(|(t, (p, n))| (t.to_string(), serde_json::json!({
+            "pruned": p, "weights": n, "sparsity": *p as f64 / (*n).max(1) as f64,
+        }))).collect::<BTreeMap<_, _>>(),
+        "layers": result.layers.iter().map(|l| serde_json::json!({
+            "name": l.name, "tower": l.tower.name(), "shape": [l.d_in, l.d_out],
+            "target": l.target, "sparsity": l.sparsity,
+        })).collect::<Vec<_>>(),
+    });
+    let masks = &result.masks;
+    save_model_dir_with(
+        &pretrained.model,
+        &pretrained.layout,
+        &args.model,
+        &args.out,
+        &mut |dir: &Path| {
+            let path = dir.join("masks.safetensors");
+            ressa_sparse::sidecar::write_masks(&path, masks.iter().map(|(k, m)| (k.as_str(), m)))
+                .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))?;
+            let path = dir.join("sparsity.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("json"))
+                .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))
+        },
+    )?;
+    for (tower, (p, n)) in &towers {
+        tracing::info!(tower, sparsity = *p as f64 / (*n).max(1) as f64, "pruned");
+    }
+    tracing::info!(out = %args.out.display(), seconds = elapsed, "wrote pruned model, masks.safetensors, sparsity.json");
+    Ok(())
+}

@@ -1,0 +1,433 @@
+//! `ressa eval` end to end on the committed tiny checkpoint (random weights: the answers are
+//! nonsense) and the committed data fixtures (`tests/fixtures/data/`, LAVIS formats).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model() -> PathBuf {
+    root().join("models/instructblip-t5-a")
+}
+
+fn data(rel: &str) -> PathBuf {
+    root().join("data").join(rel)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ressa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ressa")
+}
+
+fn ok(out: &Output) -> Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "one JSON object on stdout: {stdout}"
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// A failing run: non-zero exit, one `error:` line naming `needle`, no panic.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains(needle), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// Only the predictions file in `dir`: no temporary file left behind.
+fn assert_only(dir: &Path, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, names);
+}
+
+fn vqa_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "eval",
+        "--model",
+        s(&model()),
+        "--task",
+        "vqav2",
+        "--annotations",
+        s(&data("annotations/vqa_val_eval.json")),
+        "--images",
+        s(&data("images/coco")),
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+fn run(args: &[String]) -> Output {
+    ressa(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn vqa_predictions_are_official_format_and_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred.json");
+    let ann = data("annotations/v2_mscoco_val2014_annotations.json");
+    let qs = data("annotations/v2_OpenEnded_mscoco_val2014_questions.json");
+    let metrics = ok(&run(&vqa_args(
+        &out,
+        &["--batch-size", "3", "--ground-truth", s(&ann), s(&qs)],
+    )));
+    assert_only(tmp.path(), &["pred.json"]);
+    let preds = read_json(&out);
+    let preds = preds.as_array().unwrap();
+    assert_eq!(preds.len(), 4);
+    let ids: Vec<i64> = preds
+        .iter()
+        .map(|p| p["question_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![42000, 42001, 73000, 74000]);
+    for p in preds {
+        assert_eq!(p.as_object().unwrap().len(), 2, "{p}");
+        assert!(p["answer"].is_string());
+    }
+    for k in [
+        "accuracy",
+        "accuracy_rounded",
+        "accuracy_yes/no",
+        "accuracy_number",
+        "accuracy_other",
+    ] {
+        let v = metrics[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} in {metrics}"));
+        assert!((0.0..=100.0).contains(&v));
+    }
+    assert_eq!(metrics["num_predictions"], json!(4.0));
+    assert_eq!(metrics["num_skipped"], json!(0.0));
+
+    // The predictions file scores the same through `ressa score`.
+    let scored = ok(&ressa(&[
+        "score",
+        "--task",
+        "vqav2",
+        "--predictions",
+        s(&out),
+        "--annotations",
+        s(&ann),
+        s(&qs),
+    ]));
+    assert_eq!(scored["accuracy"], metrics["accuracy"]);
+
+    // Batching (padding + masks) does not change the answers.
+    let one = tmp.path().join("one.json");
+    ok(&run(&vqa_args(&one, &["--batch-size", "1"])));
+    assert_eq!(read_json(&one), read_json(&out));
+}
+
+#[test]
+fn scoring_is_wired_to_the_predictions() {
+    // Ground truth built from the model's own answers, normalised as the official script
+    // normalises predictions (it leaves 10 identical ground-truth answers as they are), scores
+    // 100.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred.json");
+    ok(&run(&vqa_args(&out, &["--beams", "2"])));
+    let preds = read_json(&out);
+    let annotations: Vec<Value> = preds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let answer = ressa_eval::vqa::normalize_vqa_prediction(p["answer"].as_str().unwrap());
+            let answers: Vec<Value> = (1..=10)
+                .map(|i| json!({"answer": answer, "answer_confidence": "yes", "answer_id": i}))
+                .collect();
+            json!({"question_id": p["question_id"], "answer_type": "other", "answers": answers})
+        })
+        .collect();
+    let gt = tmp.path().join("gt.json");
+    std::fs::write(&gt, json!({"annotations": annotations}).to_string()).unwrap();
+    let metrics = ok(&run(&vqa_args(
+        &out,
+        &["--beams", "2", "--ground-truth", s(&gt)],
+    )));
+    assert_eq!(metrics["accuracy"], json!(100.0));
+
+    // --limit scores the first N against the matching ground truth only.
+    let metrics = ok(&run(&vqa_args(
+        &out,
+        &["--beams", "2", "--limit", "2", "--ground-truth", s(&gt)],
+    )));
+    assert_eq!(metrics["num_predictions"], json!(2.0));
+    assert_eq!(metrics["accuracy"], json!(100.0));
+    assert_eq!(read_json(&out).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn captions_are_official_format_and_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (task, ann, images, gt, ids) in [
+        (
+            "coco-caption",
+            "annotations/coco_karpathy_test.json",
+            "images/coco",
+            "annotations/coco_karpathy_test_gt.json",
+            vec![42, 73, 74],
+        ),
+        (
+            "nocaps",
+            "annotations/nocaps/nocaps_val.json",
+            "images/nocaps",
+            "annotations/nocaps/nocaps_val_gt.json",
+            vec![0, 1],
+        ),
+    ] {
+        let out = tmp.path().join(format!("{task}.json"));
+        let metrics = ok(&ressa(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--task",
+            task,
+            "--annotations",
+            s(&data(ann)),
+            "--images",
+            s(&data(images)),
+            "--out",
+            s(&out),
+            "--batch-size",
+            "2",
+            "--ground-truth",
+            s(&data(gt)),
+        ]));
+        let preds = read_json(&out);
+        let preds = preds.as_array().unwrap();
+        let got: Vec<i64> = preds
+            .iter()
+            .map(|p| p["image_id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(got, ids, "{task}");
+        for p in preds {
+            assert_eq!(p.as_object().unwrap().len(), 2, "{p}");
+            assert!(!p["caption"].as_str().unwrap().is_empty(), "{p}");
+        }
+        for k in ["CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"] {
+            assert!(metrics[k].as_f64().is_some(), "{task}: {k} in {metrics}");
+        }
+
+        // References equal to the predictions: BLEU-4 is 1.
+        let gt_images: Vec<Value> = ids.iter().map(|i| json!({"id": i})).collect();
+        let anns: Vec<Value> = preds
+            .iter()
+            .enumerate()
+            .map(|(k, p)| json!({"image_id": p["image_id"], "caption": p["caption"], "id": k}))
+            .collect();
+        let self_gt = tmp.path().join(format!("{task}_self_gt.json"));
+        std::fs::write(
+            &self_gt,
+            json!({"images": gt_images, "annotations": anns}).to_string(),
+        )
+        .unwrap();
+        let metrics = ok(&ressa(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--task",
+            task,
+            "--annotations",
+            s(&data(ann)),
+            "--images",
+            s(&data(images)),
+            "--out",
+            s(&out),
+            "--ground-truth",
+            s(&self_gt),
+        ]));
+        let bleu4 = metrics["Bleu_4"].as_f64().unwrap();
+        assert!(bleu4 > 0.99, "{task}: {metrics}");
+    }
+}
+
+#[test]
+fn gqa_scores_against_its_own_list_and_keeps_string_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gqa.json");
+    let metrics = ok(&ressa(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--task",
+        "gqa",
+        "--annotations",
+        s(&data("annotations/gqa/testdev_balanced_questions.json")),
+        "--images",
+        s(&data("images/gqa")),
+        "--out",
+        s(&out),
+    ]));
+    assert!(metrics["accuracy"].as_f64().is_some(), "{metrics}");
+    let preds = read_json(&out);
+    assert_eq!(preds[0]["question_id"], json!("20968379"));
+    assert_eq!(preds.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn okvqa_and_no_ground_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ok.json");
+    let metrics = ok(&ressa(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--task",
+        "okvqa",
+        "--annotations",
+        s(&data("annotations/okvqa/okvqa_val_eval.json")),
+        "--images",
+        s(&data("images/coco")),
+        "--out",
+        s(&out),
+    ]));
+    // Without ground truth only the counts are printed.
+    assert_eq!(metrics, json!({"num_predictions": 2.0, "num_skipped": 0.0}));
+    let with_gt = ok(&ressa(&[
+        "eval",
+        "--model",
+        s(&model()),
+        "--task",
+        "okvqa",
+        "--annotations",
+        s(&data("annotations/okvqa/okvqa_val_eval.json")),
+        "--images",
+        s(&data("images/coco")),
+        "--out",
+        s(&out),
+        "--ground-truth",
+        s(&data("annotations/okvqa/mscoco_val2014_annotations.json")),
+        s(&data(
+            "annotations/okvqa/OpenEnded_mscoco_val2014_questions.json",
+        )),
+    ]));
+    assert!(with_gt["accuracy"].as_f64().is_some(), "{with_gt}");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line_and_leave_no_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred.json");
+    let with_ann = |ann: &Path, extra: &[&str]| {
+        let mut args = vqa_args(&out, extra);
+        let i = args.iter().position(|a| a == "--annotations").unwrap();
+        args[i + 1] = s(ann).to_string();
+        run(&args)
+    };
+    assert_clean_error(
+        &with_ann(&data("bad/missing_image.json"), &[]),
+        "COCO_val2014_000000099999.jpg",
+    );
+    assert_clean_error(
+        &with_ann(&data("bad/corrupt_image.json"), &[]),
+        "COCO_val2014_000000000666.jpg: cannot decode image",
+    );
+    assert_clean_error(
+        &with_ann(&data("bad/malformed.json"), &[]),
+        "malformed.json: invalid JSON: expected `,` or `}` at line 3 column 24",
+    );
+    assert_clean_error(
+        &with_ann(&data("bad/missing_field.json"), &[]),
+        "missing field `question` at line 5 column 3",
+    );
+    assert_clean_error(
+        &run(&vqa_args(
+            &out,
+            &[
+                "--ground-truth",
+                s(&data("annotations/coco_karpathy_test_gt.json")),
+            ],
+        )),
+        "coco_karpathy_test_gt.json",
+    );
+    assert_clean_error(&run(&vqa_args(&out, &["--prompt", "no hole"])), "--prompt");
+    assert_clean_error(&run(&vqa_args(&out, &["--limit", "0"])), "--limit");
+    assert_clean_error(
+        &run(&vqa_args(&tmp.path().join("no/such/dir/p.json"), &[])),
+        "--out",
+    );
+    // Wrong task for the file: a VQA list read as captions.
+    assert_clean_error(
+        &ressa(&[
+            "eval",
+            "--model",
+            s(&model()),
+            "--task",
+            "coco-caption",
+            "--annotations",
+            s(&data("annotations/vqa_val_eval.json")),
+            "--images",
+            s(&data("images/coco")),
+            "--out",
+            s(&out),
+        ]),
+        "missing field `caption`",
+    );
+    assert_only(tmp.path(), &[]);
+}
+
+#[test]
+fn bad_images_can_be_skipped_and_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred.json");
+    for bad in ["bad/missing_image.json", "bad/corrupt_image.json"] {
+        let mut args = vqa_args(
+            &out,
+            &[
+                "--skip-bad-images",
+                "--ground-truth",
+                s(&data("annotations/v2_mscoco_val2014_annotations.json")),
+            ],
+        );
+        let i = args.iter().position(|a| a == "--annotations").unwrap();
+        args[i + 1] = s(&data(bad)).to_string();
+        let output = run(&args);
+        let metrics = ok(&output);
+        assert_eq!(metrics["num_skipped"], json!(1.0), "{bad}");
+        assert_eq!(metrics["num_predictions"], json!(1.0), "{bad}");
+        assert!(metrics["accuracy"].as_f64().is_some());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("skipped 1 of 2"), "{stderr}");
+        let preds = read_json(&out);
+        assert_eq!(
+            preds,
+            json!([{"question_id": 42000, "answer": preds[0]["answer"]}])
+        );
+    }
+}
