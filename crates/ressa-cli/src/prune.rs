@@ -354,6 +354,19 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
     for (tower, (p, n)) in &towers {
         tracing::info!(tower, sparsity = *p as f64 / (*n).max(1) as f64, "pruned");
     }
-    tracing::info!(out = %args.out.display(), seconds = elapsed, "wrote pruned model, masks.safetensors, sparsity.json");
+    tracing::info!(
+        out = %args.out.display(),
+        seconds = elapsed,
+        peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
+        "wrote pruned model, masks.safetensors, sparsity.json"
+    );
     Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -200,12 +200,28 @@ impl WeightStore {
                 expected: expected.to_vec(),
             });
         }
-        let bytes = &f.mmap[f.data_start + info.data_offsets.0..f.data_start + info.data_offsets.1];
-        let data = bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::Dtype {
-            path: f.path.clone(),
-            key: key.to_string(),
-            dtype: format!("{:?}", info.dtype),
-        })?;
+        let (start, end) = (
+            f.data_start + info.data_offsets.0,
+            f.data_start + info.data_offsets.1,
+        );
+        let data =
+            bytes_to_f32(&f.mmap[start..end], info.dtype).ok_or_else(|| ModelError::Dtype {
+                path: f.path.clone(),
+                key: key.to_string(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
+        // The bytes are converted: drop their pages from this mapping so the resident set holds
+        // the loaded weights once, not the weights plus the mapped file.
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and file-backed; dropped pages are re-read from the file
+        // if touched again, so no data is lost.
+        unsafe {
+            let _ = f.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                end - start,
+            );
+        }
         Ok(HostTensor {
             shape: info.shape.clone(),
             data,

@@ -118,20 +118,17 @@ pub struct CalibrationResult {
 /// A calibration failure, naming the layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
-    #[error("{layer}: {source}")]
-    Layer {
-        layer: String,
-        #[source]
-        source: PruneError,
-    },
+    // The cause is part of the message (not a `source`), so error chains print it once.
+    #[error("{layer}: {error}")]
+    Layer { layer: String, error: PruneError },
     #[error("{0}")]
     Input(String),
 }
 
 fn at(layer: &str) -> impl FnOnce(PruneError) -> CalibrateError + '_ {
-    move |source| CalibrateError::Layer {
+    move |error| CalibrateError::Layer {
         layer: layer.to_string(),
-        source,
+        error,
     }
 }
 
