@@ -16,7 +16,7 @@ use ressa_models::nn::ids_tensor;
 use ressa_models::prunable::{BlockOptions, CalibrationSample, Prunable, Tower};
 use ressa_models::{Pretrained, VlmInputs};
 use ressa_prune::calibrate::{
-    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
+    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune_with,
 };
 use ressa_prune::{ComparisonGroup, Method, OwlConfig};
 use ressa_sparse::SparsityPattern;
@@ -294,8 +294,24 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
         .expect("template")
         .progress_chars("=> "),
     );
-    tracing::info!(method = %cfg.method, samples = calibration.len(), "pruning");
-    let result = calibrate_and_prune(
+    tracing::info!(
+        method = %cfg.method,
+        samples = calibration.len(),
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        "pruning"
+    );
+    // Masks go to a spill file beside the output as they are produced (one bit per weight
+    // would otherwise add 1/32 of the checkpoint to the resident set).
+    let parent = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
+    let spill_path = parent.join(format!(".ressa-masks.{}.spill", std::process::id()));
+    let mut spill = ressa_sparse::sidecar::MaskSpill::create(&spill_path)
+        .map_err(|e| anyhow!("{}: {e}", spill_path.display()))?;
+    let layers = calibrate_and_prune_with(
         &mut pretrained.model,
         &calibration,
         cfg,
@@ -303,14 +319,27 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
             bar.set_message(format!("{prefix}.{b}"));
             bar.inc(1);
         },
+        &mut |name, mask| {
+            spill.push(name, &mask).map_err(|e| {
+                ressa_prune::calibrate::CalibrateError::Input(format!(
+                    "{}: {e}",
+                    spill_path.display()
+                ))
+            })
+        },
     )?;
     bar.finish_and_clear();
+    tracing::info!(
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
+        "calibrated"
+    );
     let elapsed = start.elapsed().as_secs_f64();
 
     let mut towers: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for l in &result.layers {
+    for l in &layers {
         let e = towers.entry(l.tower.name()).or_default();
-        e.0 += result.masks[&l.name].count_pruned();
+        e.0 += l.pruned;
         e.1 += l.d_in * l.d_out;
     }
     let report = serde_json::json!({
@@ -331,12 +360,12 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
         "towers": towers.iter().map(|(t, (p, n))| (t.to_string(), serde_json::json!({
             "pruned": p, "weights": n, "sparsity": *p as f64 / (*n).max(1) as f64,
         }))).collect::<BTreeMap<_, _>>(),
-        "layers": result.layers.iter().map(|l| serde_json::json!({
+        "layers": layers.iter().map(|l| serde_json::json!({
             "name": l.name, "tower": l.tower.name(), "shape": [l.d_in, l.d_out],
             "target": l.target, "sparsity": l.sparsity,
         })).collect::<Vec<_>>(),
     });
-    let masks = &result.masks;
+    let mut spill = Some(spill);
     save_model_dir_with(
         &pretrained.model,
         &pretrained.layout,
@@ -344,7 +373,10 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
         &args.out,
         &mut |dir: &Path| {
             let path = dir.join("masks.safetensors");
-            ressa_sparse::sidecar::write_masks(&path, masks.iter().map(|(k, m)| (k.as_str(), m)))
+            spill
+                .take()
+                .expect("masks are written once")
+                .finish(&path)
                 .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))?;
             let path = dir.join("sparsity.json");
             std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("json"))
@@ -357,16 +389,19 @@ fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) 
     tracing::info!(
         out = %args.out.display(),
         seconds = elapsed,
-        peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
+        peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
         "wrote pruned model, masks.safetensors, sparsity.json"
     );
     Ok(())
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), if known.
-fn peak_rss_bytes() -> Option<u64> {
+/// Resident set size of this process from Linux `/proc/self/status` (`VmRSS` now, `VmHWM`
+/// peak), if known.
+fn rss_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -10,9 +10,14 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use ressa_models::instructblip::write_random_checkpoint;
 use ressa_models::{ModelConfig, Pretrained, VlmInputs};
 
-type B = Flex;
-
+/// The forward on backend `B` (Flex always; NdArray with `--features ndarray`).
 fn forward(c: &mut Criterion) {
+    forward_on::<Flex>(c, "flex");
+    #[cfg(feature = "ndarray")]
+    forward_on::<burn::backend::NdArray>(c, "ndarray");
+}
+
+fn forward_on<B: Backend>(c: &mut Criterion, backend: &str) {
     let device = Default::default();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/bench-small");
     let cfg = ModelConfig::from_file(&root.join("config.json")).unwrap();
@@ -46,12 +51,15 @@ fn forward(c: &mut Criterion) {
         attention_mask: Tensor::ones([b, lp], &device),
     };
     let decoder = ids(ld, cfg.text.vocab_size);
-    c.bench_function("instructblip_bench_small_forward_b2", |bench| {
-        bench.iter(|| {
-            let logits = model.forward(&inputs, decoder.clone());
-            logits.into_data()
-        })
-    });
+    c.bench_function(
+        &format!("instructblip_bench_small_forward_b2/{backend}"),
+        |bench| {
+            bench.iter(|| {
+                let logits = model.forward(&inputs, decoder.clone());
+                logits.into_data()
+            })
+        },
+    );
 }
 
 criterion_group! {

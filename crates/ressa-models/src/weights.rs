@@ -388,6 +388,34 @@ impl<B: Backend> ExportTensor<B> {
         }
     }
 
+    /// Calls `f` with consecutive row-major pieces of the values (rows of dim 0 for matrices,
+    /// at most ~`max_values` values a piece), so writing a large table never copies it whole.
+    pub fn for_each_chunk(
+        &self,
+        max_values: usize,
+        f: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            ExportTensor::D2(t) => {
+                let [rows, cols] = t.dims();
+                let step = (max_values / cols.max(1)).max(1);
+                let mut r = 0;
+                while r < rows {
+                    let end = (r + step).min(rows);
+                    let piece = t
+                        .clone()
+                        .slice([r..end, 0..cols])
+                        .into_data()
+                        .convert::<f32>();
+                    f(piece.as_slice::<f32>().expect("f32 data"))?;
+                    r = end;
+                }
+                Ok(())
+            }
+            _ => f(&self.to_f32()),
+        }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         let data = match self {
             ExportTensor::D1(t) => t.to_data(),
@@ -504,8 +532,13 @@ pub fn write_safetensors<B: Backend>(
         .iter()
         .map(|(k, t)| (k.clone(), t.shape(), dtype_of(k)))
         .collect();
-    write_safetensors_stream(path, &specs, |i| sorted[i].1.to_f32())
+    write_safetensors_chunked(path, &specs, &mut |i, sink| {
+        sorted[i].1.for_each_chunk(CHUNK_VALUES, sink)
+    })
 }
+
+/// Values per piece when streaming a tensor to disk (16 Mi values = 64 MiB as f32).
+const CHUNK_VALUES: usize = 16 << 20;
 
 /// Writes a safetensors file from `(name, shape, dtype)` specs; `data(i)` yields tensor i's
 /// values as f32 when its bytes are due, so only one tensor is on the host at a time.
@@ -513,6 +546,16 @@ pub fn write_safetensors_stream(
     path: &Path,
     specs: &[(String, Vec<usize>, Dtype)],
     mut data: impl FnMut(usize) -> Vec<f32>,
+) -> Result<()> {
+    write_safetensors_chunked(path, specs, &mut |i, sink| sink(&data(i)))
+}
+
+/// Piece-wise form of [`write_safetensors_stream`]: `data(i, sink)` feeds tensor i's values to
+/// `sink` in row-major pieces.
+pub fn write_safetensors_chunked(
+    path: &Path,
+    specs: &[(String, Vec<usize>, Dtype)],
+    data: &mut dyn FnMut(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -526,7 +569,7 @@ pub fn write_safetensors_stream(
         offset += n;
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("json");
-    while !header_bytes.len().is_multiple_of(8) {
+    while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
@@ -536,11 +579,20 @@ pub fn write_safetensors_stream(
         .map_err(io)?;
     w.write_all(&header_bytes).map_err(io)?;
     let mut buf = Vec::new();
-    for (i, (_, shape, dtype)) in specs.iter().enumerate() {
-        let values = data(i);
-        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
-        encode(&values, *dtype, &mut buf);
-        w.write_all(&buf).map_err(io)?;
+    for (i, (name, shape, dtype)) in specs.iter().enumerate() {
+        let mut written = 0usize;
+        data(i, &mut |values: &[f32]| {
+            encode(values, *dtype, &mut buf);
+            written += values.len();
+            w.write_all(&buf).map_err(|e| ModelError::io(path, e))
+        })?;
+        let expected: usize = shape.iter().product();
+        if written != expected {
+            return Err(ModelError::Input(format!(
+                "{}: tensor `{name}` produced {written} values, expected {expected}",
+                path.display()
+            )));
+        }
     }
     w.flush().map_err(io)?;
     Ok(())

@@ -106,6 +106,8 @@ pub struct LayerReport {
     pub d_out: usize,
     pub target: f64,
     pub sparsity: f64,
+    /// Pruned entries.
+    pub pruned: usize,
 }
 
 /// Masks (by weight name) and what was done.
@@ -151,7 +153,6 @@ struct Pending {
     values: Vec<f32>,
 }
 
-#[allow(clippy::needless_range_loop)]
 /// Prunes `model` in place (or, with dense propagation, at the end) and returns the masks.
 pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
     model: &mut M,
@@ -159,6 +160,27 @@ pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
     cfg: &CalibrationConfig,
     progress: Progress,
 ) -> Result<CalibrationResult, CalibrateError> {
+    let mut masks = BTreeMap::new();
+    let layers = calibrate_and_prune_with(model, samples, cfg, progress, &mut |name, mask| {
+        masks.insert(name.to_string(), mask);
+        Ok(())
+    })?;
+    Ok(CalibrationResult { masks, layers })
+}
+
+/// Receives each mask as soon as it is computed (e.g. to spill it to disk).
+pub type MaskSink<'a> = &'a mut dyn FnMut(&str, Mask) -> Result<(), CalibrateError>;
+
+#[allow(clippy::needless_range_loop)]
+/// [`calibrate_and_prune`] handing every mask to `sink` instead of keeping them, so a whole
+/// model's masks need not be in memory; returns the per-layer report.
+pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
+    model: &mut M,
+    samples: &[CalibrationSample<B>],
+    cfg: &CalibrationConfig,
+    progress: Progress,
+    sink: MaskSink,
+) -> Result<Vec<LayerReport>, CalibrateError> {
     for (tower, s) in [
         ("vision", cfg.sparsity.vision),
         ("qformer", cfg.sparsity.qformer),
@@ -178,7 +200,7 @@ pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
             cfg.method
         )));
     }
-    let mut result = CalibrationResult::default();
+    let mut layers: Vec<LayerReport> = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
     let stacks = model.stacks();
     for (si, stack) in stacks.iter().enumerate() {
@@ -260,15 +282,16 @@ pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
                 .map_err(at(&full))?;
                 let mut new = values.clone();
                 output.apply_to(&mut new).map_err(at(&full))?;
-                result.layers.push(LayerReport {
+                layers.push(LayerReport {
                     name: full.clone(),
                     tower: stack.tower,
                     d_in,
                     d_out,
                     target: spec.sparsity(),
                     sparsity: output.mask.sparsity(),
+                    pruned: output.mask.count_pruned(),
                 });
-                result.masks.insert(full, output.mask);
+                sink(&full, output.mask)?;
                 match cfg.propagation {
                     Propagation::Pruned => {
                         let dev = device.clone().unwrap_or_else(|| linear.weight.device());
@@ -319,7 +342,7 @@ pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
             }
         }
     }
-    Ok(result)
+    Ok(layers)
 }
 
 /// OWL per-block sparsities of one stack: a dense pass collecting ‖x_j‖ of every linear input,

@@ -143,3 +143,141 @@ mod tests {
         assert!(read_masks("/nonexistent/masks.safetensors").is_err());
     }
 }
+
+/// Builds a `masks.safetensors` file without holding every mask in memory: masks are appended
+/// to a spill file as they are produced, and [`MaskSpill::finish`] writes the header and copies
+/// the bytes. The spill file is removed when the value is dropped.
+pub struct MaskSpill {
+    spill_path: std::path::PathBuf,
+    writer: Option<std::io::BufWriter<std::fs::File>>,
+    /// (name, d_in, d_out, offset, length) in spill order.
+    entries: Vec<(String, usize, usize, u64, usize)>,
+    offset: u64,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> SparseError {
+    SparseError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl MaskSpill {
+    /// Starts a spill file at `spill_path` (created or truncated).
+    pub fn create(spill_path: impl AsRef<Path>) -> Result<Self, SparseError> {
+        let spill_path = spill_path.as_ref().to_path_buf();
+        let file = std::fs::File::create(&spill_path).map_err(|e| io_err(&spill_path, e))?;
+        Ok(Self {
+            spill_path,
+            writer: Some(std::io::BufWriter::new(file)),
+            entries: Vec::new(),
+            offset: 0,
+        })
+    }
+
+    /// Appends one mask.
+    pub fn push(&mut self, name: &str, mask: &Mask) -> Result<(), SparseError> {
+        use std::io::Write;
+        if self.entries.iter().any(|e| e.0 == name) {
+            return Err(SparseError::Format(format!("duplicate mask name {name:?}")));
+        }
+        let bytes = mask.to_bytes();
+        let w = self.writer.as_mut().expect("open until finish");
+        w.write_all(&bytes)
+            .map_err(|e| io_err(&self.spill_path, e))?;
+        self.entries.push((
+            name.to_string(),
+            mask.d_in(),
+            mask.d_out(),
+            self.offset,
+            bytes.len(),
+        ));
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Number of masks so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no mask was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the masks as a `masks.safetensors` file at `path` (same format as
+    /// [`serialize_masks`]), streaming from the spill file.
+    pub fn finish(mut self, path: impl AsRef<Path>) -> Result<(), SparseError> {
+        use std::io::{Read, Write};
+        let path = path.as_ref();
+        if let Some(mut w) = self.writer.take() {
+            w.flush().map_err(|e| io_err(&self.spill_path, e))?;
+        }
+        let mut header = serde_json::Map::new();
+        let mut meta = serde_json::Map::new();
+        meta.insert("format".into(), FORMAT.into());
+        meta.insert("bit_order".into(), BIT_ORDER.into());
+        for (name, d_in, d_out, _, _) in &self.entries {
+            meta.insert(format!("shape.{name}"), format!("[{d_in},{d_out}]").into());
+        }
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+        for (name, _, _, offset, len) in &self.entries {
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": "U8", "shape": [len], "data_offsets": [offset, *offset + *len as u64]}),
+            );
+        }
+        let mut header = serde_json::to_vec(&header).map_err(format_err)?;
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let out = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+        let mut out = std::io::BufWriter::new(out);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(|e| io_err(path, e))?;
+        out.write_all(&header).map_err(|e| io_err(path, e))?;
+        let mut spill =
+            std::fs::File::open(&self.spill_path).map_err(|e| io_err(&self.spill_path, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = spill
+                .read(&mut buf)
+                .map_err(|e| io_err(&self.spill_path, e))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| io_err(path, e))?;
+        }
+        out.flush().map_err(|e| io_err(path, e))
+    }
+}
+
+impl Drop for MaskSpill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.spill_path);
+    }
+}
+
+#[cfg(test)]
+mod spill_tests {
+    use super::*;
+
+    #[test]
+    fn spilled_masks_read_back_like_serialized_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Mask::from_fn(5, 3, |i, j| (i + j) % 2 == 0).unwrap();
+        let b = Mask::from_fn(8, 2, |i, _| i < 3).unwrap();
+        let spill_path = dir.path().join("spill");
+        let mut spill = MaskSpill::create(&spill_path).unwrap();
+        spill.push("x.weight", &a).unwrap();
+        spill.push("a.weight", &b).unwrap();
+        assert!(spill.push("a.weight", &b).is_err());
+        let out = dir.path().join("masks.safetensors");
+        spill.finish(&out).unwrap();
+        assert!(!spill_path.exists());
+        let back = read_masks(&out).unwrap();
+        assert_eq!(back["x.weight"], a);
+        assert_eq!(back["a.weight"], b);
+    }
+}
