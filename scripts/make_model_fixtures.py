@@ -34,6 +34,7 @@ from transformers import (
     InstructBlipForConditionalGeneration,
     InstructBlipQFormerConfig,
     InstructBlipVisionConfig,
+    LlamaConfig,
     T5Config,
 )
 
@@ -282,6 +283,141 @@ def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts,
         rewrite_hub_layout(d, shards)
 
 
+def llama_tokenizer(vocab_size: int, image_token: int) -> Tokenizer:
+    """A word-level stand-in for the LLaMA SentencePiece tokenizer: unk 0 (also the pad), bos 1,
+    eos 2, `<s>` prepended."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    assert len(vocab) < image_token < vocab_size
+    vocab["<image>"] = image_token
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<image>"])
+    return tok
+
+
+def make_llama(name, vision, qformer, text, num_query, prompts, qprompts, seed):
+    """InstructBLIP with a LLaMA (decoder-only) language model. The language-model input is
+    [query outputs ; prompt] as in LAVIS, the prompts LEFT-padded (what decoder-only generation
+    expects); logits cover the whole sequence, generation continues after the prompt."""
+    print(f"== {name}")
+    torch.manual_seed(seed)
+    d = os.path.join(OUT, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    image_token = text.vocab_size - 1
+    cfg = InstructBlipConfig(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query,
+        image_token_index=image_token,
+    )
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    randomize(model, seed)
+    with torch.no_grad():
+        # Make `</s>` (id 2) likely enough that beams finish early.
+        model.get_output_embeddings().weight[text.eos_token_id] *= 3.0
+    model.save_pretrained(d)
+
+    tok = llama_tokenizer(text.vocab_size, image_token)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    os.makedirs(os.path.join(d, "qformer_tokenizer"))
+    bert_tokenizer(qformer.vocab_size).save(os.path.join(d, "qformer_tokenizer", "tokenizer.json"))
+    size = vision.image_size
+    proc = BlipImageProcessor(size={"height": size, "width": size}, do_convert_rgb=True)
+    proc.save_pretrained(d)
+    batch = len(prompts)
+    images = []
+    for b in range(batch):
+        p = os.path.join(d, f"image{b}.png")
+        test_image(p, size * 2 + 5 * b, seed + b)
+        images.append(Image.open(p).convert("RGB"))
+    pixel_values = proc(images=images, return_tensors="pt")["pixel_values"].float()
+
+    def encode(ids, left):
+        n = max(len(x) for x in ids)
+        pad = [[0] * (n - len(x)) for x in ids]
+        if left:
+            mask = [[0] * len(p) + [1] * len(x) for p, x in zip(pad, ids)]
+            ids = [p + x for p, x in zip(pad, ids)]
+        else:
+            mask = [[1] * len(x) + [0] * len(p) for p, x in zip(pad, ids)]
+            ids = [x + p for p, x in zip(pad, ids)]
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    input_ids, attention_mask = encode([tok.encode(t).ids for t in prompts], left=True)
+    assert not bool(attention_mask.all())
+    qformer_input_ids, qformer_attention_mask = encode(
+        [bert_tokenizer(qformer.vocab_size).encode(t).ids for t in qprompts], left=False
+    )
+    image_ids = torch.full((batch, num_query), image_token, dtype=torch.long)
+    hf_input_ids = torch.cat([image_ids, input_ids], dim=1)
+    hf_attention_mask = torch.cat([torch.ones_like(image_ids), attention_mask], dim=1)
+    ref = {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "qformer_input_ids": qformer_input_ids,
+        "qformer_attention_mask": qformer_attention_mask,
+    }
+    kwargs = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, input_ids=hf_input_ids, attention_mask=hf_attention_mask, **kwargs)
+        qformer_out = out.qformer_outputs.last_hidden_state
+        ref["vision_last_hidden_state"] = out.vision_outputs.last_hidden_state
+        ref["qformer_last_hidden_state"] = qformer_out
+        ref["language_model_inputs"] = model.language_projection(qformer_out[:, :num_query])
+        ref["logits"] = out.logits
+        gen_settings = []
+        for beams, max_new, min_new, lp, rep in [
+            (1, 8, 0, 1.0, 1.0),
+            (5, 8, 0, 1.0, 1.0),
+            (5, 7, 3, -1.0, 1.0),
+            (3, 6, 2, 2.0, 1.0),
+            (1, 8, 2, 1.0, 1.5),
+            (5, 8, 1, -1.0, 1.5),
+        ]:
+            ids = model.generate(
+                pixel_values=pixel_values,
+                input_ids=hf_input_ids,
+                attention_mask=hf_attention_mask,
+                num_beams=beams,
+                max_new_tokens=max_new,
+                min_new_tokens=min_new,
+                length_penalty=lp,
+                repetition_penalty=rep,
+                do_sample=False,
+                early_stopping=False,
+                **kwargs,
+            )
+            key = f"generate_b{beams}_max{max_new}_min{min_new}_lp{lp:+.0f}_rep{rep:.1f}".replace("+", "p").replace("-", "m")
+            ref[key] = ids
+            gen_settings.append(
+                {"key": key, "num_beams": beams, "max_new_tokens": max_new, "min_new_tokens": min_new,
+                 "length_penalty": lp, "repetition_penalty": rep}
+            )
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(
+            {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "kind": "instructblip-llama",
+                "padding_side": "left",
+                "prompts": prompts,
+                "qformer_prompts": qprompts,
+                "generate": gen_settings,
+            },
+            f,
+            indent=2,
+        )
+
+
 def untie_text_config(d: str):
     """transformers 5.x writes `tie_word_embeddings: true` for every T5 text config; the hub's
     InstructBLIP-FlanT5 configs say false (FlanT5 has its own `lm_head`). Restore that."""
@@ -324,6 +460,40 @@ def full_size_counts():
         counts[tower] = counts.get(tower, 0) + p.numel()
     # An untied FlanT5 lm_head: transformers 5.x ties it to `shared`; real checkpoints store it apart.
     counts["language_model_lm_head_untied"] = text.vocab_size * text.d_model
+    with open(os.path.join(d, "param_counts.json"), "w") as f:
+        json.dump({"transformers": transformers.__version__, "counts": counts}, f, indent=2)
+    print(counts)
+
+
+def vicuna_counts():
+    """InstructBLIP-Vicuna-7B config (Vicuna-7B = LLaMA-7B dimensions, 32001 tokens with the added
+    pad); per-tower counts on the meta device."""
+    d = os.path.join(ROOT, "configs", "models", "instructblip-vicuna-7b")
+    os.makedirs(d, exist_ok=True)
+    vision = InstructBlipVisionConfig(
+        hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+        image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    )
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=30523, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        cross_attention_frequency=2, encoder_hidden_size=1408, max_position_embeddings=512, layer_norm_eps=1e-12,
+    )
+    text = LlamaConfig(
+        vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, hidden_act="silu",
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    cfg = InstructBlipConfig(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=32, image_token_index=32000,
+    )
+    cfg.save_pretrained(d)
+    with torch.device("meta"):
+        model = InstructBlipForConditionalGeneration(cfg)
+    counts = {}
+    for n, p in model.named_parameters(remove_duplicate=True):
+        key = "language_model_lm_head_untied" if n.startswith("language_model.lm_head") else n.split(".")[0]
+        counts[key] = counts.get(key, 0) + p.numel()
     with open(os.path.join(d, "param_counts.json"), "w") as f:
         json.dump({"transformers": transformers.__version__, "counts": counts}, f, indent=2)
     print(counts)
@@ -378,7 +548,36 @@ def main():
         num_query=4, batch=2, prompts=prompts, qprompts=q_words, pad_prompts=True, shards=1, hub_layout=False,
         seed=3,
     )
+    llama_prompts = ["what is the color of the circle short answer:", "how many shapes answer:"]
+    # D: LLaMA with grouped-query attention (4 query heads, 2 key/value heads), theta 5e5,
+    # untied lm_head, left-padded batch of two.
+    make_llama(
+        "instructblip-llama-gqa",
+        InstructBlipVisionConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=32, patch_size=8, qkv_bias=True),
+        InstructBlipQFormerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, cross_attention_frequency=2, encoder_hidden_size=24,
+                                  max_position_embeddings=64),
+        LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        num_query=4, prompts=llama_prompts, qprompts=q_words, seed=4,
+    )
+    # E: LLaMA without grouped-query attention (3 heads of 12), default theta, tied lm_head.
+    make_llama(
+        "instructblip-llama-mha",
+        InstructBlipVisionConfig(hidden_size=30, intermediate_size=41, num_hidden_layers=2, num_attention_heads=3,
+                                 image_size=28, patch_size=7, qkv_bias=True),
+        InstructBlipQFormerConfig(vocab_size=52, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=35, cross_attention_frequency=1, encoder_hidden_size=30,
+                                  max_position_embeddings=40),
+        LlamaConfig(vocab_size=64, hidden_size=36, intermediate_size=50, num_hidden_layers=3, num_attention_heads=3,
+                    num_key_value_heads=3, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0),
+        num_query=3, prompts=llama_prompts[::-1], qprompts=q_words[::-1], seed=5,
+    )
     full_size_counts()
+    vicuna_counts()
     relative_buckets()
 
 

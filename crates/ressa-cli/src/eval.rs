@@ -319,6 +319,7 @@ fn predict<B: Backend>(
 ) -> Result<(Vec<Option<String>>, usize)> {
     // The model error's message already carries its cause; `{e}` keeps the line single.
     let pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
+    crate::require_t5(&pretrained)?;
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let image_size = pretrained.config.vision.image_size;
     if processor.output_size() != (image_size, image_size) {

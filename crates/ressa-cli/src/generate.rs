@@ -52,6 +52,7 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let pretrained = Pretrained::<B>::load(&args.model, device)?;
+    crate::require_t5(&pretrained)?;
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let image = load_rgb(&args.image)?;

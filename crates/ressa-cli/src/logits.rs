@@ -74,6 +74,7 @@ fn read(st: &SafeTensors, path: &Path, key: &str, dtype: Dtype, rank: usize) -> 
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let pretrained = Pretrained::<B>::load(&args.model, device)?;
+    crate::require_t5(&pretrained)?;
     let bytes = std::fs::read(&args.inputs).with_context(|| args.inputs.display().to_string())?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow!(

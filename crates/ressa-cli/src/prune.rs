@@ -266,6 +266,7 @@ fn samples<B: Backend>(
 fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) -> Result<()> {
     let start = Instant::now();
     let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
+    crate::require_t5(&pretrained)?;
     let needs_data =
         cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
     let (calibration, skipped) = if needs_data || args.calibration.is_some() {

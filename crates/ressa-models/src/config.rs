@@ -193,6 +193,168 @@ impl T5Config {
     }
 }
 
+/// `text_config` of a LLaMA-family decoder-only language model (HF `LlamaConfig`; Vicuna).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention when fewer than `num_attention_heads` (absent: equal).
+    pub num_key_value_heads: Option<usize>,
+    /// Absent: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    /// transformers < 5 writes the theta here; 5.x writes `rope_parameters.rope_theta`.
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<serde_json::Value>,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: Option<bool>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            hidden_act: "silu".into(),
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_theta: None,
+            rope_parameters: None,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// `rope_parameters.rope_theta`, else `rope_theta`, else HF's default 10000.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// `rope_parameters.rope_type` (`default` when absent); only `default` is implemented.
+    pub fn rope_type(&self) -> String {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default")
+            .to_string()
+    }
+
+    /// LLaMA does not tie `lm_head` unless the config says so.
+    pub fn ties_embeddings(&self) -> bool {
+        self.tie_word_embeddings.unwrap_or(false)
+    }
+
+    pub fn bos_token(&self) -> u32 {
+        self.bos_token_id.unwrap_or(1)
+    }
+
+    pub fn eos_token(&self) -> u32 {
+        self.eos_token_id.unwrap_or(2)
+    }
+
+    /// `pad_token_id`, else eos (what `generate` falls back to).
+    pub fn pad_token(&self) -> u32 {
+        self.pad_token_id.unwrap_or(self.eos_token())
+    }
+}
+
+/// The language model's `text_config`.
+#[derive(Debug, Clone)]
+pub enum TextConfig {
+    /// Encoder-decoder (FlanT5).
+    T5(T5Config),
+    /// Decoder-only (LLaMA / Vicuna).
+    Llama(LlamaConfig),
+}
+
+impl TextConfig {
+    pub fn as_t5(&self) -> Option<&T5Config> {
+        match self {
+            TextConfig::T5(t) => Some(t),
+            TextConfig::Llama(_) => None,
+        }
+    }
+
+    pub fn as_llama(&self) -> Option<&LlamaConfig> {
+        match self {
+            TextConfig::Llama(l) => Some(l),
+            TextConfig::T5(_) => None,
+        }
+    }
+
+    pub fn is_decoder_only(&self) -> bool {
+        matches!(self, TextConfig::Llama(_))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextConfig::T5(t) => t.vocab_size,
+            TextConfig::Llama(l) => l.vocab_size,
+        }
+    }
+
+    /// Width of the language model's input embeddings (the projection's output).
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            TextConfig::T5(t) => t.d_model,
+            TextConfig::Llama(l) => l.hidden_size,
+        }
+    }
+}
+
+/// The T5 view of the text config for code written before decoder-only models existed.
+/// Panics on a LLaMA config: such code must match on [`TextConfig`] instead.
+impl std::ops::Deref for TextConfig {
+    type Target = T5Config;
+
+    fn deref(&self) -> &T5Config {
+        match self {
+            TextConfig::T5(t) => t,
+            TextConfig::Llama(_) => {
+                panic!("this code path supports T5 language models only; the model is LLaMA")
+            }
+        }
+    }
+}
+
 /// Which composite architecture a directory holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -229,7 +391,7 @@ pub struct ModelConfig {
     pub architecture: Architecture,
     pub vision: VisionConfig,
     pub qformer: QFormerConfig,
-    pub text: T5Config,
+    pub text: TextConfig,
     pub num_query_tokens: usize,
     pub raw: BlipConfig,
 }
@@ -257,18 +419,29 @@ impl ModelConfig {
                 ));
             }
         };
-        let text_cfg: T5Config = serde_json::from_value(raw.text_config.clone())
-            .map_err(|e| ModelError::config(path, "text_config", e.to_string()))?;
-        if text_cfg.model_type != "t5" {
-            return Err(ModelError::config(
-                path,
-                "text_config.model_type",
-                format!(
-                    "unsupported language model `{}`, expected `t5`",
-                    text_cfg.model_type
-                ),
-            ));
-        }
+        let model_type = raw
+            .text_config
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .unwrap_or("t5")
+            .to_string();
+        let text_err =
+            |e: serde_json::Error| ModelError::config(path, "text_config", e.to_string());
+        let text_cfg = match model_type.as_str() {
+            "t5" => {
+                TextConfig::T5(serde_json::from_value(raw.text_config.clone()).map_err(text_err)?)
+            }
+            "llama" => TextConfig::Llama(
+                serde_json::from_value(raw.text_config.clone()).map_err(text_err)?,
+            ),
+            other => {
+                return Err(ModelError::config(
+                    path,
+                    "text_config.model_type",
+                    format!("unsupported language model `{other}`, expected `t5` or `llama`"),
+                ));
+            }
+        };
         let cfg = ModelConfig {
             architecture,
             vision: raw.vision_config.clone(),
@@ -346,24 +519,56 @@ impl ModelConfig {
                 q.encoder_hidden_size, v.hidden_size
             ),
         )?;
-        let t = &self.text;
-        let act = t.activation_name();
-        check(
-            Activation::from_hf(&act).is_some(),
-            "text_config.dense_act_fn",
-            format!("unknown activation `{act}`"),
-        )?;
-        let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
-        check(
-            parts.len() == 1 || (parts.len() == 2 && parts[0] == "gated"),
-            "text_config.feed_forward_proj",
-            format!("`{}` is neither `ACT` nor `gated-ACT`", t.feed_forward_proj),
-        )?;
-        check(
-            t.relative_attention_num_buckets >= 4,
-            "text_config.relative_attention_num_buckets",
-            "must be at least 4".into(),
-        )?;
+        match &self.text {
+            TextConfig::T5(t) => {
+                let act = t.activation_name();
+                check(
+                    Activation::from_hf(&act).is_some(),
+                    "text_config.dense_act_fn",
+                    format!("unknown activation `{act}`"),
+                )?;
+                let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
+                check(
+                    parts.len() == 1 || (parts.len() == 2 && parts[0] == "gated"),
+                    "text_config.feed_forward_proj",
+                    format!("`{}` is neither `ACT` nor `gated-ACT`", t.feed_forward_proj),
+                )?;
+                check(
+                    t.relative_attention_num_buckets >= 4,
+                    "text_config.relative_attention_num_buckets",
+                    "must be at least 4".into(),
+                )?;
+            }
+            TextConfig::Llama(l) => {
+                check(
+                    Activation::from_hf(&l.hidden_act).is_some(),
+                    "text_config.hidden_act",
+                    format!("unknown activation `{}`", l.hidden_act),
+                )?;
+                check(
+                    l.num_attention_heads > 0
+                        && l.kv_heads() > 0
+                        && l.num_attention_heads.is_multiple_of(l.kv_heads()),
+                    "text_config.num_key_value_heads",
+                    format!(
+                        "{} key/value heads do not divide {} attention heads",
+                        l.kv_heads(),
+                        l.num_attention_heads
+                    ),
+                )?;
+                check(
+                    l.head_size() > 0 && l.head_size().is_multiple_of(2),
+                    "text_config.head_dim",
+                    format!("{} is not a positive even number", l.head_size()),
+                )?;
+                let rope = l.rope_type();
+                check(
+                    rope == "default",
+                    "text_config.rope_parameters",
+                    format!("rope_type `{rope}` is not supported (only `default`)"),
+                )?;
+            }
+        }
         check(
             self.num_query_tokens > 0,
             "num_query_tokens",
@@ -390,6 +595,28 @@ mod tests {
         t.dense_act_fn = None;
         assert_eq!(t.activation_name(), "silu");
         assert!(t.is_gated());
+    }
+
+    #[test]
+    fn llama_text_config_reads_theta_and_heads() {
+        let cfg = ModelConfig::from_json(
+            r#"{"model_type": "instructblip", "text_config": {"model_type": "llama",
+               "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let l = cfg.text.as_llama().unwrap();
+        assert_eq!((l.kv_heads(), l.head_size(), l.theta()), (2, 8, 500000.0));
+        assert!(cfg.text.is_decoder_only() && !l.ties_embeddings());
+        let err = ModelConfig::from_json(
+            r#"{"model_type": "instructblip", "text_config": {"model_type": "llama",
+               "num_attention_heads": 8, "num_key_value_heads": 3}}"#,
+            Path::new("config.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
     }
 
     #[test]

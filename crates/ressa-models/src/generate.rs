@@ -1,11 +1,18 @@
-//! Greedy and beam-search decoding for the T5 decoder with a KV cache, step for step the
-//! algorithm of `transformers` 5.x `generate` (`_sample` without sampling, and the vectorized
-//! `_beam_search` with its early-stop heuristic), so the returned tokens match it exactly.
+//! Greedy and beam-search decoding with a KV cache, for the T5 decoder and for a decoder-only
+//! (LLaMA) language model, step for step the algorithm of `transformers` 5.x `generate`
+//! (`_sample` without sampling, and the vectorized `_beam_search` with its early-stop
+//! heuristic), so the returned tokens match it exactly.
+//!
+//! T5 rows start with the decoder start token. Decoder-only rows start, as `transformers`
+//! returns them, with the whole input: `image_token_index` once per query, then the (left
+//! padded) prompt, then the generated tokens; generation positions are `cumsum(mask) − 1`.
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
-use crate::instructblip::{InstructBlip, VlmInputs};
+use crate::instructblip::{InstructBlip, LanguageModel, VlmInputs};
+use crate::llama::{LlamaCache, mask_positions};
+use crate::t5::DecoderCache;
 
 /// Decoding settings (HF `GenerationConfig` names).
 #[derive(Debug, Clone)]
@@ -75,21 +82,169 @@ pub fn generate<B: Backend>(
     }
 }
 
-/// One decoder step on the last tokens [rows] → log-probs or logits [rows, vocab] on the host.
+/// The language model's decoding state for a batch of rows.
+enum Session<B: Backend> {
+    T5 {
+        encoder: Tensor<B, 3>,
+        mask: Tensor<B, 2>,
+        cache: DecoderCache<B>,
+    },
+    Llama {
+        /// The input embeddings, consumed by the first step.
+        prefix: Option<Tensor<B, 3>>,
+        /// Attention mask rows over cached positions (host).
+        mask: Vec<Vec<u32>>,
+        cache: LlamaCache<B>,
+    },
+}
+
+/// A decoding session over `expand` copies of each batch row, and each row's starting tokens
+/// (its `prompt_len` tokens).
+fn start<B: Backend>(
+    model: &InstructBlip<B>,
+    inputs: &VlmInputs<B>,
+    expand: usize,
+    tokens: SpecialTokens,
+) -> (Session<B>, Vec<Vec<u32>>) {
+    let enc = model.encode(inputs);
+    let batch = enc.hidden.dims()[0];
+    let device = enc.hidden.device();
+    let rows: Vec<i64> = (0..batch)
+        .flat_map(|b| std::iter::repeat_n(b as i64, expand))
+        .collect();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * expand]), &device);
+    match &model.language_model {
+        LanguageModel::T5(_) => (
+            Session::T5 {
+                encoder: enc.hidden.select(0, rows.clone()),
+                mask: enc.mask.select(0, rows),
+                cache: model.new_cache(),
+            },
+            vec![vec![tokens.decoder_start]; batch * expand],
+        ),
+        LanguageModel::Llama(llama) => {
+            let host_u32 = |t: Tensor<B, 2, Int>| -> Vec<Vec<u32>> {
+                let [_, l] = t.dims();
+                let v: Vec<i64> = t
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec::<i64>()
+                    .expect("ids");
+                v.chunks(l.max(1))
+                    .map(|r| r.iter().map(|&x| x as u32).collect())
+                    .collect()
+            };
+            let mask = host_u32(enc.mask.clone().round().int());
+            let prompt = host_u32(inputs.input_ids.clone());
+            let queries = model.query_tokens.dims()[1];
+            let mut seqs = Vec::with_capacity(batch * expand);
+            let mut masks = Vec::with_capacity(batch * expand);
+            for (p, m) in prompt.iter().zip(&mask) {
+                let mut seq = match model.image_token_index {
+                    Some(t) => vec![t; queries],
+                    None => Vec::new(),
+                };
+                seq.extend(p);
+                for _ in 0..expand {
+                    seqs.push(seq.clone());
+                    masks.push(m.clone());
+                }
+            }
+            (
+                Session::Llama {
+                    prefix: Some(enc.hidden.select(0, rows)),
+                    mask: masks,
+                    cache: llama.new_cache(),
+                },
+                seqs,
+            )
+        }
+    }
+}
+
+impl<B: Backend> Session<B> {
+    /// Keeps rows `rows` (beam reordering).
+    fn select_rows(&mut self, rows: &[usize]) {
+        let device = match self {
+            Session::T5 { encoder, .. } => encoder.device(),
+            Session::Llama { cache, .. } => match cache.layers.first() {
+                Some(Some((k, _))) => k.device(),
+                _ => return,
+            },
+        };
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+        match self {
+            Session::T5 { cache, .. } => cache.select_rows(idx),
+            Session::Llama { mask, cache, .. } => {
+                cache.select_rows(idx);
+                *mask = rows.iter().map(|&r| mask[r].clone()).collect();
+            }
+        }
+    }
+}
+
+/// One step on the last tokens [rows] → log-probs or logits [rows, vocab] on the host. A
+/// decoder-only session's first step runs the whole input instead.
 fn step<B: Backend>(
     model: &InstructBlip<B>,
+    session: &mut Session<B>,
     last: &[u32],
-    encoder: &Tensor<B, 3>,
-    mask: &Tensor<B, 2>,
-    cache: &mut crate::t5::DecoderCache<B>,
     log_probs: bool,
 ) -> (Vec<f32>, usize) {
-    let device = encoder.device();
-    let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [last.len(), 1]), &device);
-    let logits = model
-        .language_model
-        .decode_logits(ids, encoder, mask.clone(), Some(cache));
+    let logits = match (&model.language_model, session) {
+        (
+            LanguageModel::T5(t5),
+            Session::T5 {
+                encoder,
+                mask,
+                cache,
+            },
+        ) => {
+            let device = encoder.device();
+            let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [last.len(), 1]), &device);
+            t5.decode_logits(ids, encoder, mask.clone(), Some(cache))
+        }
+        (
+            LanguageModel::Llama(llama),
+            Session::Llama {
+                prefix,
+                mask,
+                cache,
+            },
+        ) => {
+            let x = match prefix.take() {
+                Some(x) => x,
+                None => {
+                    for m in mask.iter_mut() {
+                        m.push(1);
+                    }
+                    let device = llama.embed_tokens.device();
+                    let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
+                    let ids = Tensor::<B, 2, Int>::from_data(
+                        TensorData::new(ids, [last.len(), 1]),
+                        &device,
+                    );
+                    llama.embed(ids)
+                }
+            };
+            let [rows, l, _] = x.dims();
+            let device = x.device();
+            let positions: Vec<Vec<usize>> = mask_positions(mask)
+                .into_iter()
+                .map(|p| p[p.len() - l..].to_vec())
+                .collect();
+            let lk = mask[0].len();
+            let flat: Vec<f32> = mask.iter().flatten().map(|&m| m as f32).collect();
+            let mask_t = Tensor::<B, 2>::from_data(TensorData::new(flat, [rows, lk]), &device);
+            let hidden = llama.forward(x, mask_t, &positions, Some(cache));
+            let d = hidden.dims()[2];
+            llama.lm_logits(hidden.slice([0..rows, l - 1..l, 0..d]))
+        }
+        _ => unreachable!("session and language model kinds match"),
+    };
     let [rows, _, vocab] = logits.dims();
     let logits = logits.reshape([rows, vocab]);
     let out = if log_probs {
@@ -112,14 +267,12 @@ fn greedy<B: Backend>(
     cfg: &GenerationConfig,
     tokens: SpecialTokens,
 ) -> Vec<Vec<u32>> {
-    let enc = model.encode(inputs);
-    let batch = enc.hidden.dims()[0];
-    let mut cache = model.new_cache();
-    let mut seqs: Vec<Vec<u32>> = vec![vec![tokens.decoder_start]; batch];
+    let (mut session, mut seqs) = start(model, inputs, 1, tokens);
+    let batch = seqs.len();
     let mut unfinished = vec![true; batch];
     for new in 0..cfg.max_new_tokens {
         let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap()).collect();
-        let (mut logits, vocab) = step(model, &last, &enc.hidden, &enc.mask, &mut cache, false);
+        let (mut logits, vocab) = step(model, &mut session, &last, false);
         for b in 0..batch {
             let row = &mut logits[b * vocab..(b + 1) * vocab];
             penalize_repeats(row, &seqs[b], cfg.repetition_penalty);
@@ -181,26 +334,18 @@ fn beam_search<B: Backend>(
     tokens: SpecialTokens,
 ) -> Vec<Vec<u32>> {
     let beams = cfg.num_beams;
-    let enc = model.encode(inputs);
-    let batch = enc.hidden.dims()[0];
-    let device = enc.hidden.device();
     // Each batch row repeated `beams` times (HF `_expand_inputs_for_generation`).
-    let expand: Vec<i64> = (0..batch)
-        .flat_map(|b| std::iter::repeat_n(b as i64, beams))
-        .collect();
-    let expand = Tensor::<B, 1, Int>::from_data(TensorData::new(expand, [batch * beams]), &device);
-    let hidden = enc.hidden.select(0, expand.clone());
-    let mask = enc.mask.select(0, expand);
-    let mut cache = model.new_cache();
+    let (mut session, starts) = start(model, inputs, beams, tokens);
+    let batch = starts.len() / beams;
 
-    let prompt_len = 1usize;
+    let prompt_len = starts[0].len();
     let max_length = prompt_len + cfg.max_new_tokens;
     let keep = 2 * beams; // max(2, 1 + #eos) * beams with one eos token
     let mut states: Vec<BeamState> = (0..batch)
-        .map(|_| BeamState {
-            running: vec![vec![tokens.decoder_start]; beams],
+        .map(|b| BeamState {
+            running: vec![starts[b * beams].clone(); beams],
             running_scores: (0..beams).map(|i| if i == 0 { 0.0 } else { NEG }).collect(),
-            finished: vec![vec![tokens.decoder_start]; beams],
+            finished: vec![starts[b * beams].clone(); beams],
             finished_scores: vec![NEG; beams],
             finished_len: vec![0; beams],
             is_finished: vec![false; beams],
@@ -213,7 +358,7 @@ fn beam_search<B: Backend>(
             .iter()
             .flat_map(|s| s.running.iter().map(|r| *r.last().unwrap()))
             .collect();
-        let (mut log_probs, vocab) = step(model, &last, &hidden, &mask, &mut cache, true);
+        let (mut log_probs, vocab) = step(model, &mut session, &last, true);
         for (r, seq) in states.iter().flat_map(|s| s.running.iter()).enumerate() {
             penalize_repeats(
                 &mut log_probs[r * vocab..(r + 1) * vocab],
@@ -226,7 +371,7 @@ fn beam_search<B: Backend>(
                 log_probs[r * vocab + tokens.eos as usize] = f32::NEG_INFINITY;
             }
         }
-        let mut reorder: Vec<i64> = Vec::with_capacity(batch * beams);
+        let mut reorder: Vec<usize> = Vec::with_capacity(batch * beams);
         let mut all_hit = true;
         for (b, s) in states.iter_mut().enumerate() {
             // Accumulated scores over (beam, token), flattened as beam * vocab + token.
@@ -305,11 +450,9 @@ fn beam_search<B: Backend>(
 
             s.running = next.iter().map(|&k| cand_seq[k].clone()).collect();
             s.running_scores = next.iter().map(|&k| running_vals[k]).collect();
-            reorder.extend(next.iter().map(|&k| (b * beams + cand_beam[k]) as i64));
+            reorder.extend(next.iter().map(|&k| b * beams + cand_beam[k]));
         }
-        let rows =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * beams]), &device);
-        cache.select_rows(rows);
+        session.select_rows(&reorder);
         cur_len += 1;
 
         // Early-stop heuristic (early_stopping=False): can a running beam still beat the worst
@@ -338,7 +481,11 @@ fn beam_search<B: Backend>(
     let generated = states.iter().map(|s| s.finished_len[0]).max().unwrap_or(0);
     // transformers fills with `pad_token_id or eos_token_id`: a pad id of 0 is falsy there, so
     // T5's beam outputs are filled with eos.
-    let fill = if tokens.pad != 0 { tokens.pad } else { tokens.eos };
+    let fill = if tokens.pad != 0 {
+        tokens.pad
+    } else {
+        tokens.eos
+    };
     states
         .into_iter()
         .map(|s| {
@@ -350,7 +497,7 @@ fn beam_search<B: Backend>(
         .collect()
 }
 
-/// Drops the decoder start token and everything from the first eos on.
+/// Drops the decoder start token and everything from the first eos on (T5 rows).
 pub fn strip_special(seq: &[u32], tokens: SpecialTokens) -> Vec<u32> {
     seq.iter()
         .skip(1)

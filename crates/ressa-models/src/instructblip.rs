@@ -1,6 +1,7 @@
 //! `InstructBlipForConditionalGeneration` (and `Blip2ForConditionalGeneration`, whose
 //! checkpoints share the names): ViT → Q-Former (queries [+ instruction]) → `language_projection`
-//! → T5 with the projected queries first in the encoder input, then the prompt tokens.
+//! → T5 with the projected queries first in the encoder input, then the prompt tokens; or a
+//! decoder-only LLaMA over the one sequence [projected queries ; prompt].
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -11,8 +12,9 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use safetensors::Dtype;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TextConfig};
 use crate::error::{ModelError, Result};
+use crate::llama::{Llama, arange_positions};
 use crate::qformer::QFormer;
 use crate::t5::{DecoderCache, T5};
 use crate::vit::VisionModel;
@@ -21,6 +23,81 @@ use crate::weights::{
     write_safetensors_stream,
 };
 
+/// The language model behind the projection: encoder-decoder T5 or decoder-only LLaMA.
+#[derive(Module, Debug)]
+pub enum LanguageModel<B: Backend> {
+    T5(T5<B>),
+    Llama(Llama<B>),
+}
+
+impl<B: Backend> LanguageModel<B> {
+    fn load(cfg: &TextConfig, vb: &Loader<B>) -> Result<Self> {
+        Ok(match cfg {
+            TextConfig::T5(t) => LanguageModel::T5(T5::load(t, vb)?),
+            TextConfig::Llama(l) => LanguageModel::Llama(Llama::load(l, vb)?),
+        })
+    }
+
+    pub fn as_t5(&self) -> Option<&T5<B>> {
+        match self {
+            LanguageModel::T5(m) => Some(m),
+            LanguageModel::Llama(_) => None,
+        }
+    }
+
+    pub fn as_llama(&self) -> Option<&Llama<B>> {
+        match self {
+            LanguageModel::Llama(m) => Some(m),
+            LanguageModel::T5(_) => None,
+        }
+    }
+
+    pub fn is_decoder_only(&self) -> bool {
+        matches!(self, LanguageModel::Llama(_))
+    }
+
+    /// Token embeddings [B, L, D] of `ids`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            LanguageModel::T5(m) => m.embed(ids),
+            LanguageModel::Llama(m) => m.embed(ids),
+        }
+    }
+
+    fn export(&self, ex: &mut Exporter<B>) {
+        match self {
+            LanguageModel::T5(m) => m.export(ex),
+            LanguageModel::Llama(m) => m.export(ex),
+        }
+    }
+}
+
+/// The T5 view for code written before decoder-only models existed. Panics on a LLaMA model:
+/// such code must match on [`LanguageModel`] instead.
+impl<B: Backend> std::ops::Deref for LanguageModel<B> {
+    type Target = T5<B>;
+
+    fn deref(&self) -> &T5<B> {
+        match self {
+            LanguageModel::T5(m) => m,
+            LanguageModel::Llama(_) => {
+                panic!("this code path supports T5 language models only; the model is LLaMA")
+            }
+        }
+    }
+}
+
+impl<B: Backend> std::ops::DerefMut for LanguageModel<B> {
+    fn deref_mut(&mut self) -> &mut T5<B> {
+        match self {
+            LanguageModel::T5(m) => m,
+            LanguageModel::Llama(_) => {
+                panic!("this code path supports T5 language models only; the model is LLaMA")
+            }
+        }
+    }
+}
+
 /// The composite vision-language model.
 #[derive(Module, Debug)]
 pub struct InstructBlip<B: Backend> {
@@ -28,7 +105,11 @@ pub struct InstructBlip<B: Backend> {
     pub query_tokens: Param<Tensor<B, 3>>,
     pub qformer: QFormer<B>,
     pub language_projection: Linear<B>,
-    pub language_model: T5<B>,
+    pub language_model: LanguageModel<B>,
+    /// `image_token_index`: the placeholder id `transformers` puts in `input_ids` where the
+    /// query outputs go (a decoder-only model's generated rows start with them).
+    #[module(skip)]
+    pub image_token_index: Option<u32>,
 }
 
 /// Token ids [B, T] and their 1/0 mask.
@@ -52,7 +133,8 @@ pub struct EncoderOutputs<B: Backend> {
     pub vision: Tensor<B, 3>,
     pub qformer: Tensor<B, 3>,
     pub language_model_inputs: Tensor<B, 3>,
-    /// T5 encoder output [B, Q + L, D] and its mask [B, Q + L].
+    /// T5 encoder output [B, Q + L, D] and its mask [B, Q + L]; for a decoder-only language
+    /// model, its input embeddings [projected queries ; prompt] and their mask.
     pub hidden: Tensor<B, 3>,
     pub mask: Tensor<B, 2>,
 }
@@ -70,10 +152,11 @@ impl<B: Backend> InstructBlip<B> {
             language_projection: vb.linear(
                 "language_projection",
                 cfg.qformer.hidden_size,
-                cfg.text.d_model,
+                cfg.text.hidden_size(),
                 true,
             )?,
-            language_model: T5::load(&cfg.text, &vb.pp("language_model"))?,
+            language_model: LanguageModel::load(&cfg.text, &vb.pp("language_model"))?,
+            image_token_index: cfg.raw.image_token_index,
         })
     }
 
@@ -93,7 +176,8 @@ impl<B: Backend> InstructBlip<B> {
         (queries, text)
     }
 
-    /// T5 encoder input: [projected queries ; prompt embeddings] and its mask.
+    /// Language-model input: [projected queries ; prompt embeddings] and its mask (the T5
+    /// encoder input, or the whole decoder-only sequence).
     pub(crate) fn encoder_embeds(
         &self,
         projected: Tensor<B, 3>,
@@ -126,12 +210,16 @@ impl<B: Backend> InstructBlip<B> {
         (vision, qformer, projected)
     }
 
-    /// The encoding path: image features, then the T5 encoder over [queries ; prompt].
+    /// The encoding path: image features, then the T5 encoder over [queries ; prompt] (a
+    /// decoder-only model stops at the embedded sequence).
     pub fn encode(&self, inputs: &VlmInputs<B>) -> EncoderOutputs<B> {
         let (vision, qformer, projected) =
             self.image_features(inputs.pixel_values.clone(), inputs.qformer_text.clone());
         let (embeds, mask) = self.encoder_embeds(projected.clone(), inputs);
-        let hidden = self.language_model.encoder.encode(embeds, mask.clone());
+        let hidden = match &self.language_model {
+            LanguageModel::T5(t5) => t5.encoder.encode(embeds, mask.clone()),
+            LanguageModel::Llama(_) => embeds,
+        };
         EncoderOutputs {
             vision,
             qformer,
@@ -141,7 +229,8 @@ impl<B: Backend> InstructBlip<B> {
         }
     }
 
-    /// Teacher-forced logits [B, Ld, vocab] for `decoder_input_ids` [B, Ld].
+    /// Teacher-forced logits [B, Ld, vocab] for `decoder_input_ids` [B, Ld] (T5; panics on a
+    /// decoder-only model, see [`InstructBlip::decoder_only_logits`]).
     pub fn forward(
         &self,
         inputs: &VlmInputs<B>,
@@ -152,7 +241,19 @@ impl<B: Backend> InstructBlip<B> {
             .decode_logits(decoder_input_ids, &enc.hidden, enc.mask, None)
     }
 
-    /// A fresh decoder KV cache.
+    /// Decoder-only language model: logits [B, Q + L, vocab] over the whole sequence
+    /// [projected queries ; prompt], positions 0.. as `transformers`' forward uses them.
+    /// `None` for a T5 model.
+    pub fn decoder_only_logits(&self, inputs: &VlmInputs<B>) -> Option<Tensor<B, 3>> {
+        let llama = self.language_model.as_llama()?;
+        let enc = self.encode(inputs);
+        let [b, l, _] = enc.hidden.dims();
+        let hidden = llama.forward(enc.hidden, enc.mask, &arange_positions(b, l), None);
+        Some(llama.lm_logits(hidden))
+    }
+
+    /// A fresh T5 decoder KV cache (panics on a decoder-only model, see
+    /// [`crate::llama::Llama::new_cache`]).
     pub fn new_cache(&self) -> DecoderCache<B> {
         DecoderCache::new(self.language_model.decoder.blocks.len())
     }

@@ -1,10 +1,11 @@
-//! Models for ressa: the EVA ViT, the Q-Former and T5, composed into InstructBLIP / BLIP-2,
-//! loaded from and saved to HF checkpoint directories. Generic over the burn backend.
+//! Models for ressa: the EVA ViT, the Q-Former and T5 or LLaMA, composed into InstructBLIP /
+//! BLIP-2, loaded from and saved to HF checkpoint directories. Generic over the burn backend.
 
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod instructblip;
+pub mod llama;
 pub mod nn;
 pub mod prunable;
 pub mod qformer;

@@ -6,7 +6,8 @@
 use burn::nn::Linear;
 use burn::prelude::*;
 
-use crate::instructblip::{InstructBlip, VlmInputs};
+use crate::instructblip::{InstructBlip, LanguageModel, VlmInputs};
+use crate::llama::{Rope, arange_positions};
 use crate::nn::{Tap, causal_bias, key_padding_bias};
 
 /// The unit of sparsity allocation.
@@ -36,7 +37,8 @@ pub struct StackInfo {
     pub blocks: usize,
 }
 
-/// One calibration sample: model inputs plus teacher-forced decoder tokens.
+/// One calibration sample: model inputs plus teacher-forced decoder tokens (T5; a
+/// decoder-only model reads its whole sequence from `inputs` and ignores them).
 #[derive(Debug, Clone)]
 pub struct CalibrationSample<B: Backend> {
     pub inputs: VlmInputs<B>,
@@ -68,6 +70,12 @@ pub enum BlockInput<B: Backend> {
         encoder: Tensor<B, 3>,
         cross_bias: Tensor<B, 4>,
     },
+    /// A LLaMA layer: causal + padding bias and the rotary tables of positions `0..L`.
+    Llama {
+        x: Tensor<B, 3>,
+        bias: Tensor<B, 4>,
+        rope: Rope<B>,
+    },
 }
 
 impl<B: Backend> BlockInput<B> {
@@ -77,6 +85,7 @@ impl<B: Backend> BlockInput<B> {
             BlockInput::QFormer { x, .. } => x,
             BlockInput::T5Encoder { x, .. } => x,
             BlockInput::T5Decoder { x, .. } => x,
+            BlockInput::Llama { x, .. } => x,
         }
     }
 
@@ -87,6 +96,7 @@ impl<B: Backend> BlockInput<B> {
             BlockInput::QFormer { x, .. } => *x = new,
             BlockInput::T5Encoder { x, .. } => *x = new,
             BlockInput::T5Decoder { x, .. } => *x = new,
+            BlockInput::Llama { x, .. } => *x = new,
         }
         self
     }
@@ -133,9 +143,30 @@ const VISION: usize = 0;
 const QFORMER: usize = 1;
 const T5_ENCODER: usize = 2;
 const T5_DECODER: usize = 3;
+/// With a decoder-only language model, stack 2 is its layers.
+const LLAMA_LAYERS: usize = 2;
 
 impl<B: Backend> Prunable<B> for InstructBlip<B> {
     fn stacks(&self) -> Vec<StackInfo> {
+        if let LanguageModel::Llama(llama) = &self.language_model {
+            return vec![
+                StackInfo {
+                    tower: Tower::Vision,
+                    prefix: "vision_model.encoder.layers",
+                    blocks: self.vision_model.layers.len(),
+                },
+                StackInfo {
+                    tower: Tower::QFormer,
+                    prefix: "qformer.encoder.layer",
+                    blocks: self.qformer.layers.len(),
+                },
+                StackInfo {
+                    tower: Tower::Language,
+                    prefix: "language_model.model.layers",
+                    blocks: llama.layers.len(),
+                },
+            ];
+        }
         vec![
             StackInfo {
                 tower: Tower::Vision,
@@ -162,6 +193,16 @@ impl<B: Backend> Prunable<B> for InstructBlip<B> {
 
     fn stack_input(&self, stack: usize, sample: &CalibrationSample<B>) -> BlockInput<B> {
         let inputs = &sample.inputs;
+        if let (LanguageModel::Llama(llama), LLAMA_LAYERS) = (&self.language_model, stack) {
+            let enc = self.encode(inputs);
+            let [b, l, _] = enc.hidden.dims();
+            let device = enc.hidden.device();
+            return BlockInput::Llama {
+                bias: llama.attention_bias(enc.mask, l, 0),
+                rope: llama.rope(&arange_positions(b, l), &device),
+                x: enc.hidden,
+            };
+        }
         match stack {
             VISION => BlockInput::Vision {
                 x: self
@@ -266,20 +307,27 @@ impl<B: Backend> Prunable<B> for InstructBlip<B> {
                 None,
                 tap,
             ),
+            (LLAMA_LAYERS, BlockInput::Llama { x, bias, rope }) => match &self.language_model {
+                LanguageModel::Llama(llama) => {
+                    llama.layers[block].forward(x.clone(), bias.clone(), rope, None, tap)
+                }
+                LanguageModel::T5(_) => panic!("a LLaMA block input for a T5 model"),
+            },
             _ => panic!("block input does not belong to stack {stack}"),
         }
     }
 
     fn block_linears_mut(&mut self, stack: usize, block: usize) -> Vec<(String, &mut Linear<B>)> {
-        match stack {
-            VISION => self.vision_model.layers[block]
+        match (stack, &mut self.language_model) {
+            (VISION, _) => self.vision_model.layers[block]
                 .linears_mut()
                 .into_iter()
                 .map(|(n, l)| (n.to_string(), l))
                 .collect(),
-            QFORMER => self.qformer.layers[block].linears_mut(),
-            T5_ENCODER => self.language_model.encoder.blocks[block].linears_mut(),
-            T5_DECODER => self.language_model.decoder.blocks[block].linears_mut(),
+            (QFORMER, _) => self.qformer.layers[block].linears_mut(),
+            (T5_ENCODER, LanguageModel::T5(t5)) => t5.encoder.blocks[block].linears_mut(),
+            (T5_DECODER, LanguageModel::T5(t5)) => t5.decoder.blocks[block].linears_mut(),
+            (LLAMA_LAYERS, LanguageModel::Llama(llama)) => llama.layers[block].linears_mut(),
             _ => panic!("stack {stack} out of range"),
         }
     }

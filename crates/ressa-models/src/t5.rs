@@ -23,7 +23,7 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    fn load(vb: &Loader<B>, name: &str, d: usize, eps: f64) -> Result<Self> {
+    pub(crate) fn load(vb: &Loader<B>, name: &str, d: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.param(&format!("{name}.weight"), [d])?,
             eps,

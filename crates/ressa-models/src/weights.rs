@@ -537,6 +537,9 @@ pub fn write_safetensors<B: Backend>(
     })
 }
 
+/// Receives row-major pieces of one tensor's values.
+pub type ValueSink<'a> = &'a mut dyn FnMut(&[f32]) -> Result<()>;
+
 /// Values per piece when streaming a tensor to disk (16 Mi values = 64 MiB as f32).
 const CHUNK_VALUES: usize = 16 << 20;
 
@@ -555,7 +558,7 @@ pub fn write_safetensors_stream(
 pub fn write_safetensors_chunked(
     path: &Path,
     specs: &[(String, Vec<usize>, Dtype)],
-    data: &mut dyn FnMut(usize, &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>,
+    data: &mut dyn FnMut(usize, ValueSink) -> Result<()>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -569,7 +572,7 @@ pub fn write_safetensors_chunked(
         offset += n;
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("json");
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(|e| ModelError::io(path, e))?;

@@ -57,6 +57,26 @@ fn full_size_instructblip_flan_t5_xl_counts_match_transformers() {
     assert!((4_000_000_000..4_100_000_000).contains(&total), "{total}");
 }
 
+#[test]
+fn full_size_instructblip_vicuna_7b_counts_match_transformers() {
+    let dir = repo("configs/models/instructblip-vicuna-7b");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let l = cfg.text.as_llama().unwrap();
+    assert_eq!(
+        (l.hidden_size, l.num_hidden_layers, l.kv_heads(), l.theta()),
+        (4096, 32, 32, 10000.0)
+    );
+    let ours = parameter_counts::<B>(&cfg, &Default::default()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("param_counts.json")).unwrap())
+            .unwrap();
+    let expected: BTreeMap<String, usize> =
+        serde_json::from_value(reference["counts"].clone()).unwrap();
+    assert_eq!(ours, expected);
+    let total: usize = ours.values().sum();
+    assert!((7_800_000_000..8_000_000_000).contains(&total), "{total}");
+}
+
 fn tensors_of(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let store = WeightStore::open_dir(dir).unwrap();
     let mut keys: Vec<String> = store.keys().cloned().collect();
@@ -73,7 +93,13 @@ fn tensors_of(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 #[test]
 fn save_reproduces_every_tensor_in_the_source_layout() {
     let device = Default::default();
-    for name in ["instructblip-t5-a", "instructblip-t5-b", "blip2-t5"] {
+    for name in [
+        "instructblip-t5-a",
+        "instructblip-t5-b",
+        "blip2-t5",
+        "instructblip-llama-gqa",
+        "instructblip-llama-mha",
+    ] {
         let src = fixture(name);
         let model = Pretrained::<B>::load(&src, &device).unwrap();
         let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,8 @@ use ressa_models::generate::{GenerationConfig, SpecialTokens, generate};
 use ressa_models::{Pretrained, VlmInputs};
 
 const FIXTURES: [&str; 3] = ["instructblip-t5-a", "instructblip-t5-b", "blip2-t5"];
+/// InstructBLIP with a LLaMA language model, with and without grouped-query attention.
+const LLAMA_FIXTURES: [&str; 2] = ["instructblip-llama-gqa", "instructblip-llama-mha"];
 const TOL: f32 = 1e-4;
 
 fn inputs(r: &Reference, device: &Dev) -> VlmInputs<B> {
@@ -73,6 +75,96 @@ fn intermediate_outputs_and_logits_match_transformers() {
         assert!(diff <= TOL, "{name}: logits differ by {diff}");
         assert!(q > 0);
     }
+}
+
+#[test]
+fn decoder_only_logits_match_transformers() {
+    let device = Default::default();
+    for name in LLAMA_FIXTURES {
+        let model = Pretrained::<B>::load(&fixture(name), &device)
+            .unwrap()
+            .model;
+        assert!(model.language_model.is_decoder_only());
+        let r = Reference::open(name);
+        let inputs = inputs(&r, &device);
+        let enc = model.encode(&inputs);
+        let checks = [
+            (
+                "vision_last_hidden_state",
+                max_abs_diff(enc.vision.clone(), &r.f32("vision_last_hidden_state")),
+            ),
+            (
+                "qformer_last_hidden_state",
+                max_abs_diff(enc.qformer.clone(), &r.f32("qformer_last_hidden_state")),
+            ),
+            (
+                "language_model_inputs",
+                max_abs_diff(
+                    enc.language_model_inputs.clone(),
+                    &r.f32("language_model_inputs"),
+                ),
+            ),
+            (
+                "logits",
+                max_abs_diff(
+                    model.decoder_only_logits(&inputs).unwrap(),
+                    &r.f32("logits"),
+                ),
+            ),
+        ];
+        for (what, diff) in checks {
+            eprintln!("{name}: {what} max abs diff {diff:.2e}");
+            assert!(diff <= TOL, "{name}: {what} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn decoder_only_generation_matches_transformers() {
+    let device = Default::default();
+    for name in LLAMA_FIXTURES {
+        let pretrained = Pretrained::<B>::load(&fixture(name), &device).unwrap();
+        let r = Reference::open(name);
+        let inputs = inputs(&r, &device);
+        let l = pretrained.config.text.as_llama().unwrap();
+        let tokens = SpecialTokens {
+            decoder_start: l.bos_token(),
+            eos: l.eos_token(),
+            pad: l.pad_token(),
+        };
+        for cfg in generation_settings(name) {
+            let (key, cfg) = cfg;
+            let ours = generate(&pretrained.model, &inputs, &cfg, tokens);
+            eprintln!("{name}: {key} -> {ours:?}");
+            assert_eq!(ours, r.rows(&key), "{name}: {key}");
+        }
+    }
+}
+
+/// The `generate` settings a fixture's `reference.json` lists, keyed by reference tensor.
+fn generation_settings(name: &str) -> Vec<(String, GenerationConfig)> {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(name).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    json["generate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap().to_string(),
+                GenerationConfig {
+                    num_beams: g["num_beams"].as_u64().unwrap() as usize,
+                    max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize,
+                    min_new_tokens: g["min_new_tokens"].as_u64().unwrap() as usize,
+                    length_penalty: g["length_penalty"].as_f64().unwrap() as f32,
+                    early_stopping: false,
+                    repetition_penalty: g["repetition_penalty"].as_f64().unwrap() as f32,
+                },
+            )
+        })
+        .collect()
 }
 
 #[test]
