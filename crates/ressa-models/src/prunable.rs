@@ -148,47 +148,43 @@ const LLAMA_LAYERS: usize = 2;
 
 impl<B: Backend> Prunable<B> for InstructBlip<B> {
     fn stacks(&self) -> Vec<StackInfo> {
-        if let LanguageModel::Llama(llama) = &self.language_model {
-            return vec![
-                StackInfo {
-                    tower: Tower::Vision,
-                    prefix: "vision_model.encoder.layers",
-                    blocks: self.vision_model.layers.len(),
-                },
-                StackInfo {
-                    tower: Tower::QFormer,
-                    prefix: "qformer.encoder.layer",
-                    blocks: self.qformer.layers.len(),
-                },
-                StackInfo {
-                    tower: Tower::Language,
-                    prefix: "language_model.model.layers",
-                    blocks: llama.layers.len(),
-                },
-            ];
+        let stack = |tower, prefix, blocks| StackInfo {
+            tower,
+            prefix,
+            blocks,
+        };
+        let mut stacks = vec![
+            stack(
+                Tower::Vision,
+                "vision_model.encoder.layers",
+                self.vision_model.layers.len(),
+            ),
+            stack(
+                Tower::QFormer,
+                "qformer.encoder.layer",
+                self.qformer.layers.len(),
+            ),
+        ];
+        match &self.language_model {
+            LanguageModel::Llama(llama) => stacks.push(stack(
+                Tower::Language,
+                "language_model.model.layers",
+                llama.layers.len(),
+            )),
+            LanguageModel::T5(t5) => {
+                stacks.push(stack(
+                    Tower::Language,
+                    "language_model.encoder.block",
+                    t5.encoder.blocks.len(),
+                ));
+                stacks.push(stack(
+                    Tower::Language,
+                    "language_model.decoder.block",
+                    t5.decoder.blocks.len(),
+                ));
+            }
         }
-        vec![
-            StackInfo {
-                tower: Tower::Vision,
-                prefix: "vision_model.encoder.layers",
-                blocks: self.vision_model.layers.len(),
-            },
-            StackInfo {
-                tower: Tower::QFormer,
-                prefix: "qformer.encoder.layer",
-                blocks: self.qformer.layers.len(),
-            },
-            StackInfo {
-                tower: Tower::Language,
-                prefix: "language_model.encoder.block",
-                blocks: self.language_model.encoder.blocks.len(),
-            },
-            StackInfo {
-                tower: Tower::Language,
-                prefix: "language_model.decoder.block",
-                blocks: self.language_model.decoder.blocks.len(),
-            },
-        ]
+        stacks
     }
 
     fn stack_input(&self, stack: usize, sample: &CalibrationSample<B>) -> BlockInput<B> {
