@@ -565,6 +565,14 @@ fn score(
             "scoring against the ground-truth items predicted"
         );
     };
+    let vqa_predictions = || -> Vec<VqaPrediction> {
+        kept.iter()
+            .map(|(e, p)| VqaPrediction {
+                question_id: to_eval_id(&e.id),
+                answer: (*p).clone(),
+            })
+            .collect()
+    };
     match gt {
         GroundTruth::Vqa {
             path,
@@ -588,13 +596,7 @@ fn score(
                 .cloned()
                 .collect();
             log(path, subset.len(), annotations.len());
-            let preds: Vec<VqaPrediction> = kept
-                .iter()
-                .map(|(e, p)| VqaPrediction {
-                    question_id: to_eval_id(&e.id),
-                    answer: (*p).clone(),
-                })
-                .collect();
+            let preds = vqa_predictions();
             let report = ressa_eval::evaluate_vqa(&subset, &preds, None, pred_path, path)
                 .map_err(eval_err)?;
             Ok(report.metrics())
@@ -606,13 +608,7 @@ fn score(
                 .cloned()
                 .collect();
             log(path, subset.len(), annotations.len());
-            let preds: Vec<VqaPrediction> = kept
-                .iter()
-                .map(|(e, p)| VqaPrediction {
-                    question_id: to_eval_id(&e.id),
-                    answer: (*p).clone(),
-                })
-                .collect();
+            let preds = vqa_predictions();
             let report =
                 ressa_eval::evaluate_gqa(&subset, &preds, pred_path, path).map_err(eval_err)?;
             Ok(BTreeMap::from([("accuracy".to_string(), report.accuracy)]))

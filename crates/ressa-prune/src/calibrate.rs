@@ -266,7 +266,7 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
                 let full = format!("{block_name}.{name}.weight");
                 let [d_in, d_out] = linear.weight.dims();
                 spec.validate(d_in).map_err(at(&full))?;
-                let values = host(&linear.weight.val());
+                let mut values = host(&linear.weight.val());
                 let weights = Weights::new(&values, d_in, d_out).map_err(at(&full))?;
                 let output = if cfg.method == Method::Magnitude {
                     magnitude.build(d_in).map_err(at(&full))?.prune(weights, &spec)
@@ -280,8 +280,9 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
                     }
                 }
                 .map_err(at(&full))?;
-                let mut new = values.clone();
-                output.apply_to(&mut new).map_err(at(&full))?;
+                // The statistics borrow ended with `prune`: update the host copy in place.
+                output.apply_to(&mut values).map_err(at(&full))?;
+                let new = values;
                 layers.push(LayerReport {
                     name: full.clone(),
                     tower: stack.tower,
