@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod prune;
+mod repair;
 mod score;
 
 use std::io::IsTerminal;
@@ -39,6 +40,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Prune a model layer by layer (magnitude, Wanda, SparseGPT, DSnoT; unstructured or N:M).
     Prune(Box<prune::Args>),
+    /// Repair a pruned model with RESSA (SparseLoRA + distillation from the dense model).
+    Repair(Box<repair::Args>),
     /// Score a predictions file (VQA accuracy, GQA exact match, CIDEr/BLEU) as one JSON object.
     Score(score::Args),
     /// Generate on a LAVIS annotation list, write official-format predictions, score them.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Score(args) => score::run(args),
         Command::Prune(args) => prune::run(cli.backend, *args),
         Command::Eval(args) => eval::run(cli.backend, args),
+        Command::Repair(args) => repair::run(cli.backend, *args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -173,6 +173,19 @@ impl Loader {
         texts: Texts,
         cfg: LoaderConfig,
     ) -> Result<Self> {
+        Self::starting_at(examples, transform, texts, cfg, 0)
+    }
+
+    /// Like [`Loader::new`], but the first batch starts at example `first` (a resumed run):
+    /// earlier examples are not decoded, and the later ones get the same augmentation as in
+    /// a full pass (it is seeded by the example's index in `examples`).
+    pub fn starting_at(
+        examples: Vec<Example>,
+        transform: ImageTransform,
+        texts: Texts,
+        cfg: LoaderConfig,
+        first: usize,
+    ) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(DataError::Input("batch size must be at least 1".into()));
         }
@@ -200,6 +213,7 @@ impl Loader {
         let len = examples.len();
         let batch_size = cfg.batch_size;
         let worker = Worker {
+            first: first.min(len),
             examples,
             transform,
             texts,
@@ -272,6 +286,7 @@ impl Drop for Loader {
 }
 
 struct Worker {
+    first: usize,
     examples: Vec<Example>,
     transform: ImageTransform,
     texts: Texts,
@@ -289,7 +304,7 @@ impl Worker {
     fn run(&self, tx: &SyncSender<Result<Batch>>) {
         let bs = self.cfg.batch_size;
         let mut pending: Vec<Decoded> = Vec::with_capacity(2 * bs);
-        let mut next = 0;
+        let mut next = self.first;
         while next < self.examples.len() || !pending.is_empty() {
             if self.stop.load(Ordering::Relaxed) {
                 return;

@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::linear::Linear;
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 use safetensors::Dtype;
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod instructblip;
+pub mod linear;
 pub mod llama;
 pub mod nn;
 pub mod prunable;

@@ -3,8 +3,8 @@
 //! SwiGLU MLP, grouped-query attention when the config has fewer key/value heads, causal and
 //! padding masks, and a KV cache.
 
+use crate::linear::Linear;
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 
 use crate::config::{Activation, LlamaConfig};

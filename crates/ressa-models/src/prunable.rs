@@ -3,7 +3,7 @@
 //! Calibration (in `ressa-prune`) is written against [`Prunable`] only, so a new architecture
 //! is one implementation of this trait.
 
-use burn::nn::Linear;
+use crate::linear::Linear;
 use burn::prelude::*;
 
 use crate::instructblip::{InstructBlip, LanguageModel, VlmInputs};

@@ -4,7 +4,9 @@
 //! and a separate FFN (`intermediate_query`/`output_query`) for the query positions.
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
+
+use crate::linear::Linear;
 use burn::prelude::*;
 
 use crate::config::{Activation, QFormerConfig};

@@ -3,8 +3,8 @@
 //! table lives in block 0 of each stack and is shared by all blocks, gated or plain FFN with the
 //! activation named in the config, and an untied or tied `lm_head`.
 
+use crate::linear::Linear;
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 
 use crate::config::{Activation, T5Config};

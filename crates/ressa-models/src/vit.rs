@@ -3,7 +3,9 @@
 //! with a fused `qkv` whose bias is q‖0‖v, exact-erf GELU MLP, and `post_layernorm`.
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
+
+use crate::linear::Linear;
 use burn::prelude::*;
 
 use crate::config::{Activation, VisionConfig};

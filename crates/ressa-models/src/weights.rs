@@ -12,7 +12,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{LayerNorm, LayerNormConfig};
+
+use crate::linear::Linear;
 use burn::prelude::*;
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -357,6 +359,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         Ok(Linear {
             weight: Param::from_tensor(weight),
             bias,
+            adapter: None,
         })
     }
 

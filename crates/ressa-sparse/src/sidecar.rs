@@ -47,7 +47,47 @@ where
         let view = TensorView::new(Dtype::U8, vec![data.len()], data).map_err(format_err)?;
         views.push((name.to_string(), view));
     }
-    safetensors::tensor::serialize(views, Some(metadata)).map_err(format_err)
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(format_err)?;
+    canonical_header(&bytes)
+}
+
+/// The same safetensors bytes with the JSON header's keys sorted: `safetensors` writes its
+/// metadata map in hash order, so equal masks would give different files from run to run.
+fn canonical_header(bytes: &[u8]) -> Result<Vec<u8>, SparseError> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).map_err(format_err)?;
+    let mut text = String::new();
+    write_sorted(&header, &mut text);
+    // Keep the data 8-byte aligned, as `safetensors` does (padding with spaces).
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+/// Compact JSON with object keys in sorted order (independent of serde_json's map type).
+fn write_sorted(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                write_sorted(&m[k], out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 /// Parses safetensors bytes written by [`serialize_masks`].

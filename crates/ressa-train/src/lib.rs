@@ -1,6 +1,21 @@
-//! RESSA repair (arXiv 2404.02424): SparseLoRA, whose update is multiplied by the pruned weight's
-//! binary mask so that merging keeps exactly the pruned zeros.
+//! RESSA repair (arXiv 2404.02424): SparseLoRA adapters on a pruned model, trained with task
+//! loss plus KL distillation from the dense path of the same weights, merged back with exactly
+//! the pruned zeros.
+//!
+//! - [`sparse_lora`]: which linears get adapters (per tower), attach / merge / PEFT export.
+//! - [`distill`]: `(1 − λ)·CE + λ·KL(teacher ‖ student)`.
+//! - [`batch`]: loader batches as model tensors, T5 and decoder-only.
+//! - [`adamw`], [`checkpoint`], [`trainer`]: the loop, exact resume.
+//! - [`repair`]: a whole run from directories and a TOML config (`ressa repair`).
 
+pub mod adamw;
+pub mod batch;
+pub mod checkpoint;
+pub mod distill;
+pub mod repair;
 pub mod sparse_lora;
+pub mod trainer;
 
-pub use sparse_lora::{SparseLoraConfig, SparseLoraLinear};
+pub use distill::{DistillConfig, KlReduction};
+pub use sparse_lora::{AdapterConfig, TowerLora};
+pub use trainer::{TrainConfig, TrainData, TrainEvent, TrainReport, train};

@@ -1,247 +1,326 @@
-//! SparseLoRA (RESSA, reference notes §8): for a pruned linear with dense weight `W`
-//! (burn `[d_in, d_out]`), keep mask `M`, adapters `A ∈ R^{d_in×r}`, `B ∈ R^{r×d_out}` and
-//! `s = α/r`, the student computes `y = x·((W + s·A·B) ⊙ M) + b`; the teacher (dense path) computes
-//! `y = x·W + b` from the same `W`, so no second copy of the weights exists. `B` starts at zero,
-//! so the student starts as the pruned model. Only `A` and `B` require gradients:
-//! `∂L/∂A = s·(G ⊙ M)·Bᵀ`, `∂L/∂B = s·Aᵀ·(G ⊙ M)` with `G = xᵀ·∂L/∂y`.
-//! [`SparseLoraLinear::merge`] folds the update into a plain `Linear` with `W' = (W + s·A·B) ⊙ M`,
-//! so the merged model has exactly the mask's non-zeros (the reference's `merge()` does not re-zero).
+//! SparseLoRA on a whole model (RESSA, reference notes §8): which linears get adapters, with
+//! which rank, attached in place; merging them back with exactly the pruned zeros; the
+//! adapters alone in PEFT's layout.
+//!
+//! The adapter math lives with the model's linear ([`ressa_models::linear`]); here we walk the
+//! model's prunable blocks (the [`Prunable`] seam, so any architecture with that seam works).
+//! The reference targets every prunable linear of each tower: ViT `qkv/proj/fc1/fc2` (r = 4),
+//! T5 `q/k/v/o/wi_0/wi_1/wo` and LLaMA `q/k/v/o/gate/up/down_proj` (r = 8), Q-Former
+//! `query/key/value/dense` (r = 2, plain LoRA unless the Q-Former was pruned), α = 16.
 
-use burn::config::Config;
-use burn::module::{Module, Param};
-use burn::nn::Linear;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::Distribution;
+use rand::Rng;
+use ressa_data::rng::item_rng;
+use ressa_models::InstructBlip;
+use ressa_models::linear::{Linear, LoraConfig};
+use ressa_models::prunable::{Prunable, Tower};
 use ressa_sparse::Mask;
+use serde::{Deserialize, Serialize};
 
-/// Rank and scale of the adapters.
-#[derive(Config, Debug)]
-pub struct SparseLoraConfig {
-    /// Adapter rank `r`.
+/// Random stream of the adapters' `A` initialisation (see `ressa_data::rng`).
+const LORA_INIT_STREAM: u64 = 0x4C4F_5241;
+
+/// Rank and α of one tower's adapters; rank 0 = no adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TowerLora {
     pub rank: usize,
-    /// `α`; the update is scaled by `α / r`.
-    #[config(default = 16.0)]
+    #[serde(default = "default_alpha")]
     pub alpha: f64,
 }
 
-/// A pruned linear with a mask-preserving low-rank update.
-#[derive(Module, Debug)]
-pub struct SparseLoraLinear<B: Backend> {
-    /// Dense weight `W` [d_in, d_out]; frozen, also the teacher's weight.
-    pub weight: Param<Tensor<B, 2>>,
-    /// Frozen bias.
-    pub bias: Option<Param<Tensor<B, 1>>>,
-    /// Keep mask `M` as 0/1 floats [d_in, d_out]; frozen.
-    pub mask: Param<Tensor<B, 2>>,
-    /// `A` [d_in, r], Kaiming-uniform like PEFT's `lora_A` (U(±1/√d_in)).
-    pub lora_a: Param<Tensor<B, 2>>,
-    /// `B` [r, d_out], zeros.
-    pub lora_b: Param<Tensor<B, 2>>,
+fn default_alpha() -> f64 {
+    16.0
+}
+
+/// Adapters per tower (defaults: the reference's ranks).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    pub vision: TowerLora,
+    pub qformer: TowerLora,
+    pub language: TowerLora,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        let r = |rank| TowerLora { rank, alpha: 16.0 };
+        Self {
+            vision: r(4),
+            qformer: r(2),
+            language: r(8),
+        }
+    }
+}
+
+impl AdapterConfig {
+    pub fn of(&self, tower: Tower) -> TowerLora {
+        match tower {
+            Tower::Vision => self.vision,
+            Tower::QFormer => self.qformer,
+            Tower::Language => self.language,
+        }
+    }
+}
+
+/// Calls `f(name, tower, linear)` on every prunable linear, block by block.
+pub fn for_each_linear_mut<B: Backend>(
+    model: &mut InstructBlip<B>,
+    mut f: impl FnMut(&str, Tower, &mut Linear<B>),
+) {
+    for (si, stack) in model.stacks().iter().enumerate() {
+        for b in 0..stack.blocks {
+            for (name, linear) in model.block_linears_mut(si, b) {
+                f(&format!("{}.{b}.{name}", stack.prefix), stack.tower, linear);
+            }
+        }
+    }
+}
+
+/// What [`attach`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// Linears with SparseLoRA (a mask was given).
+    pub sparse: usize,
+    /// Linears with plain LoRA (no mask: a dense tower).
+    pub plain: usize,
+    /// Trainable parameters (Σ r·(d_in + d_out)).
+    pub trainable: usize,
+}
+
+/// The student's starting weights where they differ from the dense `W` on kept entries
+/// (SparseGPT rewrites them), by linear name, in burn orientation `[d_in, d_out]`.
+pub type StudentWeights = BTreeMap<String, Vec<f32>>;
+
+/// Attaches adapters per `cfg` to every prunable linear of `model` (which holds the **dense**
+/// weights). `masks` (keyed by `{linear}.weight`, as `ressa prune` writes them) makes a
+/// linear's adapter SparseLoRA; linears without a mask get plain LoRA. All other parameters
+/// are frozen. `A ~ U(±1/√d_in)` is drawn from `(seed, linear index)` on the host, so the
+/// start does not depend on the backend or thread count.
+pub fn attach<B: Backend>(
+    model: InstructBlip<B>,
+    cfg: &AdapterConfig,
+    masks: &BTreeMap<String, Mask>,
+    student: &StudentWeights,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(InstructBlip<B>, AttachReport), String> {
+    let mut model = model.no_grad();
+    let mut report = AttachReport::default();
+    let mut error = None;
+    let mut index = 0u64;
+    for_each_linear_mut(&mut model, |name, tower, linear| {
+        index += 1;
+        if error.is_some() {
+            return;
+        }
+        let t = cfg.of(tower);
+        let key = format!("{name}.weight");
+        let [d_in, d_out] = linear.dims();
+        let mask = masks.get(&key);
+        if t.rank == 0 {
+            if mask.is_some_and(|m| m.count_pruned() > 0) && student.contains_key(name) {
+                error = Some(format!(
+                    "{key}: the {} tower has no adapters but its pruned weights differ from the dense ones",
+                    tower.name()
+                ));
+            }
+            return;
+        }
+        let keep = match mask {
+            Some(m) if m.shape() != (d_in, d_out) => {
+                error = Some(format!(
+                    "{key}: mask shape {:?} does not match the weight [{d_in}, {d_out}] (burn orientation)",
+                    m.shape()
+                ));
+                return;
+            }
+            Some(m) => Some(m.to_bools()),
+            None => None,
+        };
+        let mut adapter = LoraConfig::new(t.rank).with_alpha(t.alpha).init::<B>(
+            d_in,
+            d_out,
+            keep.as_deref(),
+            device,
+        );
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let mut rng = item_rng(seed, LORA_INIT_STREAM, index);
+        let a: Vec<f32> = (0..d_in * t.rank)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        adapter.lora_a = Param::from_tensor(Tensor::from_data(
+            TensorData::new(a, [d_in, t.rank]),
+            device,
+        ));
+        if let Some(w) = student.get(name) {
+            if w.len() != d_in * d_out {
+                error = Some(format!(
+                    "{key}: student weight has {} values, expected {}",
+                    w.len(),
+                    d_in * d_out
+                ));
+                return;
+            }
+            adapter.student_weight = Some(
+                Param::from_tensor(Tensor::from_data(
+                    TensorData::new(w.clone(), [d_in, d_out]),
+                    device,
+                ))
+                .set_require_grad(false),
+            );
+        }
+        if keep.is_some() {
+            report.sparse += 1;
+        } else {
+            report.plain += 1;
+        }
+        report.trainable += t.rank * (d_in + d_out);
+        linear.adapter = Some(adapter);
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok((model, report)),
+    }
+}
+
+/// The teacher: the same weights on the dense path (no masks, no adapters). The tensors are
+/// shared with `model`, not copied.
+pub fn dense_path<B: Backend>(mut model: InstructBlip<B>) -> InstructBlip<B> {
+    for_each_linear_mut(&mut model, |_, _, linear| linear.adapter = None);
+    model
+}
+
+/// Folds every adapter into its weight: `W ← (W + s·A·B) ⊙ M`, exactly the mask's zeros.
+pub fn merge<B: Backend>(model: &mut InstructBlip<B>) {
+    for_each_linear_mut(model, |_, _, linear| linear.merge());
+}
+
+/// One adapter's values in burn orientation: `A` [d_in, r], `B` [r, d_out].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterValues {
+    pub name: String,
+    pub tower: Tower,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
     pub scale: f64,
+    pub sparse: bool,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
 }
 
-impl SparseLoraConfig {
-    /// Wraps `linear` (dense weight) with `mask` (`true` = keep, burn orientation).
-    pub fn init<B: Backend>(
-        &self,
-        linear: Linear<B>,
-        mask: &Mask,
-        device: &B::Device,
-    ) -> SparseLoraLinear<B> {
-        let [d_in, d_out] = linear.weight.dims();
-        assert_eq!(
-            mask.shape(),
-            (d_in, d_out),
-            "mask shape must match the weight"
-        );
-        assert!(self.rank > 0, "rank must be at least 1");
-        let keep: Vec<f32> = mask
-            .to_bools()
-            .into_iter()
-            .map(|k| if k { 1.0 } else { 0.0 })
-            .collect();
-        let mask = Tensor::<B, 2>::from_data(TensorData::new(keep, [d_in, d_out]), device);
-        let bound = 1.0 / (d_in as f64).sqrt();
-        SparseLoraLinear {
-            weight: linear.weight.set_require_grad(false),
-            bias: linear.bias.map(|b| b.set_require_grad(false)),
-            mask: Param::from_tensor(mask).set_require_grad(false),
-            lora_a: Param::from_tensor(Tensor::random(
-                [d_in, self.rank],
-                Distribution::Uniform(-bound, bound),
-                device,
-            )),
-            lora_b: Param::from_tensor(Tensor::zeros([self.rank, d_out], device)),
-            scale: self.alpha / self.rank as f64,
-        }
-    }
+fn host(t: Tensor<impl Backend, 2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 tensor data")
 }
 
-impl<B: Backend> SparseLoraLinear<B> {
-    /// The student's effective weight `(W + s·A·B) ⊙ M`.
-    pub fn effective_weight(&self) -> Tensor<B, 2> {
-        let update = self
-            .lora_a
-            .val()
-            .matmul(self.lora_b.val())
-            .mul_scalar(self.scale);
-        (self.weight.val() + update) * self.mask.val()
-    }
-
-    fn affine<const D: usize>(&self, x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, w, self.bias.as_ref().map(|b| b.val()))
-    }
-
-    /// Student (sparse path): `x·((W + s·A·B) ⊙ M) + b`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.affine(x, self.effective_weight())
-    }
-
-    /// Teacher (dense path): `x·W + b`, no mask, no adapters.
-    pub fn forward_dense<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.affine(x, self.weight.val())
-    }
-
-    /// A plain `Linear` with `W' = (W + s·A·B) ⊙ M`: exactly the mask's zeros.
-    pub fn merge(&self) -> Linear<B> {
-        Linear {
-            weight: Param::from_tensor(self.effective_weight().detach()),
-            bias: self
-                .bias
-                .as_ref()
-                .map(|b| Param::from_tensor(b.val().detach())),
+/// Every adapter's values, in model order.
+pub fn adapter_values<B: Backend>(model: &mut InstructBlip<B>) -> Vec<AdapterValues> {
+    let mut out = Vec::new();
+    for_each_linear_mut(model, |name, tower, linear| {
+        if let Some(a) = &linear.adapter {
+            let [d_in, d_out] = linear.dims();
+            out.push(AdapterValues {
+                name: name.to_string(),
+                tower,
+                d_in,
+                d_out,
+                rank: a.rank(),
+                scale: a.scale,
+                sparse: a.pruned.is_some(),
+                a: host(a.lora_a.val()),
+                b: host(a.lora_b.val()),
+            });
         }
-    }
+    });
+    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::backend::{Autodiff, Flex};
-    use burn::module::AutodiffModule;
-    use burn::nn::LinearConfig;
-    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-    use ressa_sparse::SparsityPattern;
-
-    type B = Flex;
-    type AD = Autodiff<Flex>;
-
-    fn mask(d_in: usize, d_out: usize, pattern: SparsityPattern) -> Mask {
-        match pattern {
-            SparsityPattern::NM { n, m } => {
-                Mask::from_fn(d_in, d_out, |i, j| (i + 3 * j) % m >= n).unwrap()
-            }
-            SparsityPattern::Unstructured => {
-                Mask::from_fn(d_in, d_out, |i, j| (i * 7 + j * 13) % 10 >= 7).unwrap()
+/// Writes the adapters alone in PEFT's layout: `adapter_model.safetensors` with
+/// `base_model.model.{name}.lora_A.weight` [r, d_in] and `lora_B.weight` [d_out, r] (PyTorch
+/// orientation) and `adapter_config.json` (`r`, `lora_alpha`, per-module `rank_pattern` /
+/// `alpha_pattern`). PEFT's own merge is dense (`W + s·B·A`); to keep the sparsity apply the
+/// masks in `masks.safetensors` after merging, or use ressa's merged model.
+pub fn write_peft_adapters(
+    dir: &Path,
+    adapters: &[AdapterValues],
+    base_model: &str,
+) -> std::io::Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for a in adapters {
+        // A [d_in, r] → lora_A.weight [r, d_in]; B [r, d_out] → lora_B.weight [d_out, r].
+        let mut at = vec![0f32; a.a.len()];
+        for i in 0..a.d_in {
+            for k in 0..a.rank {
+                at[k * a.d_in + i] = a.a[i * a.rank + k];
             }
         }
-    }
-
-    fn values<const D: usize, BB: Backend>(t: Tensor<BB, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
-    }
-
-    #[test]
-    fn starts_as_the_pruned_linear_and_the_teacher_is_dense() {
-        let device = Default::default();
-        let linear = LinearConfig::new(16, 12).init::<B>(&device);
-        let w = linear.weight.val();
-        let m = mask(16, 12, SparsityPattern::Unstructured);
-        let lora = SparseLoraConfig::new(4).init(linear, &m, &device);
-        let x = Tensor::<B, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
-        let pruned = x.clone().matmul((w.clone() * lora.mask.val()).unsqueeze())
-            + lora.bias.as_ref().unwrap().val().unsqueeze();
-        let dense = x.clone().matmul(w.unsqueeze()) + lora.bias.as_ref().unwrap().val().unsqueeze();
-        let d1: f32 = (lora.forward(x.clone()) - pruned).abs().max().into_scalar();
-        let d2: f32 = (lora.forward_dense(x) - dense).abs().max().into_scalar();
-        assert!(d1 < 1e-6 && d2 < 1e-6, "{d1} {d2}");
-    }
-
-    #[test]
-    fn merge_keeps_exactly_the_mask_nonzeros_and_the_outputs() {
-        let device = Default::default();
-        for pattern in [
-            SparsityPattern::Unstructured,
-            SparsityPattern::TWO_FOUR,
-            SparsityPattern::NM { n: 4, m: 8 },
-        ] {
-            let linear = LinearConfig::new(32, 24).init::<B>(&device);
-            let m = mask(32, 24, pattern);
-            let mut lora = SparseLoraConfig::new(8).init(linear, &m, &device);
-            // A trained-looking, non-zero update.
-            lora.lora_b = Param::from_tensor(Tensor::random(
-                [8, 24],
-                Distribution::Normal(0.0, 0.5),
-                &device,
-            ));
-            let merged = lora.merge();
-            let w = values(merged.weight.val());
-            let nonzero: Vec<bool> = w.iter().map(|v| *v != 0.0).collect();
-            assert_eq!(
-                nonzero,
-                m.to_bools(),
-                "{pattern}: merged zeros must be exactly the pruned entries"
-            );
-            if let SparsityPattern::NM { n, m: mm } = pattern {
-                let merged_mask = Mask::from_bools(32, 24, &nonzero).unwrap();
-                assert!(ressa_sparse::is_n_m(&merged_mask, n, mm));
+        let mut bt = vec![0f32; a.b.len()];
+        for k in 0..a.rank {
+            for j in 0..a.d_out {
+                bt[j * a.rank + k] = a.b[k * a.d_out + j];
             }
-            let x = Tensor::<B, 2>::random([7, 32], Distribution::Normal(0.0, 1.0), &device);
-            let diff: f32 = (lora.forward(x.clone()) - merged.forward(x))
-                .abs()
-                .max()
-                .into_scalar();
-            assert!(diff <= 1e-5, "{pattern}: merged vs unmerged {diff}");
         }
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        tensors.push((
+            format!("base_model.model.{}.lora_A.weight", a.name),
+            bytes(&at),
+            vec![a.rank, a.d_in],
+        ));
+        tensors.push((
+            format!("base_model.model.{}.lora_B.weight", a.name),
+            bytes(&bt),
+            vec![a.d_out, a.rank],
+        ));
     }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent adapter tensor"),
+            )
+        })
+        .collect();
+    let bytes =
+        safetensors::serialize(views, None).map_err(|e| std::io::Error::other(e.to_string()))?;
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes)?;
 
-    #[test]
-    fn gradients_flow_only_into_the_adapters() {
-        let device = Default::default();
-        let linear = LinearConfig::new(16, 8).init::<AD>(&device);
-        let m = mask(16, 8, SparsityPattern::TWO_FOUR);
-        let mut lora = SparseLoraConfig::new(4).init(linear, &m, &device);
-        let frozen = (
-            values(lora.weight.val()),
-            values(lora.bias.as_ref().unwrap().val()),
-            values(lora.mask.val()),
-        );
-        let a0 = values(lora.lora_a.val());
-        let mut optim = AdamConfig::new().init();
-        let x = Tensor::<AD, 2>::random([10, 16], Distribution::Normal(0.0, 1.0), &device);
-        let target = Tensor::<AD, 2>::random([10, 8], Distribution::Normal(0.0, 1.0), &device);
-        let mut losses = Vec::new();
-        for _ in 0..5 {
-            let loss = (lora.forward(x.clone()) - target.clone())
-                .powi_scalar(2)
-                .mean();
-            losses.push(values(loss.clone().inner())[0]);
-            let grads = loss.backward();
-            assert!(lora.weight.grad(&grads).is_none(), "W must get no gradient");
-            assert!(lora.mask.grad(&grads).is_none(), "M must get no gradient");
-            assert!(
-                lora.bias.as_ref().unwrap().grad(&grads).is_none(),
-                "b must get no gradient"
-            );
-            assert!(lora.lora_b.grad(&grads).is_some());
-            let grads = GradientsParams::from_grads(grads, &lora);
-            lora = optim.step(1e-2, lora, grads);
-        }
-        assert_eq!(values(lora.weight.val()), frozen.0, "W bit-identical");
-        assert_eq!(
-            values(lora.bias.as_ref().unwrap().val()),
-            frozen.1,
-            "b bit-identical"
-        );
-        assert_eq!(values(lora.mask.val()), frozen.2, "M bit-identical");
-        assert_ne!(values(lora.lora_a.val()), a0, "A trains");
-        assert!(losses.last().unwrap() < &losses[0], "{losses:?}");
-        // The trained student still has exactly the pruned zeros after merging.
-        let merged = lora.valid().merge();
-        let nonzero: Vec<bool> = values(merged.weight.val())
-            .iter()
-            .map(|v| *v != 0.0)
-            .collect();
-        assert_eq!(nonzero, m.to_bools());
-    }
+    let rank_pattern: BTreeMap<&str, usize> =
+        adapters.iter().map(|a| (a.name.as_str(), a.rank)).collect();
+    let alpha_pattern: BTreeMap<&str, f64> = adapters
+        .iter()
+        .map(|a| (a.name.as_str(), a.scale * a.rank as f64))
+        .collect();
+    let first = adapters.first();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "r": first.map_or(0, |a| a.rank),
+        "lora_alpha": first.map_or(0.0, |a| a.scale * a.rank as f64),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "task_type": null,
+        "target_modules": adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "ressa": {
+            "sparse_lora": adapters.iter().filter(|a| a.sparse).map(|a| a.name.as_str()).collect::<Vec<_>>(),
+            "note": "SparseLoRA: W' = (W + s·B·A) ⊙ M with M from masks.safetensors",
+        },
+    });
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
 }

@@ -1,0 +1,248 @@
+//! `ressa repair`: RESSA on a pruned model — SparseLoRA trained with CE + KL from the dense
+//! path, merged with exactly the pruned zeros. Flags, or a TOML file (`--config`) that flags
+//! override.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use ressa_train::repair::{DataConfig, RepairConfig, repair};
+use ressa_train::{KlReduction, TrainEvent};
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML file with the whole run (see `ressa_train::repair`); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The pruned model directory (masks from its masks.safetensors, or its zeros).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The dense model directory: the teacher and the student's base weights.
+    #[arg(long)]
+    dense: Option<PathBuf>,
+    /// Training list: LAVIS captions `[{"image", "caption"}]` or VQA `[{"question", "answer", "image", ...}]`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Image root of the lists.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Held-out list (validation loss and token accuracy).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Output directory (must not exist or be empty).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps (0 = one epoch).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// LoRA rank of every tower (default: vision 4, Q-Former 2, language 8).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Weight λ of the KL term (CE gets 1 − λ).
+    #[arg(long)]
+    lambda: Option<f64>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// token-mean (pad-masked, ×T²) | reference (batchmean over all positions)
+    #[arg(long)]
+    kl_reduction: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    val_every: Option<u64>,
+    /// Checkpoint directory (default: OUT.checkpoints).
+    #[arg(long)]
+    checkpoints: Option<PathBuf>,
+    /// Continue from the newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Turn off the training image augmentation.
+    #[arg(long)]
+    no_augment: bool,
+}
+
+fn config(args: Args) -> Result<(RepairConfig, bool)> {
+    let mut cfg = match &args.config {
+        Some(path) => RepairConfig::from_toml(path).map_err(|e| anyhow!(e))?,
+        None => {
+            let need = |v: &Option<PathBuf>, flag: &str| {
+                v.clone()
+                    .ok_or_else(|| anyhow!("--{flag} is required (or give --config FILE.toml)"))
+            };
+            RepairConfig {
+                pruned: need(&args.model, "model")?,
+                dense: None,
+                out: need(&args.out, "out")?,
+                data: DataConfig {
+                    train: need(&args.data, "data")?,
+                    images: need(&args.images, "images")?,
+                    val: None,
+                    caption_prompt: None,
+                    max_examples: None,
+                },
+                train: Default::default(),
+                checkpoints: None,
+            }
+        }
+    };
+    if let Some(v) = args.model {
+        cfg.pruned = v;
+    }
+    if let Some(v) = args.dense {
+        cfg.dense = Some(v);
+    }
+    if let Some(v) = args.data {
+        cfg.data.train = v;
+    }
+    if let Some(v) = args.images {
+        cfg.data.images = v;
+    }
+    if let Some(v) = args.val {
+        cfg.data.val = Some(v);
+    }
+    if let Some(v) = args.out {
+        cfg.out = v;
+    }
+    if let Some(v) = args.checkpoints {
+        cfg.checkpoints = Some(v);
+    }
+    let t = &mut cfg.train;
+    if let Some(v) = args.steps {
+        t.steps = v;
+    }
+    if let Some(v) = args.batch_size {
+        t.batch_size = v;
+    }
+    if let Some(v) = args.grad_accum {
+        t.grad_accum = v;
+    }
+    if let Some(v) = args.lr {
+        t.lr = v;
+    }
+    if let Some(r) = args.rank {
+        t.adapters.vision.rank = r;
+        t.adapters.qformer.rank = r;
+        t.adapters.language.rank = r;
+    }
+    if let Some(v) = args.lambda {
+        t.distill.lambda = v;
+    }
+    if let Some(v) = args.temperature {
+        t.distill.temperature = v;
+    }
+    if let Some(v) = args.kl_reduction {
+        t.distill.reduction = v
+            .parse::<KlReduction>()
+            .map_err(|e| anyhow!("--kl-reduction {e}"))?;
+    }
+    if let Some(v) = args.seed {
+        t.seed = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        t.checkpoint_every = v;
+    }
+    if let Some(v) = args.val_every {
+        t.val_every = v;
+    }
+    if args.no_augment {
+        t.augment = false;
+    }
+    t.validate().map_err(|e| anyhow!("train.{e}"))?;
+    Ok((cfg, args.resume))
+}
+
+pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+    let (cfg, resume) = config(args)?;
+    if !resume
+        && cfg.checkpoint_dir().exists()
+        && !ressa_train::checkpoint::list(&cfg.checkpoint_dir())
+            .map_err(|e| anyhow!(e))?
+            .is_empty()
+    {
+        bail!(
+            "{}: checkpoints of an earlier run exist; pass --resume to continue it or remove them",
+            cfg.checkpoint_dir().display()
+        );
+    }
+    with_backend!(kind, |device: B| run_on::<burn::backend::Autodiff<B>>(
+        &cfg, resume, &device
+    ))
+}
+
+fn run_on<B: burn::tensor::backend::AutodiffBackend>(
+    cfg: &RepairConfig,
+    resume: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} repair [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let report = repair::<B>(cfg, resume, device, &mut |e| match e {
+        TrainEvent::Start {
+            total_steps,
+            resumed_at,
+        } => {
+            bar.set_length(*total_steps);
+            if let Some(s) = resumed_at {
+                bar.set_position(*s);
+                tracing::info!(step = s, "resumed from checkpoint");
+            }
+        }
+        TrainEvent::Step {
+            step,
+            loss,
+            ce,
+            kl,
+            lr,
+            examples_per_s,
+            ..
+        } => {
+            bar.set_position(*step);
+            bar.set_message(format!(
+                "loss {loss:.4} (ce {ce:.4}, kl {kl:.4}) lr {lr:.2e} {examples_per_s:.1} ex/s"
+            ));
+            tracing::debug!(step, loss, ce, kl, lr, examples_per_s, "step");
+        }
+        TrainEvent::Validation(v) => bar.suspend(|| {
+            tracing::info!(
+                step = v.step,
+                loss = v.loss,
+                ce = v.ce,
+                kl = v.kl,
+                token_accuracy = v.token_accuracy,
+                "validation"
+            )
+        }),
+        TrainEvent::Checkpoint { step, path } => {
+            tracing::debug!(step, path = %path.display(), "checkpoint")
+        }
+    })
+    .map_err(|e| anyhow!(e))?;
+    bar.finish_and_clear();
+    tracing::info!(
+        out = %cfg.out.display(),
+        steps = report.train.steps,
+        seconds = report.train.seconds,
+        steps_per_s = report.train.steps_per_s,
+        sparse_adapters = report.sparse_adapters,
+        exact_sparsity = report.exact_sparsity,
+        "wrote repaired model, masks.safetensors, adapters/, repair.json"
+    );
+    Ok(())
+}

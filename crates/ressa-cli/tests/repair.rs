@@ -1,0 +1,209 @@
+//! `ressa repair` end to end: a run killed with SIGKILL at a random step and resumed ends
+//! with bytes identical to an uninterrupted run; the output keeps the pruned zeros; bad
+//! input fails with one line naming what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(p)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ressa(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ressa")
+}
+
+fn pruned(tmp: &Path) -> PathBuf {
+    let out = tmp.join("pruned");
+    let model = repo("tests/fixtures/models/instructblip-t5-a");
+    let o = ressa(
+        &[
+            "prune",
+            "--model",
+            s(&model),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.7",
+            "--out",
+            s(&out),
+        ]
+        .map(String::from),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn repair_args(pruned: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let cal = repo("tests/fixtures/calibration");
+    let dense = repo("tests/fixtures/models/instructblip-t5-a");
+    let mut a: Vec<String> = [
+        "repair",
+        "--model",
+        s(pruned),
+        "--dense",
+        s(&dense),
+        "--data",
+        s(&cal.join("captions.json")),
+        "--images",
+        s(&cal),
+        "--out",
+        s(out),
+        "--steps",
+        "40",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+fn file(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+}
+
+#[test]
+fn a_killed_run_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    let full = tmp.path().join("full");
+    let o = ressa(&repair_args(&pruned, &full, &[]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // A step in 3..=30 from the clock: a different kill point on every run of the test.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let kill_at = 3 + nanos % 28;
+    let killed = tmp.path().join("killed");
+    let ckpts = tmp.path().join("killed.checkpoints");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(repair_args(&pruned, &killed, &[]))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let done = std::fs::read_dir(&ckpts)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        n.strip_prefix("step-")?.parse::<u64>().ok()
+                    })
+                    .max()
+            })
+            .ok()
+            .flatten();
+        if done.is_some_and(|d| d >= kill_at) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before step {kill_at}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed.join("model.safetensors").exists(),
+        "no output from a killed run"
+    );
+
+    // Without --resume the leftovers are refused, not overwritten.
+    let o = ressa(&repair_args(&pruned, &killed, &[]));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--resume") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let o = ressa(&repair_args(&pruned, &killed, &["--resume"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "model.safetensors",
+        "adapters/adapter_model.safetensors",
+        "masks.safetensors",
+    ] {
+        assert!(
+            file(&full, f) == file(&killed, f),
+            "{f} differs after resume (killed at step ≥ {kill_at})"
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&file(&killed, "repair.json")).unwrap();
+    assert!(report["train"]["resumed_at"].as_u64().unwrap() >= kill_at);
+    assert_eq!(report["exact_sparsity"], report["sparse_adapters"]);
+}
+
+#[test]
+fn bad_input_is_one_line_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    let out = tmp.path().join("o");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (repair_args(&pruned, &out, &["--lambda", "2"]), "lambda 2"),
+        (
+            repair_args(&pruned, &out, &["--grad-accum", "0"]),
+            "grad_accum",
+        ),
+        (
+            {
+                let mut a = repair_args(&pruned, &out, &[]);
+                let i = a.iter().position(|x| x == "--data").unwrap();
+                a[i + 1] = "/nonexistent/list.json".into();
+                a
+            },
+            "/nonexistent/list.json",
+        ),
+        (
+            repair_args(&tmp.path().join("missing"), &out, &[]),
+            "missing",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = ressa(&args);
+        assert!(!o.status.success(), "{needle}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(needle) && err.trim().lines().count() == 1,
+            "{needle}: {err}"
+        );
+        assert!(!out.exists(), "{needle}: no output on failure");
+    }
+    // A TOML config with an unknown key names it.
+    let cfg = tmp.path().join("r.toml");
+    std::fs::write(
+        &cfg,
+        "pruned = \"p\"\nout = \"o\"\n[data]\ntrain = \"t\"\nimages = \"i\"\n[train]\nstepz = 3\n",
+    )
+    .unwrap();
+    let o = ressa(&["repair".into(), "--config".into(), s(&cfg).into()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("stepz") && err.contains("r.toml"),
+        "{err}"
+    );
+}

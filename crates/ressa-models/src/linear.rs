@@ -1,0 +1,338 @@
+//! The models' linear layer: burn's `Linear` (weight `[d_in, d_out]`, `y = x·W + b`) plus an
+//! optional low-rank adapter slot, so RESSA can repair a pruned model in place (burn 0.21 has no
+//! reparameterization hook).
+//!
+//! SparseLoRA (RESSA, reference notes §8): for dense weight `W`, keep mask `M`, adapters
+//! `A ∈ R^{d_in×r}`, `B ∈ R^{r×d_out}` and `s = α/r`, the student computes
+//! `y = x·((W + s·A·B) ⊙ M) + b`; the teacher (dense path) computes `y = x·W + b` from the same
+//! `W`, so no second copy of the weights exists. `B` starts at zero, so the student starts as
+//! the pruned model. With `G = xᵀ·∂L/∂y`: `∂L/∂A = s·(G ⊙ M)·Bᵀ`, `∂L/∂B = s·Aᵀ·(G ⊙ M)`; `W`
+//! and `M` are frozen. Without a mask the adapter is plain LoRA (the Q-Former's in the paper).
+//! [`Linear::merge`] folds the update into the weight as `W' = (W + s·A·B) ⊙ M`, so the merged
+//! model has exactly the mask's non-zeros (the reference's `merge()` does not re-zero).
+
+use burn::module::{Module, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+/// A linear layer with an optional (Sparse)LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `W` [d_in, d_out] (the transpose of PyTorch's `weight`); the teacher's weight.
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub adapter: Option<LoraAdapter<B>>,
+}
+
+/// The low-rank update of one [`Linear`].
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `A` [d_in, r] (PEFT's `lora_A.weight` transposed).
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `B` [r, d_out] (PEFT's `lora_B.weight` transposed).
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// Pruned entries (`true` = pruned, i.e. `¬M`), [d_in, d_out]; `None` = plain LoRA.
+    pub pruned: Option<Param<Tensor<B, 2, Bool>>>,
+    /// The pruned model's kept values when they differ from `W` (SparseGPT rewrites them);
+    /// `None` = the student starts from `W ⊙ M`.
+    pub student_weight: Option<Param<Tensor<B, 2>>>,
+    /// `s = α / r`.
+    pub scale: f64,
+}
+
+impl<B: Backend> From<burn::nn::Linear<B>> for Linear<B> {
+    fn from(l: burn::nn::Linear<B>) -> Self {
+        Self {
+            weight: l.weight,
+            bias: l.bias,
+            adapter: None,
+        }
+    }
+}
+
+impl<B: Backend> Linear<B> {
+    /// A plain linear from its weight [d_in, d_out] and bias.
+    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            adapter: None,
+        }
+    }
+
+    /// `[d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// The weight the forward pass uses: `W`, or with an adapter `(W + s·A·B) ⊙ M`.
+    pub fn effective_weight(&self) -> Tensor<B, 2> {
+        match &self.adapter {
+            None => self.weight.val(),
+            Some(a) => a.effective_weight(&self.weight),
+        }
+    }
+
+    /// `x·W_eff + b` over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(
+            x,
+            self.effective_weight(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
+    }
+
+    /// The dense path (teacher): `x·W + b`, no mask, no adapter.
+    pub fn forward_dense<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    /// Folds the adapter into the weight: `W ← (W + s·A·B) ⊙ M` (exactly the mask's zeros)
+    /// and drops it. The result is detached (a frozen plain weight).
+    pub fn merge(&mut self) {
+        if let Some(a) = self.adapter.take() {
+            let merged = a.effective_weight(&self.weight).detach();
+            self.weight = Param::initialized(self.weight.id, merged).set_require_grad(false);
+        }
+    }
+}
+
+/// Rank and scale of one adapter.
+#[derive(Config, Debug)]
+pub struct LoraConfig {
+    /// `r`.
+    pub rank: usize,
+    /// `α`; the update is scaled by `α / r`.
+    #[config(default = 16.0)]
+    pub alpha: f64,
+}
+
+impl LoraConfig {
+    /// An adapter for a `[d_in, d_out]` weight: `A ~ U(±1/√d_in)` (PEFT's Kaiming-uniform with
+    /// a = √5), `B = 0`, trainable. `keep` (row-major `[d_in, d_out]`, `true` = keep) makes it
+    /// SparseLoRA; `None` plain LoRA.
+    pub fn init<B: Backend>(
+        &self,
+        d_in: usize,
+        d_out: usize,
+        keep: Option<&[bool]>,
+        device: &B::Device,
+    ) -> LoraAdapter<B> {
+        assert!(self.rank > 0, "LoRA rank must be at least 1");
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let pruned = keep.map(|keep| {
+            assert_eq!(keep.len(), d_in * d_out, "mask size must match the weight");
+            let pruned: Vec<bool> = keep.iter().map(|k| !k).collect();
+            Param::initialized(
+                ParamId::new(),
+                Tensor::<B, 2, Bool>::from_data(TensorData::new(pruned, [d_in, d_out]), device),
+            )
+        });
+        LoraAdapter {
+            lora_a: Param::from_tensor(Tensor::random(
+                [d_in, self.rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            lora_b: Param::from_tensor(Tensor::zeros([self.rank, d_out], device)),
+            pruned,
+            student_weight: None,
+            scale: self.alpha / self.rank as f64,
+        }
+    }
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// `r`.
+    pub fn rank(&self) -> usize {
+        self.lora_a.dims()[1]
+    }
+
+    /// `(W_s + s·A·B) ⊙ M`, with `W_s` the student's base (`W` unless the pruner rewrote it).
+    pub fn effective_weight(&self, weight: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
+        let base = match &self.student_weight {
+            Some(w) => w.val(),
+            None => weight.val(),
+        };
+        let update = self
+            .lora_a
+            .val()
+            .matmul(self.lora_b.val())
+            .mul_scalar(self.scale);
+        let w = base + update;
+        match &self.pruned {
+            Some(p) => w.mask_fill(p.val(), 0.0),
+            None => w,
+        }
+    }
+
+    /// Replaces the adapter tensors, keeping their parameter ids (checkpoint restore: the
+    /// optimizer state is keyed by them).
+    pub fn with_values(
+        mut self,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+        ids: (ParamId, ParamId),
+    ) -> Self {
+        self.lora_a = Param::initialized(ids.0, a);
+        self.lora_b = Param::initialized(ids.1, b);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+
+    type B = Flex;
+    type AD = Autodiff<Flex>;
+
+    /// Keep masks of the three pattern kinds, row-major [d_in, d_out].
+    fn keep(d_in: usize, d_out: usize, kind: &str) -> Vec<bool> {
+        let mut out = Vec::with_capacity(d_in * d_out);
+        for i in 0..d_in {
+            for j in 0..d_out {
+                out.push(match kind {
+                    "2:4" => (i + 3 * j) % 4 >= 2,
+                    "4:8" => (i + 5 * j) % 8 >= 4,
+                    _ => (i * 7 + j * 13) % 10 >= 7,
+                });
+            }
+        }
+        out
+    }
+
+    fn values<const D: usize, BB: Backend>(t: Tensor<BB, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    }
+
+    fn random_linear<BB: Backend>(d_in: usize, d_out: usize, device: &BB::Device) -> Linear<BB> {
+        Linear::new(
+            Tensor::random([d_in, d_out], Distribution::Normal(0.0, 0.2), device),
+            Some(Tensor::random(
+                [d_out],
+                Distribution::Normal(0.0, 0.2),
+                device,
+            )),
+        )
+    }
+
+    #[test]
+    fn starts_as_the_pruned_linear_and_the_dense_path_is_the_teacher() {
+        let device = Default::default();
+        let mut l = random_linear::<B>(16, 12, &device);
+        let w = l.weight.val();
+        let k = keep(16, 12, "unstructured");
+        l.adapter = Some(LoraConfig::new(4).init(16, 12, Some(&k), &device));
+        let m = Tensor::<B, 2>::from_data(
+            TensorData::new(k.iter().map(|&b| b as u8 as f32).collect(), [16, 12]),
+            &device,
+        );
+        let x = Tensor::<B, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+        let bias = l.bias.as_ref().unwrap().val().unsqueeze::<3>();
+        let pruned = x.clone().matmul((w.clone() * m).unsqueeze()) + bias.clone();
+        let dense = x.clone().matmul(w.unsqueeze()) + bias;
+        let d1: f32 = (l.forward(x.clone()) - pruned).abs().max().into_scalar();
+        let d2: f32 = (l.forward_dense(x) - dense).abs().max().into_scalar();
+        assert!(d1 < 1e-6 && d2 < 1e-6, "{d1} {d2}");
+    }
+
+    #[test]
+    fn merge_keeps_exactly_the_mask_nonzeros_and_the_outputs() {
+        let device = Default::default();
+        for kind in ["unstructured", "2:4", "4:8"] {
+            let mut l = random_linear::<B>(32, 24, &device);
+            let k = keep(32, 24, kind);
+            let mut a = LoraConfig::new(8).init(32, 24, Some(&k), &device);
+            // A trained-looking, non-zero update.
+            a.lora_b = Param::from_tensor(Tensor::random(
+                [8, 24],
+                Distribution::Normal(0.0, 0.5),
+                &device,
+            ));
+            l.adapter = Some(a);
+            let x = Tensor::<B, 2>::random([7, 32], Distribution::Normal(0.0, 1.0), &device);
+            let unmerged = l.forward(x.clone());
+            l.merge();
+            assert!(l.adapter.is_none());
+            let nonzero: Vec<bool> = values(l.weight.val()).iter().map(|v| *v != 0.0).collect();
+            assert_eq!(
+                nonzero, k,
+                "{kind}: merged zeros must be the pruned entries"
+            );
+            let diff: f32 = (unmerged - l.forward(x)).abs().max().into_scalar();
+            assert!(diff <= 1e-5, "{kind}: merged vs unmerged {diff}");
+        }
+    }
+
+    #[test]
+    fn plain_lora_has_no_mask() {
+        let device = Default::default();
+        let mut l = random_linear::<B>(8, 6, &device);
+        let mut a = LoraConfig::new(2).init(8, 6, None, &device);
+        a.lora_b = Param::from_tensor(Tensor::ones([2, 6], &device));
+        l.adapter = Some(a);
+        let expect = l.weight.val()
+            + l.adapter
+                .as_ref()
+                .unwrap()
+                .lora_a
+                .val()
+                .matmul(Tensor::ones([2, 6], &device))
+                .mul_scalar(8.0);
+        let diff: f32 = (l.effective_weight() - expect).abs().max().into_scalar();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn gradients_flow_only_into_the_adapters() {
+        let device = Default::default();
+        let mut l = random_linear::<AD>(16, 8, &device).no_grad();
+        let k = keep(16, 8, "2:4");
+        l.adapter = Some(LoraConfig::new(4).init(16, 8, Some(&k), &device));
+        let frozen = (
+            values(l.weight.val()),
+            values(l.bias.as_ref().unwrap().val()),
+        );
+        let mut optim = AdamConfig::new().init::<AD, Linear<AD>>();
+        let x = Tensor::<AD, 2>::random([10, 16], Distribution::Normal(0.0, 1.0), &device);
+        let target = Tensor::<AD, 2>::random([10, 8], Distribution::Normal(0.0, 1.0), &device);
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            let loss = (l.forward(x.clone()) - target.clone())
+                .powf_scalar(2.0)
+                .mean();
+            losses.push(loss.clone().into_scalar());
+            let grads = loss.backward();
+            assert!(
+                l.weight.val().grad(&grads).is_none(),
+                "W must get no gradient"
+            );
+            assert!(
+                l.adapter
+                    .as_ref()
+                    .unwrap()
+                    .lora_a
+                    .val()
+                    .grad(&grads)
+                    .is_some()
+            );
+            let grads = GradientsParams::from_grads(grads, &l);
+            l = optim.step(1e-2, l, grads);
+        }
+        assert_eq!(values(l.weight.val()), frozen.0);
+        assert_eq!(values(l.bias.as_ref().unwrap().val()), frozen.1);
+        let merged_zeros = {
+            let mut m = l.clone();
+            m.merge();
+            values(m.weight.val())
+                .iter()
+                .map(|v| *v != 0.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(merged_zeros, k);
+        assert!(losses[4] < losses[0], "{losses:?}");
+    }
+}

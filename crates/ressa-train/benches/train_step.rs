@@ -1,0 +1,86 @@
+//! One RESSA training step on the `configs/models/bench-small` InstructBLIP-T5 (random
+//! weights, every vision/language linear at 50 % unstructured with SparseLoRA, Q-Former plain
+//! LoRA): student forward, teacher forward on the dense path, CE + KL, backward, AdamW.
+//! Batch 2, 112 px images, 12 Q-Former tokens, 24 prompt tokens, 16 target tokens. The PyTorch
+//! side is `scripts/bench_train_torch.py` with the same shapes and adapters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use criterion::{Criterion, criterion_group, criterion_main};
+use ressa_models::instructblip::write_random_checkpoint;
+use ressa_models::prunable::Prunable;
+use ressa_models::{ModelConfig, Pretrained, VlmInputs};
+use ressa_sparse::Mask;
+use ressa_train::adamw::AdamW;
+use ressa_train::batch::TrainBatch;
+use ressa_train::sparse_lora::attach;
+use ressa_train::trainer::{apply_update, forward_backward};
+use ressa_train::TrainConfig;
+
+type AD = Autodiff<Flex>;
+
+fn step(c: &mut Criterion) {
+    let device = Default::default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/bench-small");
+    let cfg = ModelConfig::from_file(&root.join("config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(root.join("config.json"), dir.path().join("config.json")).unwrap();
+    write_random_checkpoint::<Flex>(&cfg, dir.path(), 0, 0.05, &device).unwrap();
+    let mut model = Pretrained::<AD>::load(dir.path(), &device).unwrap().model;
+    // 50 % unstructured masks on the vision and language towers.
+    let mut masks = BTreeMap::new();
+    for (si, stack) in model.stacks().iter().enumerate() {
+        if stack.tower == ressa_models::prunable::Tower::QFormer {
+            continue;
+        }
+        for b in 0..stack.blocks {
+            for (name, l) in model.block_linears_mut(si, b) {
+                let [d_in, d_out] = l.dims();
+                let m = Mask::from_fn(d_in, d_out, |i, j| (i * 31 + j * 17 + b) % 2 == 0).unwrap();
+                masks.insert(format!("{}.{b}.{name}.weight", stack.prefix), m);
+            }
+        }
+    }
+    let train = TrainConfig::default();
+    let (mut model, _) = attach(model, &train.adapters, &masks, &Default::default(), 0, &device).unwrap();
+    let (b, lq, lp, ld) = (2, 12, 24, 16);
+    let ids = |l: usize, v: usize, off: usize| {
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..l).map(|i| (4 + (7 * i + 13 * r + off) % (v - 8)) as u32).collect())
+            .collect();
+        ressa_models::nn::ids_tensor::<AD>(&rows, &device)
+    };
+    let size = cfg.vision.image_size;
+    let vocab = cfg.text.as_t5().unwrap().vocab_size;
+    let batch = TrainBatch {
+        inputs: VlmInputs {
+            pixel_values: Tensor::random([b, 3, size, size], burn::tensor::Distribution::Normal(0.0, 1.0), &device),
+            qformer_text: Some((ids(lq, cfg.qformer.vocab_size, 0), Tensor::ones([b, lq], &device))),
+            input_ids: ids(lp, vocab, 0),
+            attention_mask: Tensor::ones([b, lp], &device),
+        },
+        decoder_input_ids: Some(ids(ld, vocab, 0)),
+        targets: ids(ld, vocab, 5),
+        mask: Tensor::ones([b, ld], &device),
+        target_offsets: Vec::new(),
+        tokens: b * ld,
+    };
+    let mut opt = AdamW::new(train.adamw);
+    c.bench_function("ressa_step_bench_small_b2/flex", |bench| {
+        bench.iter(|| {
+            let (mut grads, loss) = forward_backward(&mut model, &batch, &train);
+            apply_update(&mut model, &mut grads, &mut opt, 1e-4, None);
+            loss
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = step
+}
+criterion_main!(benches);
