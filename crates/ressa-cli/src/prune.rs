@@ -231,11 +231,26 @@ fn samples<B: Backend>(
     let mut out = Vec::with_capacity(set.examples.len());
     for ex in &set.examples {
         let pixels = processor.preprocess(&load_rgb(&ex.image)?);
-        let prompt = tokenizer.encode(&ex.text_input)?;
+        let mut prompt = tokenizer.encode(&ex.text_input)?;
         let target = tokenizer.encode(ex.text_output.as_deref().unwrap_or(""))?;
-        // Teacher forcing: decoder input = [start] + target[..-1].
-        let mut decoder = vec![text.decoder_start_token()];
-        decoder.extend(&target[..target.len().saturating_sub(1)]);
+        let decoder = match (text.as_t5(), text.as_llama()) {
+            // Teacher forcing: decoder input = [start] + target[..-1].
+            (Some(t5), _) => {
+                let mut decoder = vec![t5.decoder_start_token()];
+                decoder.extend(&target[..target.len().saturating_sub(1)]);
+                decoder
+            }
+            // Decoder-only: one sequence [prompt ; target] (the target without the BOS the
+            // tokenizer adds to every text); the decoder ids are unused.
+            (None, Some(llama)) => {
+                let skip = usize::from(
+                    llama.bos_token_id.is_some() && target.first() == llama.bos_token_id.as_ref(),
+                );
+                prompt.extend(&target[skip..]);
+                vec![0]
+            }
+            _ => unreachable!("a language model is T5 or LLaMA"),
+        };
         let qformer_text = match &qformer_tokenizer {
             Some(t) => {
                 let ids = t.encode(&ex.text_input)?;
@@ -266,7 +281,6 @@ fn samples<B: Backend>(
 fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) -> Result<()> {
     let start = Instant::now();
     let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
-    crate::require_t5(&pretrained)?;
     let needs_data =
         cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
     let (calibration, skipped) = if needs_data || args.calibration.is_some() {

@@ -388,3 +388,146 @@ fn dense_last_qformer_layer() -> usize {
     let cfg = ressa_models::ModelConfig::from_file(&fixture().join("config.json")).unwrap();
     cfg.qformer.num_hidden_layers - 1
 }
+
+fn prune_llama(out: &Path, pattern: SparsityPattern) -> BTreeMap<String, ressa_sparse::Mask> {
+    let dir = fixture().join("../instructblip-llama-gqa");
+    let mut pretrained = Pretrained::<B>::load(&dir, &Default::default()).unwrap();
+    let cfg = CalibrationConfig {
+        method: Method::Magnitude,
+        pattern,
+        // The fixture's ViT MLP width (37) does not divide into groups of 4: language only.
+        sparsity: TowerSparsity {
+            vision: 0.0,
+            qformer: 0.0,
+            language: 0.5,
+        },
+        allocation: Allocation::Uniform,
+        propagation: Propagation::Pruned,
+        wanda_group: None,
+        dsnot: None,
+        block: BlockOptions::default(),
+    };
+    let result = calibrate_and_prune(&mut pretrained.model, &[], &cfg, &mut |_, _, _| {}).unwrap();
+    let masks = result.masks.clone();
+    save_model_dir_with(&pretrained.model, &pretrained.layout, &dir, out, &mut |d| {
+        ressa_sparse::sidecar::write_masks(
+            d.join("masks.safetensors"),
+            masks.iter().map(|(k, m)| (k.as_str(), m)),
+        )
+        .map_err(|e| ressa_models::ModelError::Input(e.to_string()))
+    })
+    .unwrap();
+    result.masks
+}
+
+#[test]
+fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense_dir = fixture().join("../instructblip-llama-gqa");
+    let pruned_dir = tmp.path().join("pruned");
+    let masks = prune_llama(&pruned_dir, SparsityPattern::TWO_FOUR);
+    let cal = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/calibration");
+    let data = DataConfig {
+        train: cal.join("captions.json"),
+        images: cal.clone(),
+        val: Some(cal.join("captions.json")),
+        caption_prompt: None,
+        max_examples: None,
+    };
+
+    // Loss positions: the caption and its eos only, right after the prompt.
+    let device = Default::default();
+    let dense = Pretrained::<B>::load(&dense_dir, &device).unwrap();
+    let td = train_data(&dense_dir, &dense.config, &dense.model, &data).unwrap();
+    let loader = ressa_data::loader::Loader::new(
+        td.train.clone(),
+        ressa_data::loader::ImageTransform::Eval(td.processor.clone()),
+        td.texts.clone(),
+        ressa_data::loader::LoaderConfig {
+            batch_size: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let batch = loader.into_iter().next().unwrap().unwrap();
+    let tb = to_tensors::<B>(&batch, &dense.model, td.ids, &device).unwrap();
+    let q = dense.model.query_tokens.dims()[1];
+    let tok = TextTokenizer::from_file(&dense_dir.join("tokenizer.json")).unwrap();
+    let mask = host(tb.mask.clone());
+    let targets = host(tb.targets.clone().float());
+    let width = tb.mask.dims()[1];
+    for (r, &i) in batch.indices.iter().enumerate() {
+        let ex = &td.train[i];
+        let prompt = tok.encode(&ex.text_input).unwrap();
+        let mut caption = tok.encode(ex.text_output.as_ref().unwrap()).unwrap();
+        assert_eq!(caption[0], 1, "the fixture tokenizer adds <s>");
+        caption.remove(0);
+        caption.push(2);
+        let start = q + prompt.len() - 1;
+        let row = &mask[r * width..(r + 1) * width];
+        let expect: Vec<f32> = (0..width)
+            .map(|p| {
+                if p >= start && p < start + caption.len() {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        assert_eq!(
+            row,
+            expect.as_slice(),
+            "row {r}: loss must cover the caption + eos only"
+        );
+        let got: Vec<u32> = targets[r * width + start..r * width + start + caption.len()]
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        assert_eq!(got, caption);
+    }
+
+    let cfg = RepairConfig {
+        pruned: pruned_dir,
+        dense: Some(dense_dir.clone()),
+        out: tmp.path().join("repaired"),
+        data,
+        train: TrainConfig {
+            steps: 12,
+            batch_size: 3,
+            lr: 3e-3,
+            augment: false,
+            ..Default::default()
+        },
+        checkpoints: None,
+    };
+    let report = repair::<AD>(&cfg, false, &device, &mut |_| {}).unwrap();
+    let (first, last) = (
+        report.train.validations.first().unwrap(),
+        report.train.validations.last().unwrap(),
+    );
+    assert!(
+        last.loss < first.loss,
+        "loss {} → {}",
+        first.loss,
+        last.loss
+    );
+    assert_eq!(report.exact_sparsity, masks.len());
+    let merged = Pretrained::<B>::load(&cfg.out, &device).unwrap();
+    let mut model = merged.model;
+    let mut checked = 0;
+    for_each_linear_mut(&mut model, |name, _, linear| {
+        if let Some(m) = masks.get(&format!("{name}.weight")) {
+            let nz: Vec<bool> = host(linear.weight.val())
+                .iter()
+                .map(|v| *v != 0.0)
+                .collect();
+            assert_eq!(nz, m.to_bools(), "{name}");
+            let merged_mask = ressa_sparse::Mask::from_bools(m.d_in(), m.d_out(), &nz).unwrap();
+            if name.starts_with("language_model") {
+                assert!(ressa_sparse::is_n_m(&merged_mask, 2, 4), "{name}: 2:4 kept");
+            }
+            checked += 1;
+        }
+    });
+    assert_eq!(checked, masks.len());
+}
