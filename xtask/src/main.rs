@@ -4,11 +4,19 @@
 //!   an HF model directory with random weights for `CONFIG.json` (benchmarks and memory tests
 //!   of full-width models without a download); `--like` copies the tokenizers and
 //!   preprocessor config of another model directory.
+//! - `experiment CONFIG.toml`: a whole pruning study (data, dense model, pruning grid, RESSA,
+//!   evaluation), cached by content hash, with `results.json`, `report.md` and plots.
+//! - `shapes --out DIR [--seed N] [--train N --val N --test N] [--image-size N]
+//!   [--model-image-size N] [--noise N] [--max-shapes N]`: the procedural shapes dataset
+//!   (images, LAVIS annotations, tokenizers, preprocessor config; see `ressa_data::shapes`).
+
+mod experiment;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use ressa_data::shapes::{self, ShapesConfig};
 use ressa_models::ModelConfig;
 use ressa_models::instructblip::write_random_checkpoint;
 
@@ -21,6 +29,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Run a pruning study described by a TOML file (e.g. configs/shapes-tiny.toml).
+    Experiment {
+        /// The study's TOML file.
+        config: PathBuf,
+        /// Overrides the file's `work_dir`.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// Write an HF directory with random weights for a config.
     RandomCheckpoint {
         #[arg(long)]
@@ -35,6 +51,31 @@ enum Task {
         /// Values ~ U(-scale, scale).
         #[arg(long, default_value_t = 0.02)]
         scale: f32,
+    },
+    /// Generate the shapes dataset (defaults: seed 0, 2000/200/200 images of 64×64).
+    Shapes {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        train: Option<usize>,
+        #[arg(long)]
+        val: Option<usize>,
+        #[arg(long)]
+        test: Option<usize>,
+        /// Side of the generated images.
+        #[arg(long)]
+        image_size: Option<u32>,
+        /// preprocessor_config.json size (the vision model's image_size); default --image-size.
+        #[arg(long)]
+        model_image_size: Option<u32>,
+        /// Per-channel pixel noise amplitude (0 = none).
+        #[arg(long)]
+        noise: Option<u8>,
+        /// At most this many shapes per image (1 to 9).
+        #[arg(long)]
+        max_shapes: Option<usize>,
     },
 }
 
@@ -53,7 +94,16 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ressa_models=warn,ressa_train=warn".into()),
+        )
+        .init();
     match Cli::parse().task {
+        Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),
         Task::RandomCheckpoint {
             config,
             out,
@@ -82,6 +132,51 @@ fn main() -> Result<()> {
             let device = Default::default();
             write_random_checkpoint::<burn::backend::Flex>(&cfg, &out, seed, scale, &device)?;
             println!("wrote {}", out.display());
+            Ok(())
+        }
+        Task::Shapes {
+            out,
+            seed,
+            train,
+            val,
+            test,
+            image_size,
+            model_image_size,
+            noise,
+            max_shapes,
+        } => {
+            let d = ShapesConfig::default();
+            let cfg = ShapesConfig {
+                seed: seed.unwrap_or(d.seed),
+                train: train.unwrap_or(d.train),
+                val: val.unwrap_or(d.val),
+                test: test.unwrap_or(d.test),
+                image_size: image_size.unwrap_or(d.image_size),
+                model_image_size: model_image_size.or(d.model_image_size),
+                noise: noise.unwrap_or(d.noise),
+                max_shapes: max_shapes.unwrap_or(d.max_shapes),
+                ..d
+            };
+            let start = std::time::Instant::now();
+            let s = shapes::generate(&cfg, &out)?;
+            let splits: Vec<String> = s
+                .splits
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {} images, {} captions, {} questions",
+                        p.name, p.images, p.captions, p.questions
+                    )
+                })
+                .collect();
+            println!(
+                "wrote {} in {:.1} s: {}; vocabulary {} (<image> = {})",
+                out.display(),
+                start.elapsed().as_secs_f64(),
+                splits.join("; "),
+                s.vocab_size,
+                s.image_token_id
+            );
             Ok(())
         }
     }

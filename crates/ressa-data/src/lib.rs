@@ -1,7 +1,7 @@
 //! Data pipelines for ressa: images as HF image processors prepare them, and text through
 //! `tokenizers`, each reading the files of an HF model directory; readers for the LAVIS
 //! annotation formats, prompt templates, calibration sampling and the CC3M prefix split, the
-//! training augmentation, and a background batching loader.
+//! training augmentation, a background batching loader, and the procedural `shapes` dataset.
 
 pub mod augment;
 pub mod calibration;
@@ -11,6 +11,7 @@ pub mod lavis;
 pub mod loader;
 pub mod prompts;
 pub mod rng;
+pub mod shapes;
 pub mod text;
 
 pub use error::{DataError, Result};

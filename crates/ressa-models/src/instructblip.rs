@@ -445,6 +445,72 @@ pub fn parameter_shapes<B: Backend>(
     Ok(shapes.into_inner())
 }
 
+/// Writes `model.safetensors` with the initialisation `transformers` gives a fresh model, for
+/// training from scratch: biases 0, norm weights 1; T5 as `T5PreTrainedModel._init_weights`
+/// (embeddings N(0, 1), `q` N(0, (d_model·d_kv)^-½), `k`/`v`/`wi*`/relative bias/`lm_head`
+/// N(0, d_model^-½), `o` N(0, (heads·d_kv)^-½), `wo` N(0, d_ff^-½)); everything else (ViT,
+/// Q-Former, projection, query tokens) N(0, 0.02), the BERT/BLIP-2 `initializer_range`.
+pub fn write_initial_checkpoint<B: Backend>(
+    cfg: &ModelConfig,
+    dir: &Path,
+    seed: u64,
+    device: &B::Device,
+) -> Result<()> {
+    let mut specs: Vec<(String, Vec<usize>, Dtype)> = parameter_shapes::<B>(cfg, device)?
+        .into_iter()
+        .map(|(k, s)| (k, s, Dtype::F32))
+        .collect();
+    specs.sort_by(|a, b| a.0.cmp(&b.0));
+    let t5 = cfg.text.as_t5();
+    let std_of = |name: &str| -> f32 {
+        let leaf = name.rsplit('.').nth(1).unwrap_or("");
+        if let (Some(t), true) = (t5, name.starts_with("language_model.")) {
+            let (d, kv, h, ff) = (
+                t.d_model as f32,
+                t.d_kv as f32,
+                t.num_heads as f32,
+                t.d_ff as f32,
+            );
+            return match leaf {
+                "shared" | "embed_tokens" => 1.0,
+                "q" => (d * kv).powf(-0.5),
+                "o" => (h * kv).powf(-0.5),
+                "wo" => ff.powf(-0.5),
+                _ => d.powf(-0.5),
+            };
+        }
+        0.02
+    };
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    };
+    let names: Vec<String> = specs.iter().map(|s| s.0.clone()).collect();
+    write_safetensors_stream(&dir.join(SINGLE_FILE), &specs, |i| {
+        let n: usize = specs[i].1.iter().product();
+        let name = &names[i];
+        let lower = name.to_lowercase();
+        let is_norm = lower.contains("norm");
+        if name.ends_with("bias") && !name.ends_with("relative_attention_bias.weight") {
+            return vec![0.0; n];
+        }
+        if is_norm {
+            return vec![1.0; n];
+        }
+        let std = std_of(name);
+        // Box–Muller.
+        (0..n)
+            .map(|_| {
+                let (u1, u2) = (uniform(), uniform());
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect()
+    })
+}
+
 /// Writes `model.safetensors` with random weights for `cfg` into `dir` (benchmarks and memory
 /// tests of full-width models without a download). Values ~ U(-scale, scale) from a seeded
 /// xorshift generator; norm weights are 1. Written tensor by tensor.

@@ -14,11 +14,11 @@ use ressa_models::instructblip::write_random_checkpoint;
 use ressa_models::prunable::Prunable;
 use ressa_models::{ModelConfig, Pretrained, VlmInputs};
 use ressa_sparse::Mask;
+use ressa_train::TrainConfig;
 use ressa_train::adamw::AdamW;
 use ressa_train::batch::TrainBatch;
 use ressa_train::sparse_lora::attach;
 use ressa_train::trainer::{apply_update, forward_backward};
-use ressa_train::TrainConfig;
 
 type AD = Autodiff<Flex>;
 
@@ -45,11 +45,23 @@ fn step(c: &mut Criterion) {
         }
     }
     let train = TrainConfig::default();
-    let (mut model, _) = attach(model, &train.adapters, &masks, &Default::default(), 0, &device).unwrap();
+    let (mut model, _) = attach(
+        model,
+        &train.adapters,
+        &masks,
+        &Default::default(),
+        0,
+        &device,
+    )
+    .unwrap();
     let (b, lq, lp, ld) = (2, 12, 24, 16);
     let ids = |l: usize, v: usize, off: usize| {
         let rows: Vec<Vec<u32>> = (0..b)
-            .map(|r| (0..l).map(|i| (4 + (7 * i + 13 * r + off) % (v - 8)) as u32).collect())
+            .map(|r| {
+                (0..l)
+                    .map(|i| (4 + (7 * i + 13 * r + off) % (v - 8)) as u32)
+                    .collect()
+            })
             .collect();
         ressa_models::nn::ids_tensor::<AD>(&rows, &device)
     };
@@ -57,8 +69,15 @@ fn step(c: &mut Criterion) {
     let vocab = cfg.text.as_t5().unwrap().vocab_size;
     let batch = TrainBatch {
         inputs: VlmInputs {
-            pixel_values: Tensor::random([b, 3, size, size], burn::tensor::Distribution::Normal(0.0, 1.0), &device),
-            qformer_text: Some((ids(lq, cfg.qformer.vocab_size, 0), Tensor::ones([b, lq], &device))),
+            pixel_values: Tensor::random(
+                [b, 3, size, size],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            ),
+            qformer_text: Some((
+                ids(lq, cfg.qformer.vocab_size, 0),
+                Tensor::ones([b, lq], &device),
+            )),
             input_ids: ids(lp, vocab, 0),
             attention_mask: Tensor::ones([b, lp], &device),
         },

@@ -12,6 +12,7 @@ pub mod adamw;
 pub mod batch;
 pub mod checkpoint;
 pub mod distill;
+pub mod pretrain;
 pub mod repair;
 pub mod sparse_lora;
 pub mod trainer;

@@ -321,7 +321,7 @@ pub fn repair<B: AutodiffBackend>(
     cfg.train.validate()?;
     let dense_dir = match (&cfg.dense, cfg.train.distill.lambda) {
         (Some(d), _) => d.clone(),
-        (None, l) if l == 0.0 => cfg.pruned.clone(),
+        (None, 0.0) => cfg.pruned.clone(),
         (None, _) => {
             return Err(
                 "dense: the teacher's directory is required unless lambda = 0 (give --dense DIR)"

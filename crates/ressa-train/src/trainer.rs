@@ -103,7 +103,7 @@ impl TrainConfig {
             return Err(format!("lr {}: expected a positive number", self.lr));
         }
         if let Some(c) = self.clip_grad_norm
-            && !(c > 0.0)
+            && (c.is_nan() || c <= 0.0)
         {
             return Err(format!("clip_grad_norm {c}: expected a positive number"));
         }
@@ -627,7 +627,7 @@ pub fn train<B: AutodiffBackend>(
             });
             (micro, window_loss, window_ce, window_kl, window_examples) = (0, 0.0, 0.0, 0.0, 0);
             window_start = Instant::now();
-            if cfg.val_every > 0 && state.step % cfg.val_every == 0 && state.step < total {
+            if cfg.val_every > 0 && state.step.is_multiple_of(cfg.val_every) && state.step < total {
                 let v = val(&model, state.step)?;
                 on_event(&TrainEvent::Validation(v));
                 validations.push(v);
@@ -636,7 +636,7 @@ pub fn train<B: AutodiffBackend>(
                 state.epoch += 1;
                 state.position = 0;
             }
-            if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 {
+            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
                 if let Some(path) = save(&mut model, &opt, &state)? {
                     on_event(&TrainEvent::Checkpoint {
                         step: state.step,

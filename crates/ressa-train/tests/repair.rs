@@ -93,10 +93,10 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
                     &device,
                 ),
                 qformer_text: Some((
-                    ids_tensor::<B>(&[qids.clone()], &device),
+                    ids_tensor::<B>(std::slice::from_ref(&qids), &device),
                     Tensor::ones([1, qids.len()], &device),
                 )),
-                input_ids: ids_tensor::<B>(&[ids.clone()], &device),
+                input_ids: ids_tensor::<B>(std::slice::from_ref(&ids), &device),
                 attention_mask: Tensor::ones([1, ids.len()], &device),
             };
             let cfg = GenerationConfig {

@@ -1,0 +1,575 @@
+//! `cargo xtask experiment <config.toml>`: a whole pruning study. Data (generated shapes or a
+//! directory), the dense model (a directory or trained from scratch), then every cell —
+//! prune, score, RESSA, score — then `results.json`, `report.md` and plots.
+//!
+//! Every artefact lives in `work_dir/cache/` under a content hash of everything that
+//! produced it (settings, the hashes of its inputs), written atomically; a rerun reuses what
+//! exists, and a killed run loses at most the cell in progress.
+
+mod config;
+mod evaluate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use ressa_data::image::{ImageProcessorConfig, load_rgb};
+use ressa_data::shapes;
+use ressa_data::text::TextTokenizer;
+use ressa_models::instructblip::{
+    save_model_dir, save_model_dir_with, write_initial_checkpoint, write_random_checkpoint,
+};
+use ressa_models::nn::ids_tensor;
+use ressa_models::prunable::{BlockOptions, CalibrationSample};
+use ressa_models::{ModelConfig, Pretrained, VlmInputs};
+use ressa_prune::Method;
+use ressa_prune::calibrate::{
+    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
+};
+use ressa_report::results::{Cell, Group, Metrics, Ressa, Results};
+use ressa_sparse::SparsityPattern;
+use ressa_train::TrainEvent;
+use ressa_train::repair::{DataConfig, RepairConfig, read_examples, repair, train_data};
+use serde::{Deserialize, Serialize};
+
+use config::{ExperimentConfig, parse_setting};
+use evaluate::{TestSet, evaluate};
+
+/// Bumped when scoring changes, so cached scores are not reused across versions.
+const EVAL_VERSION: &[u8] = b"eval-2";
+
+type B = Flex;
+type AD = Autodiff<Flex>;
+
+/// FNV-1a over the parts, as 16 hex digits.
+fn hash(parts: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.iter().chain(&[0xff]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        let to = dst.join(p.file_name().expect("a file name"));
+        if p.is_dir() {
+            copy_dir(&p, &to)?;
+        } else {
+            std::fs::copy(&p, &to).with_context(|| p.display().to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}, eta {{eta}})"
+        ))
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// One cell to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CellSpec {
+    group: Group,
+    method: String,
+    pattern: String,
+    vision: f64,
+    language: f64,
+    ressa: bool,
+}
+
+fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
+    let mut out = Vec::new();
+    if let Some(g) = &cfg.grid {
+        for m in &g.methods {
+            for s in &g.settings {
+                let (pattern, sparsity) = parse_setting(s)?;
+                out.push(CellSpec {
+                    group: Group::Grid,
+                    method: m.clone(),
+                    pattern,
+                    vision: sparsity,
+                    language: sparsity,
+                    ressa: g.ressa && cfg.ressa.is_some(),
+                });
+            }
+        }
+    }
+    if let Some(s) = &cfg.split {
+        for &sum in &s.sums {
+            for &v in &s.vision {
+                let l = sum - v;
+                if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&l) {
+                    continue;
+                }
+                out.push(CellSpec {
+                    group: Group::Split,
+                    method: s.method.clone(),
+                    pattern: "unstructured".into(),
+                    vision: v,
+                    language: l,
+                    ressa: false,
+                });
+            }
+        }
+    }
+    if let Some(t) = &cfg.towers {
+        for &s in &t.sparsities {
+            for (group, v, l) in [(Group::LanguageOnly, 0.0, s), (Group::VisionOnly, s, 0.0)] {
+                out.push(CellSpec {
+                    group,
+                    method: t.method.clone(),
+                    pattern: "unstructured".into(),
+                    vision: v,
+                    language: l,
+                    ressa: false,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The generated (or given) data directory and its hash.
+fn data(cfg: &ExperimentConfig, cache: &Path) -> Result<(PathBuf, String)> {
+    if let Some(dir) = &cfg.data.dir {
+        return Ok((dir.clone(), hash(&[dir.to_string_lossy().as_bytes()])));
+    }
+    let s = cfg.data.shapes.as_ref().expect("validated");
+    let key = hash(&[b"shapes", &json(s)]);
+    let dir = cache.join(format!("data-{key}"));
+    if !dir.join("shapes.json").exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let t = Instant::now();
+        let summary = shapes::generate(s, &dir)?;
+        tracing::info!(dir = %dir.display(), seconds = t.elapsed().as_secs_f64(), vocab = summary.vocab_size, "generated the shapes data");
+    }
+    Ok((dir, key))
+}
+
+/// The dense model directory (trained from scratch if asked) and its hash.
+fn dense(
+    cfg: &ExperimentConfig,
+    data: &Path,
+    data_key: &str,
+    cache: &Path,
+) -> Result<(PathBuf, String)> {
+    if let Some(dir) = &cfg.model.dir {
+        return Ok((dir.clone(), hash(&[dir.to_string_lossy().as_bytes()])));
+    }
+    let config_path = cfg.model.train_config.as_ref().expect("validated");
+    let config_bytes =
+        std::fs::read(config_path).with_context(|| config_path.display().to_string())?;
+    let key = hash(&[
+        b"dense",
+        &config_bytes,
+        &json(&cfg.model.pretrain),
+        &json(&cfg.model.init_scale),
+        data_key.as_bytes(),
+    ]);
+    let dir = cache.join(format!("dense-{key}"));
+    if dir.join("model.safetensors").exists() {
+        return Ok((dir, key));
+    }
+    let init = cache.join(format!(".init-{key}"));
+    if init.exists() {
+        std::fs::remove_dir_all(&init)?;
+    }
+    std::fs::create_dir_all(&init)?;
+    std::fs::write(init.join("config.json"), &config_bytes)?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        if data.join(f).exists() {
+            std::fs::copy(data.join(f), init.join(f))?;
+        }
+    }
+    copy_dir(
+        &data.join("qformer_tokenizer"),
+        &init.join("qformer_tokenizer"),
+    )?;
+    let model_cfg = ModelConfig::from_file(&init.join("config.json"))?;
+    let device = Default::default();
+    match cfg.model.init_scale {
+        Some(scale) => write_random_checkpoint::<B>(
+            &model_cfg,
+            &init,
+            cfg.model.pretrain.seed,
+            scale,
+            &device,
+        )?,
+        None => write_initial_checkpoint::<B>(&model_cfg, &init, cfg.model.pretrain.seed, &device)?,
+    }
+    let pretrained = Pretrained::<AD>::load(&init, &device)?;
+    let ann = data.join("annotations");
+    let images = data.join("images");
+    let mut td = train_data(
+        &init,
+        &pretrained.config,
+        &pretrained.model,
+        &DataConfig {
+            train: ann.join("vqa_train.json"),
+            images: images.clone(),
+            val: None,
+            caption_prompt: None,
+            max_examples: None,
+        },
+    )
+    .map_err(|e| anyhow!(e))?;
+    // Captions and VQA mixed, as InstructBLIP's instruction tuning.
+    td.train.extend(
+        read_examples(
+            &ann.join("caption_train.json"),
+            &images,
+            ressa_data::prompts::CAPTION_PROMPT,
+        )
+        .map_err(|e| anyhow!(e))?,
+    );
+    let p = bar(cfg.model.pretrain.steps, "training the dense model");
+    let t = Instant::now();
+    let (model, tail) = ressa_train::pretrain::pretrain(
+        pretrained.model,
+        &td,
+        &cfg.model.pretrain,
+        &device,
+        &mut |e| {
+            if let TrainEvent::Step {
+                step,
+                loss,
+                examples_per_s,
+                ..
+            } = e
+            {
+                p.set_position(*step);
+                p.set_message(format!("loss {loss:.3} {examples_per_s:.0} ex/s"));
+            }
+        },
+    )
+    .map_err(|e| anyhow!(e))?;
+    p.finish_and_clear();
+    tracing::info!(
+        seconds = t.elapsed().as_secs_f64(),
+        final_loss = tail,
+        "trained the dense model"
+    );
+    save_model_dir(&model, &pretrained.layout, &init, &dir)?;
+    std::fs::remove_dir_all(&init)?;
+    Ok((dir, key))
+}
+
+/// The first `n` training questions as calibration samples (prompt → T5 encoder and
+/// Q-Former; answer → teacher-forced decoder).
+fn calibration(dense: &Pretrained<B>, data: &Path, n: usize) -> Result<Vec<CalibrationSample<B>>> {
+    let device = Default::default();
+    let ann = data.join("annotations/vqa_train.json");
+    let examples = read_examples(&ann, &data.join("images"), "").map_err(|e| anyhow!(e))?;
+    let processor = ImageProcessorConfig::from_file(&dense.dir.join("preprocessor_config.json"))?;
+    let tok = TextTokenizer::from_file(&dense.dir.join("tokenizer.json"))?;
+    let qtok = TextTokenizer::from_file(&dense.dir.join("qformer_tokenizer/tokenizer.json"))?;
+    let t5 = dense
+        .config
+        .text
+        .as_t5()
+        .ok_or_else(|| anyhow!("T5 models only"))?;
+    let (h, w) = processor.output_size();
+    let mut out = Vec::new();
+    for ex in examples.iter().take(n) {
+        let pixels = processor.preprocess(&load_rgb(&ex.image)?);
+        let prompt = tok.encode(&ex.text_input)?;
+        let q = qtok.encode(&ex.text_input)?;
+        let target = tok.encode(ex.text_output.as_deref().unwrap_or(""))?;
+        let mut dec = vec![t5.decoder_start_token()];
+        dec.extend(&target[..target.len().saturating_sub(1)]);
+        out.push(CalibrationSample {
+            inputs: VlmInputs {
+                pixel_values: Tensor::from_data(TensorData::new(pixels, [1, 3, h, w]), &device),
+                qformer_text: Some((
+                    ids_tensor::<B>(std::slice::from_ref(&q), &device),
+                    Tensor::ones([1, q.len()], &device),
+                )),
+                input_ids: ids_tensor::<B>(std::slice::from_ref(&prompt), &device),
+                attention_mask: Tensor::ones([1, prompt.len()], &device),
+            },
+            decoder_input_ids: ids_tensor::<B>(&[dec], &device),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs one cell: prune, score, optionally RESSA and score again.
+#[allow(clippy::too_many_arguments)]
+fn run_cell(
+    spec: &CellSpec,
+    id: &str,
+    cfg: &ExperimentConfig,
+    dense_dir: &Path,
+    data: &Path,
+    samples: &[CalibrationSample<B>],
+    test: &TestSet,
+    scratch: &Path,
+) -> Result<Cell> {
+    let t = Instant::now();
+    let device = Default::default();
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)?;
+    }
+    let method: Method = spec
+        .method
+        .parse()
+        .map_err(|e| anyhow!("method {}: {e}", spec.method))?;
+    let pattern: SparsityPattern = spec
+        .pattern
+        .parse()
+        .map_err(|e| anyhow!("pattern {}: {e}", spec.pattern))?;
+    let mut pretrained = Pretrained::<B>::load(dense_dir, &device)?;
+    let calib = CalibrationConfig {
+        method,
+        pattern,
+        sparsity: TowerSparsity {
+            vision: spec.vision,
+            qformer: 0.0,
+            language: spec.language,
+        },
+        allocation: Allocation::Uniform,
+        propagation: Propagation::Pruned,
+        wanda_group: None,
+        dsnot: None,
+        block: BlockOptions::default(),
+    };
+    let result = calibrate_and_prune(&mut pretrained.model, samples, &calib, &mut |_, _, _| {})?;
+    let pruned_metrics = evaluate(&pretrained, test, &cfg.eval, &device)?;
+    let mut ressa = None;
+    if spec.ressa {
+        let pruned_dir = scratch.join("pruned");
+        save_model_dir_with(
+            &pretrained.model,
+            &pretrained.layout,
+            dense_dir,
+            &pruned_dir,
+            &mut |d| {
+                ressa_sparse::sidecar::write_masks(
+                    d.join("masks.safetensors"),
+                    result.masks.iter().map(|(k, m)| (k.as_str(), m)),
+                )
+                .map_err(|e| ressa_models::ModelError::Input(e.to_string()))
+            },
+        )?;
+        let train = cfg.ressa.clone().expect("checked");
+        let rc = RepairConfig {
+            pruned: pruned_dir,
+            dense: Some(dense_dir.to_path_buf()),
+            out: scratch.join("ressa"),
+            data: DataConfig {
+                train: data.join("annotations/vqa_train.json"),
+                images: data.join("images"),
+                val: Some(data.join("annotations/vqa_val.json")),
+                caption_prompt: None,
+                max_examples: None,
+            },
+            train,
+            checkpoints: Some(scratch.join("checkpoints")),
+        };
+        let r0 = Instant::now();
+        let report = repair::<AD>(&rc, false, &device, &mut |_| {}).map_err(|e| anyhow!(e))?;
+        let repaired = Pretrained::<B>::load(&rc.out, &device)?;
+        let metrics = evaluate(&repaired, test, &cfg.eval, &device)?;
+        let v = &report.train.validations;
+        ressa = Some(Ressa {
+            metrics,
+            loss_before: v.first().map_or(f64::NAN, |v| v.loss),
+            loss_after: v.last().map_or(f64::NAN, |v| v.loss),
+            steps: report.train.steps,
+            seconds: r0.elapsed().as_secs_f64(),
+        });
+    }
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)?;
+    }
+    Ok(Cell {
+        id: id.to_string(),
+        group: spec.group,
+        method: spec.method.clone(),
+        pattern: spec.pattern.clone(),
+        vision: spec.vision,
+        language: spec.language,
+        qformer: 0.0,
+        allocation: "uniform".into(),
+        pruned: pruned_metrics,
+        ressa,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
+    let start = Instant::now();
+    let mut cfg = ExperimentConfig::from_file(config_path)?;
+    if work_dir.is_some() {
+        cfg.work_dir = work_dir;
+    }
+    let work = cfg.work_dir();
+    let cache = work.join("cache");
+    std::fs::create_dir_all(&cache).with_context(|| cache.display().to_string())?;
+    let mut timings = BTreeMap::new();
+
+    let t = Instant::now();
+    let (data_dir, data_key) = data(&cfg, &cache)?;
+    timings.insert("data_s".to_string(), t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let (dense_dir, dense_key) = dense(&cfg, &data_dir, &data_key, &cache)?;
+    timings.insert("dense_model_s".to_string(), t.elapsed().as_secs_f64());
+
+    let device = Default::default();
+    let test = TestSet::load(&data_dir, &cfg.eval)?;
+    let eval_key = hash(&[EVAL_VERSION, &json(&cfg.eval), data_key.as_bytes()]);
+    let dense_metrics_path = cache.join(format!("dense-{dense_key}-eval-{eval_key}.json"));
+    let t = Instant::now();
+    let dense_model = Pretrained::<B>::load(&dense_dir, &device)?;
+    let dense_metrics: Metrics = match std::fs::read(&dense_metrics_path) {
+        Ok(b) => serde_json::from_slice(&b)?,
+        Err(_) => {
+            let m = evaluate(&dense_model, &test, &cfg.eval, &device)?;
+            write_atomic(&dense_metrics_path, &json(&m))?;
+            m
+        }
+    };
+    timings.insert("dense_eval_s".to_string(), t.elapsed().as_secs_f64());
+    tracing::info!(?dense_metrics, "dense model");
+    let chance = test.majority_baseline(&data_dir)?;
+    let samples = calibration(&dense_model, &data_dir, cfg.calibration.samples)?;
+    drop(dense_model);
+
+    let specs = cells(&cfg)?;
+    let progress = bar(specs.len() as u64, "cells");
+    let mut done = Vec::new();
+    let t = Instant::now();
+    let (mut reused, mut ran) = (0, 0);
+    for spec in &specs {
+        let ressa_json = if spec.ressa {
+            json(&cfg.ressa)
+        } else {
+            Vec::new()
+        };
+        let id = hash(&[
+            b"cell",
+            dense_key.as_bytes(),
+            eval_key.as_bytes(),
+            &json(spec),
+            &json(&cfg.calibration),
+            &ressa_json,
+        ]);
+        let path = cache.join(format!("cell-{id}.json"));
+        progress.set_message(format!(
+            "{} {} v{:.2} l{:.2}",
+            spec.method, spec.pattern, spec.vision, spec.language
+        ));
+        let cell: Cell = match std::fs::read(&path) {
+            Ok(b) => {
+                reused += 1;
+                serde_json::from_slice(&b).with_context(|| path.display().to_string())?
+            }
+            Err(_) => {
+                let scratch = cache.join(format!("cell-{id}"));
+                let cell = run_cell(
+                    spec, &id, &cfg, &dense_dir, &data_dir, &samples, &test, &scratch,
+                )?;
+                write_atomic(&path, &json(&cell))?;
+                ran += 1;
+                cell
+            }
+        };
+        progress.inc(1);
+        done.push(cell);
+    }
+    progress.finish_and_clear();
+    timings.insert("cells_s".to_string(), t.elapsed().as_secs_f64());
+    timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
+    tracing::info!(ran, reused, "cells");
+
+    let results = Results {
+        schema: "ressa-experiment/1".into(),
+        name: cfg.name.clone(),
+        created: utc_now(),
+        machine: machine(),
+        dense: dense_metrics,
+        chance,
+        cells: done,
+        timings,
+    };
+    results.validate().map_err(|e| anyhow!(e))?;
+    write_atomic(
+        &work.join("results.json"),
+        &serde_json::to_vec_pretty(&results)?,
+    )?;
+    let files = ressa_report::write_report(&results, &work).map_err(|e| anyhow!("{e}"))?;
+    tracing::info!(?files, "report written");
+    println!("{}", work.join("report.md").display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{model}, {cpus} threads, burn Flex (CPU)")
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,61 @@
+//! `cargo xtask experiment` on a reduced config: every stage runs, `results.json` follows the
+//! schema, the report and plots are written, and a rerun reuses every cell from the cache.
+//! Numbers are not checked (too few steps to mean anything).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(work: &std::path::Path) -> (std::process::Output, f64) {
+    let t = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment", "configs/shapes-ci.toml", "--work-dir"])
+        .arg(work)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    (o, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("study");
+    let (o, first) = run(&work);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: ressa_report::results::Results =
+        serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
+    results.validate().unwrap();
+    assert_eq!(results.schema, "ressa-experiment/1");
+    // 2 methods × 2 settings, 3 splits, 1 language-only + 1 vision-only.
+    assert_eq!(results.cells.len(), 9);
+    assert!(results.cells.iter().filter(|c| c.ressa.is_some()).count() == 4);
+    assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
+    let report = std::fs::read_to_string(work.join("report.md")).unwrap();
+    for needle in ["### (a)", "### (b)", "### (c)", "**Verdict:"] {
+        assert!(report.contains(needle), "report.md lacks {needle}");
+    }
+    let pngs: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .collect();
+    assert!(pngs.len() >= 3, "{} plots", pngs.len());
+    for p in &pngs {
+        image::open(p.path()).unwrap();
+    }
+
+    let (o, second) = run(&work);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("ran=0") && log.contains("reused=9"), "{log}");
+    assert!(
+        second < first,
+        "rerun {second:.1} s vs first run {first:.1} s"
+    );
+}
