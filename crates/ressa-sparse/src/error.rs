@@ -61,4 +61,28 @@ pub enum SparseError {
     /// A sidecar file is not in the expected format.
     #[error("invalid mask sidecar: {0}")]
     Format(String),
+    /// A tensor of a sparse-format safetensors file is missing or malformed.
+    #[error("tensor {name:?}: {message}")]
+    Tensor { name: String, message: String },
+    /// A field of an in-memory sparse format is inconsistent (wrong length, index out of range…).
+    #[error("{format} field {field}: {message}")]
+    InvalidFormat {
+        format: &'static str,
+        field: &'static str,
+        message: String,
+    },
+    /// An operand of a sparse product has the wrong size.
+    #[error("{what}: expected {expected} entries, got {got}")]
+    DimMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// An N:M pattern the packed N:M format cannot hold.
+    #[error("N:M format {n}:{m} unsupported: {reason}")]
+    UnsupportedNm {
+        n: usize,
+        m: usize,
+        reason: &'static str,
+    },
 }
