@@ -12,7 +12,7 @@
 //! - [`formats`]: packed sparse weights — compressed-tensors' `sparse-bitmask` (with its
 //!   safetensors tensors and `config.json` annotation), CSR over outputs, packed N:M (2:4).
 //! - [`kernels`]: multi-threaded CPU products `y = x · W` for each format, and
-//!   [`SparseLinear`](kernels::SparseLinear), which picks a format (or dense) by a measured
+//!   [`SparseLinear`], which picks a format (or dense) by a measured
 //!   cost model.
 
 pub mod error;

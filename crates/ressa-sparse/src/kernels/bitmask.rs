@@ -1,7 +1,7 @@
 //! `y = x · W` for [`BitmaskWeight`] (compressed-tensors layout).
 //!
 //! Each output's bitmask row is decoded once per call into a list of input indices (a
-//! branch-free byte table, [`decode_row_u16`]), then the same sparse dot as CSR runs over it for
+//! branch-free byte table, `decode_row_u16`), then the same sparse dot as CSR runs over it for
 //! every token tile. The format streams 4 bytes per kept entry plus 1 bit per input, against
 //! CSR's 6 bytes per kept entry, but the decode costs about 0.08 ns per input on one core, so
 //! its kernel trails CSR's; it is the storage format, CSR the compute format.

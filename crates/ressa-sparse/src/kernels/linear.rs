@@ -17,8 +17,8 @@
 //!
 //! Resulting crossovers (sparse faster below the density shown): CSR 0.71 at 1 token, 0.49 at
 //! 2, 0.34 at 4, 0.37 at 8, 0.17 at 64; 2:4 (density 0.5) wins at 1 and 2 tokens. This dense
-//! path is 1.4–5.7× faster than burn's Flex matmul (what the models run) at 1–64 tokens, so
-//! against Flex the sparse kernels win far more often (see the crate's bench table). The
+//! path is 1.2–7.3× faster than burn's Flex matmul (what the models run) at 1–64 tokens, so
+//! against Flex the sparse kernels win far more often (table in [`crate::kernels`]). The
 //! constants are machine-specific; [`Crossover`]'s fields are public so another machine can
 //! supply its own.
 
@@ -281,8 +281,10 @@ impl SparseLinear {
 
 /// `y = x · W` with faer's gemm (runtime-dispatched SIMD kernels), parallelized by splitting
 /// the outputs into column blocks over rayon, each block a sequential faer call followed by
-/// [`clear_upper_state`] on the same thread. Measured against faer's own `Par::rayon`: 1.03 vs
-/// 0.76 ms at 1 token, 0.76 / 1.02 / 3.6 vs 0.87 / 1.11 / 4.9 ms at 4 / 8 / 64 tokens.
+/// [`clear_upper_state`] on the same thread (faer's own `Par::rayon` runs its kernels on pool
+/// threads we cannot clean up after). Measured against `Par::rayon`: 0.76 / 1.02 / 3.6 vs
+/// 0.87 / 1.11 / 4.9 ms at 4 / 8 / 64 tokens; at 1 token 1.03 vs 0.76 ms, where
+/// [`SparseLinear`] uses the plain loop (0.94 ms) instead.
 fn dense_gemm(
     x: &[f32],
     tokens: usize,

@@ -2,7 +2,7 @@
 //!
 //! 2:4 has a fast path: one byte of positions covers two groups (4 slots), so each step loads
 //! one byte and four values and touches `x` rows `8q + p` with `p` decoded by shifts. Other N:M
-//! patterns walk slot by slot with [`slot_pos`].
+//! patterns walk slot by slot (`slot_pos`).
 
 use crate::error::SparseError;
 use crate::formats::nm::slot_pos;
