@@ -28,7 +28,6 @@ use ressa_data::loader::{Example, TextEncoder, Texts};
 use ressa_data::prompts::{CAPTION_PROMPT, MAX_WORDS, pre_caption, pre_question, vqa_prompt};
 use ressa_data::text::TextTokenizer;
 use ressa_models::instructblip::save_model_dir_with;
-use ressa_models::prunable::Prunable;
 use ressa_models::weights::WeightStore;
 use ressa_models::{ModelError, Pretrained};
 use ressa_sparse::Mask;
@@ -342,13 +341,9 @@ pub fn repair<B: AutodiffBackend>(
     let me = |e: ModelError| e.to_string();
     let mut pretrained = Pretrained::<B>::load(&dense_dir, device).map_err(me)?;
     let mut linears = Vec::new();
-    for (si, stack) in pretrained.model.stacks().iter().enumerate() {
-        for b in 0..stack.blocks {
-            for (name, l) in pretrained.model.block_linears_mut(si, b) {
-                linears.push((format!("{}.{b}.{name}", stack.prefix), l.dims()));
-            }
-        }
-    }
+    for_each_linear_mut(&mut pretrained.model, |name, _, l| {
+        linears.push((name.to_string(), l.dims()))
+    });
     let (masks, student) = masks_and_student(&cfg.pruned, &pretrained, &linears)?;
     if masks.is_empty() {
         tracing::warn!(pruned = %cfg.pruned.display(), "no masks and no zeros found: every adapter is plain LoRA");

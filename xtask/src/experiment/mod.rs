@@ -36,6 +36,7 @@ use ressa_train::TrainEvent;
 use ressa_train::repair::{DataConfig, RepairConfig, read_examples, repair, train_data};
 use serde::{Deserialize, Serialize};
 
+use crate::copy_dir;
 use config::{ExperimentConfig, parse_setting};
 use evaluate::{TestSet, evaluate};
 
@@ -66,20 +67,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| tmp.display().to_string())?;
     std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
-}
-
-fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for e in std::fs::read_dir(src)? {
-        let p = e?.path();
-        let to = dst.join(p.file_name().expect("a file name"));
-        if p.is_dir() {
-            copy_dir(&p, &to)?;
-        } else {
-            std::fs::copy(&p, &to).with_context(|| p.display().to_string())?;
-        }
-    }
-    Ok(())
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
