@@ -12,7 +12,15 @@
 //! | coco-caption, nocaps | empty | 5 | 30 | 7 (LAVIS `min_len=8`) | 1 |
 //!
 //! LAVIS passes `min_length=min_len` to `transformers`' `generate`, which for T5 counts the
-//! decoder start token, so `min_len = L` is `--min-new-tokens L-1`.
+//! decoder start token, so `min_len = L` is `--min-new-tokens L-1`. A decoder-only (Vicuna)
+//! model generates from `inputs_embeds` there, so nothing else is counted and the default
+//! minimum is LAVIS' `min_len` itself: 1 (VQA tasks) or 8 (captions).
+//!
+//! Decoder-only models get the prompt padded on the left after `[query outputs]` (as LAVIS'
+//! `padding_side="left"` and `transformers`' InstructBLIP); the answer is what is generated
+//! after the input, up to the first eos. As in `transformers`' InstructBLIP (whose `input_ids`
+//! hold the image placeholders and the prompt), the repetition penalty also counts the prompt
+//! tokens; LAVIS' Vicuna generates from embeddings alone and counts only the generated ones.
 //!
 //! Scoring: the ground truth is restricted to the items predicted (as pycocoevalcap scores
 //! only the images in the results), so `--limit` and skipped images give subset scores; every
@@ -37,8 +45,8 @@ use ressa_data::prompts;
 use ressa_data::text::{Batch as TokenBatch, TextTokenizer};
 use ressa_eval::Task;
 use ressa_eval::formats::{self, CaptionPrediction, CocoCaptions, VqaPrediction};
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate, strip_special};
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::generate::{GenerationConfig, SpecialTokens, answer_tokens, generate, input_len};
+use ressa_models::{ModelConfig, Pretrained, VlmInputs};
 
 use crate::backend::BackendKind;
 use crate::with_backend;
@@ -71,7 +79,7 @@ pub struct Args {
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// Tokens generated before end-of-sequence is allowed. Default 0 (VQA tasks; LAVIS
-    /// `min_len=1`) or 7 (captions; LAVIS `min_len=8`).
+    /// `min_len=1`) or 7 (captions; LAVIS `min_len=8`) for T5; 1 or 8 for a decoder-only model.
     #[arg(long)]
     min_new_tokens: Option<usize>,
     /// Beam score = log-prob sum / length^penalty. Default -1 (VQA tasks) or 1 (captions).
@@ -123,12 +131,19 @@ struct Decoding {
     prompt: String,
 }
 
-fn decoding(args: &Args) -> Result<Decoding> {
+/// Task defaults; `decoder_only`: the language model is LLaMA-family (LAVIS' `min_len` is not
+/// shifted by a decoder start token).
+fn decoding(args: &Args, decoder_only: bool) -> Result<Decoding> {
     let vqa = is_vqa(args.task);
+    let min_len = if vqa { 1 } else { 8 };
     let generation = GenerationConfig {
         num_beams: args.beams.unwrap_or(5),
         max_new_tokens: args.max_new_tokens.unwrap_or(if vqa { 10 } else { 30 }),
-        min_new_tokens: args.min_new_tokens.unwrap_or(if vqa { 0 } else { 7 }),
+        min_new_tokens: args.min_new_tokens.unwrap_or(if decoder_only {
+            min_len
+        } else {
+            min_len - 1
+        }),
         length_penalty: args.length_penalty.unwrap_or(if vqa { -1.0 } else { 1.0 }),
         early_stopping: false,
         repetition_penalty: args.repetition_penalty,
@@ -232,7 +247,10 @@ fn to_eval_id(id: &Id) -> ressa_eval::Id {
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    let dec = decoding(&args)?;
+    // The model error's message already carries its cause; `{e}` keeps the line single.
+    let config =
+        ModelConfig::from_file(&args.model.join("config.json")).map_err(|e| anyhow!("{e}"))?;
+    let dec = decoding(&args, config.text.is_decoder_only())?;
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
     }
@@ -319,7 +337,7 @@ fn predict<B: Backend>(
 ) -> Result<(Vec<Option<String>>, usize)> {
     // The model error's message already carries its cause; `{e}` keeps the line single.
     let pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
-    crate::require_t5(&pretrained)?;
+    let decoder_only = pretrained.model.language_model.is_decoder_only();
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let image_size = pretrained.config.vision.image_size;
     if processor.output_size() != (image_size, image_size) {
@@ -329,12 +347,7 @@ fn predict<B: Backend>(
             processor.output_size()
         );
     }
-    let text = &pretrained.config.text;
-    let tokens = SpecialTokens {
-        decoder_start: text.decoder_start_token(),
-        eos: text.eos_token(),
-        pad: text.pad_token(),
-    };
+    let tokens = SpecialTokens::from_config(&pretrained.config.text);
     let tokenizer = Arc::new(TextTokenizer::from_file(
         &args.model.join("tokenizer.json"),
     )?);
@@ -402,8 +415,15 @@ fn predict<B: Backend>(
             Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values, [b, 3, h, w]), device);
         let input = batch
             .input
-            .as_ref()
+            .clone()
             .expect("the loader tokenizes the prompt");
+        // The loader pads on the right; a decoder-only model continues the prompt, so its
+        // padding goes to the left.
+        let input = if decoder_only {
+            input.left_padded()
+        } else {
+            input
+        };
         let qformer_text = batch
             .qformer
             .as_ref()
@@ -411,13 +431,14 @@ fn predict<B: Backend>(
         let inputs = VlmInputs {
             pixel_values,
             qformer_text,
-            input_ids: ids_tensor::<B>(input, device),
-            attention_mask: mask_tensor::<B>(input, device),
+            input_ids: ids_tensor::<B>(&input, device),
+            attention_mask: mask_tensor::<B>(&input, device),
         };
         let out = generate(&pretrained.model, &inputs, &dec.generation, tokens);
+        let prefix = input_len(&pretrained.model, &inputs);
         for (seq, &i) in out.iter().zip(&batch.indices) {
             let text = tokenizer
-                .decode(&strip_special(seq, tokens))
+                .decode(&answer_tokens(seq, prefix, tokens))
                 .context("decoding the generated tokens")?;
             predictions[i] = Some(text.trim().to_string());
         }

@@ -1,4 +1,11 @@
 //! `ressa generate`: one image, one prompt, text on stdout.
+//!
+//! The prompt goes to the language model (and, for InstructBLIP, to the Q-Former unless
+//! `--qformer-prompt` gives it another instruction). A T5 model decodes after its decoder start
+//! token; a decoder-only (LLaMA / Vicuna) model continues `[query outputs ; prompt]`, as
+//! `transformers`' InstructBLIP does with `image_token_index` repeated once per query before the
+//! prompt. The answer printed is what was generated after the input, up to the first eos,
+//! decoded with the model's tokenizer (special tokens skipped).
 
 use std::path::PathBuf;
 
@@ -6,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use ressa_data::image::{ImageProcessorConfig, load_rgb};
 use ressa_data::text::TextTokenizer;
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate};
+use ressa_models::generate::{GenerationConfig, SpecialTokens, answer_tokens, generate, input_len};
 use ressa_models::{Pretrained, VlmInputs};
 
 use crate::backend::BackendKind;
@@ -23,6 +30,9 @@ pub struct Args {
     /// Instruction / prompt, e.g. "Question: what is shown? Short answer:".
     #[arg(long)]
     prompt: String,
+    /// The Q-Former's instruction (InstructBLIP), when it differs from `--prompt`.
+    #[arg(long)]
+    qformer_prompt: Option<String>,
     /// Beam width (1 = greedy).
     #[arg(long, default_value_t = 5)]
     beams: usize,
@@ -52,7 +62,6 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let pretrained = Pretrained::<B>::load(&args.model, device)?;
-    crate::require_t5(&pretrained)?;
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let image = load_rgb(&args.image)?;
@@ -60,18 +69,21 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let pixels = processor.preprocess(&image);
     let pixel_values = Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, 3, h, w]), device);
 
-    let text = &pretrained.config.text;
     let ids = tokenizer.encode(&args.prompt)?;
     let n = ids.len();
     let input_ids = ressa_models::nn::ids_tensor::<B>(&[ids], device);
     let qformer_text = if pretrained.model.qformer.reads_text() {
         let qtok =
             TextTokenizer::from_file(&args.model.join("qformer_tokenizer").join("tokenizer.json"))?;
-        let qids = qtok.encode(&args.prompt)?;
+        let (flag, qprompt) = match &args.qformer_prompt {
+            Some(q) => ("--qformer-prompt", q),
+            None => ("--prompt", &args.prompt),
+        };
+        let qids = qtok.encode(qprompt)?;
         let max = pretrained.config.qformer.max_position_embeddings;
         if qids.len() > max {
             bail!(
-                "--prompt: {} Q-Former tokens, more than max_position_embeddings {max}",
+                "{flag}: {} Q-Former tokens, more than max_position_embeddings {max}",
                 qids.len()
             );
         }
@@ -81,6 +93,9 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             Tensor::ones([1, len], device),
         ))
     } else {
+        if args.qformer_prompt.is_some() {
+            bail!("--qformer-prompt: this model's Q-Former reads no text (BLIP-2)");
+        }
         None
     };
     let inputs = VlmInputs {
@@ -89,11 +104,7 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         input_ids,
         attention_mask: Tensor::ones([1, n], device),
     };
-    let tokens = SpecialTokens {
-        decoder_start: text.decoder_start_token(),
-        eos: text.eos_token(),
-        pad: text.pad_token(),
-    };
+    let tokens = SpecialTokens::from_config(&pretrained.config.text);
     let cfg = GenerationConfig {
         num_beams: args.beams,
         max_new_tokens: args.max_new_tokens,
@@ -105,8 +116,9 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let start = std::time::Instant::now();
     let out = generate(&pretrained.model, &inputs, &cfg, tokens);
     tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, tokens = ?out[0], "generated");
+    let answer = answer_tokens(&out[0], input_len(&pretrained.model, &inputs), tokens);
     let text = tokenizer
-        .decode(&out[0])
+        .decode(&answer)
         .context("decoding the generated tokens")?;
     println!("{}", text.trim());
     Ok(())

@@ -1,4 +1,15 @@
 //! `ressa logits`: teacher-forced logits for inputs given in a safetensors file.
+//!
+//! - T5: `logits` [B, Ld, vocab] at the decoder positions of `decoder_input_ids` (position `t`
+//!   predicts decoder token `t + 1`).
+//! - Decoder-only (LLaMA / Vicuna): `logits` [B, Q + L, vocab] over the whole language-model
+//!   sequence `[query outputs ; prompt]` as `transformers`' InstructBLIP forward returns them
+//!   (its `input_ids` holding `image_token_index` Q times before the prompt): positions
+//!   `0..Q` are the queries, `Q..Q+L` the prompt tokens, position `t` predicts token `t + 1`.
+//!   `decoder_input_ids` is not read.
+//!
+//! `attention_mask` / `qformer_attention_mask` (1 token, 0 padding) are optional (all ones when
+//! absent); a decoder-only prompt is padded on the left.
 
 use std::path::{Path, PathBuf};
 
@@ -15,11 +26,14 @@ pub struct Args {
     /// HF model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Inputs: `pixel_values` f32 [B,3,H,W], `input_ids` i64 [B,L] (prompt only),
-    /// `decoder_input_ids` i64 [B,Ld], and `qformer_input_ids` i64 [B,Lq] for InstructBLIP.
+    /// Inputs: `pixel_values` f32 [B,3,H,W], `input_ids` i64 [B,L] (the prompt alone, without
+    /// image placeholders), `decoder_input_ids` i64 [B,Ld] (T5 only), `qformer_input_ids` i64
+    /// [B,Lq] for InstructBLIP, and optionally `attention_mask` i64 [B,L] and
+    /// `qformer_attention_mask` i64 [B,Lq].
     #[arg(long)]
     inputs: PathBuf,
-    /// Output safetensors with `logits` f32 [B,Ld,vocab].
+    /// Output safetensors with `logits` f32: [B,Ld,vocab] (T5) or [B,Q+L,vocab] over
+    /// [queries ; prompt] (decoder-only).
     #[arg(long)]
     out: PathBuf,
 }
@@ -72,9 +86,39 @@ fn read(st: &SafeTensors, path: &Path, key: &str, dtype: Dtype, rank: usize) -> 
     })
 }
 
+/// An optional 1/0 mask `key` of the same shape as `ids`; `None` when the file has none.
+fn read_mask(
+    st: &SafeTensors,
+    path: &Path,
+    key: &str,
+    ids: &Input,
+    ids_key: &str,
+) -> Result<Option<Vec<f32>>> {
+    if !st.names().contains(&key) {
+        return Ok(None);
+    }
+    let m = read(st, path, key, Dtype::I64, 2)?;
+    if m.shape != ids.shape {
+        bail!(
+            "{}: `{key}` has shape {:?}, `{ids_key}` has {:?}",
+            path.display(),
+            m.shape,
+            ids.shape
+        );
+    }
+    if let Some(bad) = m.i64.iter().find(|&&x| x != 0 && x != 1) {
+        bail!(
+            "{}: `{key}` holds {bad}; a mask holds 1 (token) or 0 (padding)",
+            path.display()
+        );
+    }
+    Ok(Some(m.i64.iter().map(|&x| x as f32).collect()))
+}
+
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let pretrained = Pretrained::<B>::load(&args.model, device)?;
-    crate::require_t5(&pretrained)?;
+    let model = &pretrained.model;
+    let decoder_only = model.language_model.is_decoder_only();
     let bytes = std::fs::read(&args.inputs).with_context(|| args.inputs.display().to_string())?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow!(
@@ -85,10 +129,27 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let p = &args.inputs;
     let pixels = read(&st, p, "pixel_values", Dtype::F32, 4)?;
     let input_ids = read(&st, p, "input_ids", Dtype::I64, 2)?;
-    let decoder = read(&st, p, "decoder_input_ids", Dtype::I64, 2)?;
+    let decoder = if decoder_only {
+        if st.names().contains(&"decoder_input_ids") {
+            tracing::warn!(
+                "the model is decoder-only: `decoder_input_ids` is ignored, the logits cover [queries ; input_ids]"
+            );
+        }
+        None
+    } else {
+        Some(read(&st, p, "decoder_input_ids", Dtype::I64, 2)?)
+    };
+    let qformer_ids = if model.qformer.reads_text() {
+        Some(read(&st, p, "qformer_input_ids", Dtype::I64, 2)?)
+    } else {
+        None
+    };
     let b = pixels.shape[0];
-    let vocab = pretrained.config.text.vocab_size as i64;
-    for (name, t) in [("input_ids", &input_ids), ("decoder_input_ids", &decoder)] {
+    let vocab = pretrained.config.text.vocab_size() as i64;
+    for (name, t) in [("input_ids", &input_ids)]
+        .into_iter()
+        .chain(decoder.as_ref().map(|d| ("decoder_input_ids", d)))
+    {
         if t.shape[0] != b {
             bail!(
                 "{}: `{name}` has batch {}, pixel_values has {b}",
@@ -103,12 +164,24 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             );
         }
     }
-    let (_, _, h, w) = (
-        pixels.shape[0],
-        pixels.shape[1],
-        pixels.shape[2],
-        pixels.shape[3],
-    );
+    if let Some(q) = &qformer_ids
+        && q.shape[0] != b
+    {
+        bail!(
+            "{}: `qformer_input_ids` has batch {}, pixel_values has {b}",
+            p.display(),
+            q.shape[0]
+        );
+    }
+    if let Some(t) = model.image_token_index
+        && input_ids.i64.contains(&(t as i64))
+    {
+        bail!(
+            "{}: `input_ids` holds image_token_index {t}: give the prompt alone, the query outputs are put before it",
+            p.display()
+        );
+    }
+    let (h, w) = (pixels.shape[2], pixels.shape[3]);
     let vc = &pretrained.config.vision;
     if pixels.shape[1] != 3 || h != vc.image_size || w != vc.image_size {
         bail!(
@@ -119,22 +192,38 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             vc.image_size
         );
     }
-    let int = |t: Input| Tensor::<B, 2, Int>::from_data(TensorData::new(t.i64, t.shape), device);
-    let qformer_text = if pretrained.model.qformer.reads_text() {
-        let q = read(&st, p, "qformer_input_ids", Dtype::I64, 2)?;
-        let shape = [q.shape[0], q.shape[1]];
-        Some((int(q), Tensor::ones(shape, device)))
-    } else {
-        None
+    let mask = |values: Option<Vec<f32>>, shape: &[usize]| -> Tensor<B, 2> {
+        let shape = [shape[0], shape[1]];
+        match values {
+            Some(v) => Tensor::from_data(TensorData::new(v, shape), device),
+            None => Tensor::ones(shape, device),
+        }
     };
-    let l = input_ids.shape[1];
+    let attention_mask = mask(
+        read_mask(&st, p, "attention_mask", &input_ids, "input_ids")?,
+        &input_ids.shape,
+    );
+    let int = |t: Input| Tensor::<B, 2, Int>::from_data(TensorData::new(t.i64, t.shape), device);
+    let qformer_text = match qformer_ids {
+        Some(q) => {
+            let m = read_mask(&st, p, "qformer_attention_mask", &q, "qformer_input_ids")?;
+            let m = mask(m, &q.shape);
+            Some((int(q), m))
+        }
+        None => None,
+    };
     let inputs = VlmInputs {
         pixel_values: Tensor::from_data(TensorData::new(pixels.f32, pixels.shape), device),
         qformer_text,
         input_ids: int(input_ids),
-        attention_mask: Tensor::ones([b, l], device),
+        attention_mask,
     };
-    let logits = pretrained.model.forward(&inputs, int(decoder));
+    let logits = match decoder {
+        Some(decoder) => model.forward(&inputs, int(decoder)),
+        None => model
+            .decoder_only_logits(&inputs)
+            .expect("a decoder-only model"),
+    };
     let shape = logits.dims().to_vec();
     let values = logits
         .into_data()

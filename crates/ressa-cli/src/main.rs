@@ -48,20 +48,6 @@ enum Command {
     Eval(eval::Args),
 }
 
-/// The CLI's generation, logits, pruning and evaluation paths drive a T5 language model; a
-/// LLaMA-family checkpoint loads in the library but is refused here with a clear error.
-pub(crate) fn require_t5<B: burn::prelude::Backend>(
-    model: &ressa_models::Pretrained<B>,
-) -> anyhow::Result<()> {
-    if model.config.text.as_t5().is_none() {
-        anyhow::bail!(
-            "{}: text_config.model_type is not `t5`; this command supports InstructBLIP/BLIP-2 with a T5 language model only (LLaMA support is library-only so far)",
-            model.dir.join("config.json").display()
-        );
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

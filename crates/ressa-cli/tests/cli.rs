@@ -57,47 +57,148 @@ fn generate_prints_text() {
     assert!(!text.trim().is_empty());
 }
 
+/// Tensor `key` of a safetensors file: shape and values (f32 as f32, i64 converted).
+fn read_tensor(p: &Path, key: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    let values = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        d => panic!("{key}: dtype {d:?}"),
+    };
+    (t.shape().to_vec(), values)
+}
+
 #[test]
 fn logits_match_transformers() {
-    let dir = fixture("instructblip-t5-b");
-    let tmp = tempfile::tempdir().unwrap();
-    let out_path = tmp.path().join("logits.safetensors");
-    // The fixture's reference holds exactly the tensors `ressa logits` reads (batch 1, no padding).
-    let out = ressa(&[
-        "logits",
-        "--model",
-        s(&dir),
-        "--inputs",
-        s(&dir.join("reference.safetensors")),
-        "--out",
-        s(&out_path),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read = |p: &Path, key: &str| -> (Vec<usize>, Vec<f32>) {
-        let bytes = std::fs::read(p).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let t = st.tensor(key).unwrap();
-        (
-            t.shape().to_vec(),
-            t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        )
-    };
-    let (shape, ours) = read(&out_path, "logits");
-    let (ref_shape, reference) = read(&dir.join("reference.safetensors"), "logits");
-    assert_eq!(shape, ref_shape);
-    let diff = ours
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(diff <= 1e-4, "max abs diff {diff}");
+    // Each fixture's reference holds the tensors `ressa logits` reads: T5 batch 1 (b) and a
+    // right-padded batch of 2 (a); decoder-only left-padded batches of 2 (no
+    // `decoder_input_ids`; logits over [queries ; prompt]).
+    for name in [
+        "instructblip-t5-b",
+        "instructblip-t5-a",
+        "instructblip-llama-gqa",
+        "instructblip-llama-mha",
+    ] {
+        let dir = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let out_path = tmp.path().join("logits.safetensors");
+        let out = ressa(&[
+            "logits",
+            "--model",
+            s(&dir),
+            "--inputs",
+            s(&dir.join("reference.safetensors")),
+            "--out",
+            s(&out_path),
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (shape, ours) = read_tensor(&out_path, "logits");
+        let (ref_shape, reference) = read_tensor(&dir.join("reference.safetensors"), "logits");
+        assert_eq!(shape, ref_shape, "{name}");
+        let diff = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        eprintln!("{name}: logits max abs diff {diff:.2e}");
+        assert!(diff <= 1e-4, "{name}: max abs diff {diff}");
+    }
+}
+
+/// `ressa generate` on a decoder-only model answers as `transformers`' InstructBLIP generates:
+/// for every reference setting and every row of the fixture (one image and prompt at a time,
+/// so the left-padded row runs unpadded), the printed text is the decoding of the reference
+/// tokens after the input (image placeholders and prompt), up to eos.
+#[test]
+fn decoder_only_generate_matches_transformers() {
+    let mut checked = 0;
+    for name in ["instructblip-llama-gqa", "instructblip-llama-mha"] {
+        let dir = fixture(name);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let queries = config["num_query_tokens"].as_u64().unwrap() as usize;
+        let eos = config["text_config"]["eos_token_id"].as_f64().unwrap();
+        let pad = config["text_config"]["pad_token_id"].as_f64().unwrap();
+        let reference = dir.join("reference.safetensors");
+        let (ids_shape, _) = read_tensor(&reference, "input_ids");
+        let prompt_width = ids_shape[1];
+        let tokenizer =
+            ressa_data::text::TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        for g in json["generate"].as_array().unwrap() {
+            let key = g["key"].as_str().unwrap();
+            let (shape, rows) = read_tensor(&reference, key);
+            for (b, row) in rows.chunks(shape[1]).enumerate() {
+                // The reference row: [image x Q ; left-padded prompt ; generated].
+                let answer: Vec<u32> = row[queries + prompt_width..]
+                    .iter()
+                    .take_while(|&&t| t != eos)
+                    .filter(|&&t| t != pad)
+                    .map(|&t| t as u32)
+                    .collect();
+                let expected = tokenizer.decode(&answer).unwrap().trim().to_string();
+                let arg = |k: &str| g[k].to_string();
+                let out = ressa(&[
+                    "generate",
+                    "--model",
+                    s(&dir),
+                    "--image",
+                    s(&dir.join(format!("image{b}.png"))),
+                    "--prompt",
+                    json["prompts"][b].as_str().unwrap(),
+                    "--qformer-prompt",
+                    json["qformer_prompts"][b].as_str().unwrap(),
+                    "--beams",
+                    &arg("num_beams"),
+                    "--max-new-tokens",
+                    &arg("max_new_tokens"),
+                    "--min-new-tokens",
+                    &arg("min_new_tokens"),
+                    "--length-penalty",
+                    &arg("length_penalty"),
+                    "--repetition-penalty",
+                    &arg("repetition_penalty"),
+                ]);
+                assert!(
+                    out.status.success(),
+                    "{name} {key} row {b}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = String::from_utf8(out.stdout).unwrap();
+                assert_eq!(text.lines().count(), 1, "{name} {key} row {b}: {text:?}");
+                assert_eq!(text.trim(), expected, "{name} {key} row {b}");
+                if (name, key, b)
+                    == (
+                        "instructblip-llama-gqa",
+                        "generate_b1_max8_min0_lpp1_rep1.0",
+                        0,
+                    )
+                {
+                    // Generated [square </s>] after the prompt.
+                    assert_eq!(text.trim(), "square");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 24);
 }
 
 #[test]
@@ -200,6 +301,74 @@ fn bad_inputs_fail_with_one_line() {
         "pixel_values",
     );
     assert!(!tmp.path().join("o").exists());
+
+    // Decoder-only inputs: image placeholders belong to the model, not to `input_ids`; masks
+    // must fit their ids.
+    let llama = fixture("instructblip-llama-gqa");
+    let reference = llama.join("reference.safetensors");
+    let with = |key: &str, dtype: safetensors::Dtype, shape: Vec<usize>, values: Vec<i64>| {
+        let bytes = std::fs::read(&reference).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let replaced: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+            st.tensors().into_iter().filter(|(k, _)| k != key).collect();
+        views.push((
+            key.to_string(),
+            safetensors::tensor::TensorView::new(dtype, shape, &replaced).unwrap(),
+        ));
+        let path = tmp.path().join(format!("{key}.safetensors"));
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    };
+    let (shape, ids) = read_tensor(&reference, "input_ids");
+    let mut ids: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
+    ids[3] = 59; // image_token_index
+    let placeholders = with("input_ids", safetensors::Dtype::I64, shape, ids);
+    assert_clean_error(
+        &ressa(&[
+            "logits",
+            "--model",
+            s(&llama),
+            "--inputs",
+            s(&placeholders),
+            "--out",
+            s(&tmp.path().join("o")),
+        ]),
+        "image_token_index 59",
+    );
+    let short_mask = with(
+        "attention_mask",
+        safetensors::Dtype::I64,
+        vec![2, 3],
+        vec![1; 6],
+    );
+    assert_clean_error(
+        &ressa(&[
+            "logits",
+            "--model",
+            s(&llama),
+            "--inputs",
+            s(&short_mask),
+            "--out",
+            s(&tmp.path().join("o")),
+        ]),
+        "`attention_mask` has shape [2, 3]",
+    );
+    assert!(!tmp.path().join("o").exists());
+    assert_clean_error(
+        &ressa(&[
+            "generate",
+            "--model",
+            s(&fixture("blip2-t5")),
+            "--image",
+            s(&img),
+            "--prompt",
+            prompt,
+            "--qformer-prompt",
+            "what",
+        ]),
+        "--qformer-prompt",
+    );
 }
 
 #[test]

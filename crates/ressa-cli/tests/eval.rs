@@ -431,3 +431,118 @@ fn bad_images_can_be_skipped_and_are_counted() {
         );
     }
 }
+
+/// A decoder-only (LLaMA) model evaluates end to end: the prompts of a batch are padded on the
+/// left, so every answer equals `ressa generate` on that item alone, and beam search answers
+/// do not depend on the batch size; captions are scored.
+#[test]
+fn decoder_only_model_evaluates_with_left_padding() {
+    let llama = root().join("models/instructblip-llama-gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred.json");
+    let template = "{} short answer:";
+    let with_llama = |out: &Path, extra: &[&str]| {
+        let mut args = vqa_args(out, &["--prompt", template]);
+        let i = args.iter().position(|a| a == "--model").unwrap();
+        args[i + 1] = s(&llama).to_string();
+        args.extend(extra.iter().map(|x| x.to_string()));
+        run(&args)
+    };
+    let ann = data("annotations/v2_mscoco_val2014_annotations.json");
+    let qs = data("annotations/v2_OpenEnded_mscoco_val2014_questions.json");
+    let greedy = [
+        "--beams",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--repetition-penalty",
+        "1.0",
+    ];
+    let mut extra = greedy.to_vec();
+    extra.extend(["--batch-size", "3", "--ground-truth", s(&ann), s(&qs)]);
+    let metrics = ok(&with_llama(&out, &extra));
+    assert_eq!(metrics["num_predictions"], json!(4.0));
+    assert!((0.0..=100.0).contains(&metrics["accuracy"].as_f64().unwrap()));
+    let preds = read_json(&out);
+    let questions = read_json(&data("annotations/vqa_val_eval.json"));
+    let mut nonempty = 0;
+    for (p, q) in preds
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(questions.as_array().unwrap())
+    {
+        assert_eq!(p["question_id"], q["question_id"]);
+        let prompt = ressa_data::prompts::fill(
+            template,
+            &ressa_data::prompts::pre_question(
+                q["question"].as_str().unwrap(),
+                ressa_data::prompts::MAX_WORDS,
+            ),
+        );
+        let image = data("images/coco").join(q["image"].as_str().unwrap());
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&llama),
+            "--image",
+            s(&image),
+            "--prompt",
+            &prompt,
+            "--min-new-tokens",
+            "1",
+        ];
+        args.extend(greedy);
+        let single = ressa(&args);
+        assert!(
+            single.status.success(),
+            "{}",
+            String::from_utf8_lossy(&single.stderr)
+        );
+        let text = String::from_utf8(single.stdout).unwrap();
+        assert_eq!(p["answer"].as_str().unwrap(), text.trim(), "{prompt}");
+        nonempty += usize::from(!text.trim().is_empty());
+    }
+    assert!(nonempty > 0, "{preds}");
+
+    // Beam search with the LAVIS defaults: batches of 3 and of 1 agree.
+    let three = tmp.path().join("three.json");
+    let one = tmp.path().join("one.json");
+    ok(&with_llama(&three, &["--beams", "3", "--batch-size", "3"]));
+    ok(&with_llama(&one, &["--beams", "3", "--batch-size", "1"]));
+    assert_eq!(read_json(&three), read_json(&one));
+
+    let captions = tmp.path().join("captions.json");
+    let metrics = ok(&ressa(&[
+        "eval",
+        "--model",
+        s(&llama),
+        "--task",
+        "coco-caption",
+        "--annotations",
+        s(&data("annotations/coco_karpathy_test.json")),
+        "--images",
+        s(&data("images/coco")),
+        "--out",
+        s(&captions),
+        "--batch-size",
+        "2",
+        "--beams",
+        "2",
+        "--max-new-tokens",
+        "10",
+        "--ground-truth",
+        s(&data("annotations/coco_karpathy_test_gt.json")),
+    ]));
+    assert!(metrics["CIDEr"].as_f64().is_some(), "{metrics}");
+    let preds = read_json(&captions);
+    assert_eq!(preds.as_array().unwrap().len(), 3);
+    assert!(
+        preds
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["caption"].is_string()),
+        "{preds}"
+    );
+}

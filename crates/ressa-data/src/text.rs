@@ -17,6 +17,19 @@ pub struct Batch {
     pub mask: Vec<Vec<u32>>,
 }
 
+impl Batch {
+    /// The same rows padded on the left (what a decoder-only model generates from): each row's
+    /// tokens are moved to its end, padding and mask zeros first.
+    pub fn left_padded(mut self) -> Batch {
+        for (ids, mask) in self.ids.iter_mut().zip(&mut self.mask) {
+            let pad = mask.iter().filter(|&&m| m == 0).count();
+            ids.rotate_right(pad);
+            mask.rotate_right(pad);
+        }
+        self
+    }
+}
+
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
@@ -131,5 +144,21 @@ impl TextTokenizer {
                 path: self.path.clone(),
                 message: e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batch;
+
+    #[test]
+    fn left_padding_moves_the_tokens_to_the_end() {
+        let right = Batch {
+            ids: vec![vec![1, 5, 6, 7], vec![1, 8, 0, 0]],
+            mask: vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]],
+        };
+        let left = right.clone().left_padded();
+        assert_eq!(left.ids, vec![vec![1, 5, 6, 7], vec![0, 0, 1, 8]]);
+        assert_eq!(left.mask, vec![vec![1, 1, 1, 1], vec![0, 0, 1, 1]]);
     }
 }

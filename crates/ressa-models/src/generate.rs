@@ -6,10 +6,13 @@
 //! T5 rows start with the decoder start token. Decoder-only rows start, as `transformers`
 //! returns them, with the whole input: `image_token_index` once per query, then the (left
 //! padded) prompt, then the generated tokens; generation positions are `cumsum(mask) − 1`.
+//! [`input_len`] says where the generated part of a row starts and [`answer_tokens`] cuts the
+//! answer out of a row (up to the first eos).
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
+use crate::config::TextConfig;
 use crate::instructblip::{InstructBlip, LanguageModel, VlmInputs};
 use crate::llama::{LlamaCache, mask_positions};
 use crate::t5::DecoderCache;
@@ -51,7 +54,57 @@ pub struct SpecialTokens {
     pub pad: u32,
 }
 
+impl SpecialTokens {
+    /// The language model's special tokens from its config: T5's decoder start, eos and pad; a
+    /// decoder-only model's bos (in `decoder_start`, unused by its generation), eos and pad (eos
+    /// when the config has none, as `generate` falls back).
+    pub fn from_config(text: &TextConfig) -> Self {
+        match text {
+            TextConfig::T5(t) => Self {
+                decoder_start: t.decoder_start_token(),
+                eos: t.eos_token(),
+                pad: t.pad_token(),
+            },
+            TextConfig::Llama(l) => Self {
+                decoder_start: l.bos_token(),
+                eos: l.eos_token(),
+                pad: l.pad_token(),
+            },
+        }
+    }
+}
+
 const NEG: f32 = -1.0e9;
+
+/// The image placeholders a decoder-only row starts with: `image_token_index` once per query
+/// (none when the config names no placeholder id).
+fn image_prefix<B: Backend>(model: &InstructBlip<B>) -> Vec<u32> {
+    match model.image_token_index {
+        Some(t) => vec![t; model.query_tokens.dims()[1]],
+        None => Vec::new(),
+    }
+}
+
+/// How many leading tokens of every row [`generate`] returns for `inputs` are input rather than
+/// generated: T5's decoder start token (1); for a decoder-only model the image placeholders
+/// plus the (padded) prompt width, `Q + L`.
+pub fn input_len<B: Backend>(model: &InstructBlip<B>, inputs: &VlmInputs<B>) -> usize {
+    match &model.language_model {
+        LanguageModel::T5(_) => 1,
+        LanguageModel::Llama(_) => image_prefix(model).len() + inputs.input_ids.dims()[1],
+    }
+}
+
+/// The answer in a row returned by [`generate`]: the tokens after its first `input_len`
+/// (see [`input_len`]), up to the first eos, padding dropped.
+pub fn answer_tokens(seq: &[u32], input_len: usize, tokens: SpecialTokens) -> Vec<u32> {
+    seq.iter()
+        .skip(input_len)
+        .take_while(|&&t| t != tokens.eos)
+        .copied()
+        .filter(|&t| t != tokens.pad)
+        .collect()
+}
 
 /// HF `RepetitionPenaltyLogitsProcessor` on one row of scores.
 fn penalize_repeats(row: &mut [f32], seq: &[u32], penalty: f32) {
@@ -136,14 +189,10 @@ fn start<B: Backend>(
             };
             let mask = host_u32(enc.mask.clone().round().int());
             let prompt = host_u32(inputs.input_ids.clone());
-            let queries = model.query_tokens.dims()[1];
             let mut seqs = Vec::with_capacity(batch * expand);
             let mut masks = Vec::with_capacity(batch * expand);
             for (p, m) in prompt.iter().zip(&mask) {
-                let mut seq = match model.image_token_index {
-                    Some(t) => vec![t; queries],
-                    None => Vec::new(),
-                };
+                let mut seq = image_prefix(model);
                 seq.extend(p);
                 for _ in 0..expand {
                     seqs.push(seq.clone());
@@ -497,12 +546,28 @@ fn beam_search<B: Backend>(
         .collect()
 }
 
-/// Drops the decoder start token and everything from the first eos on (T5 rows).
+/// Drops the decoder start token and everything from the first eos on (T5 rows; see
+/// [`answer_tokens`] for any model).
 pub fn strip_special(seq: &[u32], tokens: SpecialTokens) -> Vec<u32> {
-    seq.iter()
-        .skip(1)
-        .take_while(|&&t| t != tokens.eos)
-        .copied()
-        .filter(|&t| t != tokens.pad)
-        .collect()
+    answer_tokens(seq, 1, tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_start_after_the_input_and_end_at_eos() {
+        let tokens = SpecialTokens {
+            decoder_start: 1,
+            eos: 2,
+            pad: 0,
+        };
+        // [image x4 ; padded prompt (5) ; generated]: the answer is what follows the 9 input
+        // tokens, up to eos.
+        let row = [59, 59, 59, 59, 0, 0, 1, 32, 20, 33, 0, 20, 2, 0];
+        assert_eq!(answer_tokens(&row, 9, tokens), vec![33, 20]);
+        assert_eq!(strip_special(&[1, 7, 8, 2, 9], tokens), vec![7, 8]);
+        assert!(answer_tokens(&row, row.len(), tokens).is_empty());
+    }
 }
