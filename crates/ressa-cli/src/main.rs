@@ -2,6 +2,7 @@
 
 mod backend;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod logits;
@@ -46,6 +47,8 @@ enum Command {
     Score(score::Args),
     /// Generate on a LAVIS annotation list, write official-format predictions, score them.
     Eval(eval::Args),
+    /// Write a model as dense tensors or in compressed-tensors' sparse-bitmask format.
+    Export(export::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Prune(args) => prune::run(cli.backend, *args),
         Command::Eval(args) => eval::run(cli.backend, args),
         Command::Repair(args) => repair::run(cli.backend, *args),
+        Command::Export(args) => export::run(cli.backend, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -294,3 +294,129 @@ fn bad_settings_fail_cleanly_without_output() {
     ]);
     assert_fails(&out, "nope.png", &out_dir);
 }
+
+/// `ressa export`: a pruned model written as compressed-tensors `sparse-bitmask` is smaller,
+/// annotated, loads in `ressa` with identical logits, and exports back to the same dense bytes.
+/// (`scripts/check_bitmask_export.py` checks the same files with compressed-tensors itself.)
+#[test]
+fn export_bitmask_round_trips_and_loads() {
+    let (tmp, pruned, out) = prune(
+        "tests/fixtures/models/instructblip-t5-a",
+        &["--method", "wanda", "--pattern", "2:4", "--vision", "0"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bm = tmp.path().join("bitmask");
+    let out = ressa(&["export", s(&pruned), "--format", "bitmask", "--out", s(&bm)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The annotation names every masked linear; their dense weights are gone from the file.
+    let masks = ressa_sparse::sidecar::read_masks(pruned.join("masks.safetensors")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bm.join("config.json")).unwrap()).unwrap();
+    let sc = &config["quantization_config"]["sparsity_config"];
+    assert_eq!(
+        config["quantization_config"]["quant_method"],
+        "compressed-tensors"
+    );
+    assert_eq!(sc["format"], "sparse-bitmask");
+    assert_eq!(sc["sparsity_structure"], "2:4");
+    assert!((sc["global_sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+    assert_eq!(sc["targets"].as_array().unwrap().len(), masks.len());
+    let bytes = std::fs::read(bm.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for key in masks.keys() {
+        let module = key.strip_suffix(".weight").unwrap();
+        assert!(st.tensor(key).is_err(), "{key} still dense");
+        for part in ["shape", "compressed", "bitmask", "row_offsets"] {
+            assert!(
+                st.tensor(&format!("{module}.{part}")).is_ok(),
+                "{module}.{part}"
+            );
+        }
+    }
+    let dense_len = std::fs::metadata(pruned.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!((bytes.len() as u64) < dense_len);
+
+    // Loads: the same logits as the dense pruned model.
+    let inputs = repo("tests/fixtures/models/instructblip-t5-a/reference.safetensors");
+    let logits = |model: &Path, name: &str| {
+        let path = tmp.path().join(name);
+        let out = ressa(&[
+            "logits",
+            "--model",
+            s(model),
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&path),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(path).unwrap()
+    };
+    assert_eq!(
+        logits(&pruned, "a.safetensors"),
+        logits(&bm, "b.safetensors")
+    );
+
+    // Back to dense: byte-identical weights, no annotation.
+    let dense = tmp.path().join("dense");
+    let out = ressa(&["export", s(&bm), "--format", "dense", "--out", s(&dense)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dense.join("model.safetensors")).unwrap(),
+        std::fs::read(pruned.join("model.safetensors")).unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dense.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+
+    // Bad input: a non-empty output, a mask naming no weight; one line, nothing written.
+    let clean = tmp.path().join("clean");
+    std::fs::create_dir(&clean).unwrap();
+    let never = clean.join("never");
+    let out = ressa(&["export", s(&pruned), "--format", "bitmask", "--out", s(&bm)]);
+    assert_fails(&out, "not empty", &never);
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for entry in std::fs::read_dir(&pruned).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut renamed = masks.clone();
+    let (k, m) = renamed.pop_first().unwrap();
+    renamed.insert(format!("{k}.nope"), m);
+    ressa_sparse::sidecar::write_masks(
+        broken.join("masks.safetensors"),
+        renamed.iter().map(|(k, m)| (k.as_str(), m)),
+    )
+    .unwrap();
+    let out = ressa(&[
+        "export",
+        s(&broken),
+        "--format",
+        "bitmask",
+        "--out",
+        s(&never),
+    ]);
+    assert_fails(&out, "names no tensor", &never);
+}

@@ -362,6 +362,7 @@ pub fn save_model_dir_with<B: Backend>(
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         copy_non_weight_files(src, &tmp)?;
+        drop_sparsity_annotation(&tmp.join("config.json"))?;
         write_weights(model, layout, &tmp)?;
         extra(&tmp)?;
         if out.exists() {
@@ -381,7 +382,38 @@ fn is_weight_file(name: &str) -> bool {
     name == INDEX_FILE || (name.starts_with("model") && name.ends_with(".safetensors"))
 }
 
-fn copy_non_weight_files(src: &Path, dst: &Path) -> Result<()> {
+/// Weights are written dense: a `sparse-bitmask` annotation copied from a compressed source's
+/// `config.json` (compressed-tensors' `quantization_config.sparsity_config`) no longer holds.
+/// A quantization config without it is kept; one holding only sparsity is removed.
+pub fn drop_sparsity_annotation(config_path: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(config_path) else {
+        return Ok(());
+    };
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| ModelError::Json {
+            path: config_path.to_path_buf(),
+            error,
+        })?;
+    let Some(obj) = config.as_object_mut() else {
+        return Ok(());
+    };
+    let Some(serde_json::Value::Object(q)) = obj.get_mut("quantization_config") else {
+        return Ok(());
+    };
+    if q.remove("sparsity_config").is_none() {
+        return Ok(());
+    }
+    if !q.contains_key("config_groups") {
+        obj.remove("quantization_config");
+    }
+    std::fs::write(
+        config_path,
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .map_err(|e| ModelError::io(config_path, e))
+}
+
+pub fn copy_non_weight_files(src: &Path, dst: &Path) -> Result<()> {
     let entries = std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| ModelError::io(src, e))?;

@@ -139,6 +139,25 @@ pub trait Prunable<B: Backend> {
     fn block_linears_mut(&mut self, stack: usize, block: usize) -> Vec<(String, &mut Linear<B>)>;
 }
 
+/// The HF keys (`<linear>.weight`) of every prunable linear of a configuration, in
+/// calibration order, from a dry construction (nothing the size of the model is allocated).
+pub fn prunable_weight_keys<B: Backend>(
+    cfg: &crate::ModelConfig,
+    device: &B::Device,
+) -> crate::Result<Vec<String>> {
+    let shapes = crate::weights::ShapeLog::default();
+    let mut model = InstructBlip::<B>::load(cfg, &crate::weights::Loader::dry(&shapes, device))?;
+    let mut keys = Vec::new();
+    for (s, stack) in model.stacks().into_iter().enumerate() {
+        for b in 0..stack.blocks {
+            for (name, _) in model.block_linears_mut(s, b) {
+                keys.push(format!("{}.{b}.{name}.weight", stack.prefix));
+            }
+        }
+    }
+    Ok(keys)
+}
+
 const VISION: usize = 0;
 const QFORMER: usize = 1;
 const T5_ENCODER: usize = 2;

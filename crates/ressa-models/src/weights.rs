@@ -4,9 +4,14 @@
 //! buffer that becomes the burn tensor, so loading never holds two owned copies of the weights.
 //! Construction is loading (as in candle's `VarBuilder`): modules ask a [`Loader`] for tensors by
 //! their HF names and shapes, so the HF key layout is visible in the model code.
+//!
+//! A checkpoint written in compressed-tensors' `sparse-bitmask` format (`ressa export --format
+//! bitmask`) reads like a dense one: each `<m>.{shape,compressed,bitmask,row_offsets}` group is
+//! listed as the logical key `<m>.weight` and decompressed on [`WeightStore::get`].
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -17,6 +22,7 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use crate::linear::Linear;
 use burn::prelude::*;
 use memmap2::Mmap;
+use ressa_sparse::formats::{BitmaskWeight, SparseFormat};
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
 
@@ -73,11 +79,19 @@ pub struct HostTensor {
     pub dtype: Dtype,
 }
 
+/// The parts of one compressed-tensors `sparse-bitmask` weight.
+const BITMASK_PARTS: [&str; 4] = ["shape", "compressed", "bitmask", "row_offsets"];
+
 /// All safetensors files of one checkpoint, memory-mapped, with a key → file index.
 pub struct WeightStore {
     root: PathBuf,
     files: Vec<MappedFile>,
+    /// Stored tensors, minus the parts of bitmask-compressed weights.
     index: HashMap<String, usize>,
+    /// Logical `<m>.weight` key → `<m>` of each bitmask-compressed weight.
+    compressed: BTreeMap<String, String>,
+    /// The parts hidden from `index`, by their stored key.
+    parts: HashMap<String, usize>,
     /// Shard file name per key when the checkpoint came with an index (kept for saving).
     shard_of: Option<BTreeMap<String, String>>,
 }
@@ -145,10 +159,38 @@ impl WeightStore {
                 index.insert(name.clone(), i);
             }
         }
+        // A module with a `.bitmask` tensor is a compressed weight: all four parts must exist.
+        let modules: BTreeSet<String> = index
+            .keys()
+            .filter_map(|k| k.strip_suffix(".bitmask"))
+            .map(str::to_string)
+            .collect();
+        let mut compressed = BTreeMap::new();
+        let mut parts = HashMap::new();
+        for m in modules {
+            for part in BITMASK_PARTS {
+                let key = format!("{m}.{part}");
+                let f = index.remove(&key).ok_or_else(|| ModelError::MissingKey {
+                    path: root.to_path_buf(),
+                    key: key.clone(),
+                })?;
+                parts.insert(key, f);
+            }
+            let weight = format!("{m}.weight");
+            if index.contains_key(&weight) {
+                return Err(ModelError::Input(format!(
+                    "{}: {weight} is stored both dense and as sparse-bitmask parts",
+                    root.display()
+                )));
+            }
+            compressed.insert(weight, m);
+        }
         Ok(Self {
             root: root.to_path_buf(),
             files,
             index,
+            compressed,
+            parts,
             shard_of: None,
         })
     }
@@ -158,11 +200,17 @@ impl WeightStore {
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
+        self.index.contains_key(key) || self.compressed.contains_key(key)
     }
 
+    /// Every logical key: stored tensors and the `<m>.weight` of compressed weights.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
+        self.index.keys().chain(self.compressed.keys())
+    }
+
+    /// Whether `key` is stored compressed (`sparse-bitmask`).
+    pub fn is_compressed(&self, key: &str) -> bool {
+        self.compressed.contains_key(key)
     }
 
     /// The shard assignment of the source checkpoint, if it was sharded.
@@ -170,11 +218,117 @@ impl WeightStore {
         self.shard_of.as_ref()
     }
 
-    /// Shape and dtype on disk.
+    /// Shape and dtype on disk (a compressed weight: its dense shape, its values' dtype).
     pub fn info(&self, key: &str) -> Option<(Vec<usize>, Dtype)> {
+        if let Some(m) = self.compressed.get(key) {
+            let shape = self.part_ints(&format!("{m}.shape")).ok()?;
+            let (_, dtype, _) = self.part(&format!("{m}.compressed")).ok()?;
+            return Some((shape, dtype));
+        }
         let f = &self.files[*self.index.get(key)?];
         let info = f.metadata.info(key)?;
         Some((info.shape.clone(), info.dtype))
+    }
+
+    /// A stored tensor's shape, dtype and bytes, looked up in `index` or `parts`.
+    fn stored(&self, key: &str, file: usize) -> Result<(Vec<usize>, Dtype, &[u8])> {
+        let f = &self.files[file];
+        let info = f.metadata.info(key).ok_or_else(|| self.missing(key))?;
+        let (start, end) = (
+            f.data_start + info.data_offsets.0,
+            f.data_start + info.data_offsets.1,
+        );
+        Ok((info.shape.clone(), info.dtype, &f.mmap[start..end]))
+    }
+
+    fn part(&self, key: &str) -> Result<(Vec<usize>, Dtype, &[u8])> {
+        let &f = self.parts.get(key).ok_or_else(|| self.missing(key))?;
+        self.stored(key, f)
+    }
+
+    /// An integer part (`shape`, `row_offsets`: I64 or I32) as `usize`s.
+    fn part_ints(&self, key: &str) -> Result<Vec<usize>> {
+        let (_, dtype, bytes) = self.part(key)?;
+        let bad = |what: &str| {
+            ModelError::Input(format!(
+                "{}: {key}: {what}",
+                self.files[self.parts[key]].path.display()
+            ))
+        };
+        let ints: Vec<i64> = match dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            other => return Err(bad(&format!("expected I64 or I32, found {other:?}"))),
+        };
+        ints.into_iter()
+            .map(|v| usize::try_from(v).map_err(|_| bad(&format!("negative entry {v}"))))
+            .collect()
+    }
+
+    /// Decompresses a `sparse-bitmask` weight into PyTorch order `[d_out, d_in]`.
+    fn decompress(&self, key: &str, module: &str) -> Result<HostTensor> {
+        let shape = self.part_ints(&format!("{module}.shape"))?;
+        let path = || {
+            self.files[self.parts[&format!("{module}.shape")]]
+                .path
+                .clone()
+        };
+        let [d_out, d_in] = shape[..] else {
+            return Err(ModelError::Input(format!(
+                "{}: {module}.shape: expected [d_out, d_in], found {shape:?}",
+                path().display()
+            )));
+        };
+        let (_, dtype, values) = self.part(&format!("{module}.compressed"))?;
+        let values = bytes_to_f32(values, dtype).ok_or_else(|| ModelError::Dtype {
+            path: path(),
+            key: format!("{module}.compressed"),
+            dtype: format!("{dtype:?}"),
+        })?;
+        let (_, _, bitmask) = self.part(&format!("{module}.bitmask"))?;
+        let offsets: Vec<i64> = self
+            .part_ints(&format!("{module}.row_offsets"))?
+            .into_iter()
+            .map(|v| v as i64)
+            .collect();
+        let weight = BitmaskWeight::from_parts(d_in, d_out, values, bitmask.to_vec(), &offsets)
+            .map_err(|e| ModelError::Input(format!("{}: {key}: {e}", path().display())))?;
+        // burn order [d_in, d_out] → PyTorch order [d_out, d_in].
+        let burn_order = weight.to_dense();
+        let mut data = vec![0f32; d_in * d_out];
+        for i in 0..d_in {
+            for j in 0..d_out {
+                data[j * d_in + i] = burn_order[i * d_out + j];
+            }
+        }
+        Ok(HostTensor {
+            shape: vec![d_out, d_in],
+            data,
+            dtype,
+        })
+    }
+
+    /// A tensor's bytes in its on-disk dtype: borrowed from the map, or (a compressed weight)
+    /// decompressed and encoded in its values' dtype.
+    pub fn raw(&self, key: &str) -> Result<(Vec<usize>, Dtype, Cow<'_, [u8]>)> {
+        if let Some(m) = self.compressed.get(key) {
+            let t = self.decompress(key, m)?;
+            let bytes = encode_f32(&t.data, t.dtype).ok_or_else(|| ModelError::Dtype {
+                path: self.root.clone(),
+                key: key.to_string(),
+                dtype: format!("{:?}", t.dtype),
+            })?;
+            return Ok((t.shape, t.dtype, Cow::Owned(bytes)));
+        }
+        let &f = self.index.get(key).ok_or_else(|| self.missing(key))?;
+        let (shape, dtype, bytes) = self.stored(key, f)?;
+        Ok((shape, dtype, Cow::Borrowed(bytes)))
     }
 
     fn missing(&self, key: &str) -> ModelError {
@@ -191,6 +345,18 @@ impl WeightStore {
 
     /// Reads a float tensor as f32, checking its shape.
     pub fn get(&self, key: &str, expected: &[usize]) -> Result<HostTensor> {
+        if let Some(m) = self.compressed.get(key) {
+            let t = self.decompress(key, m)?;
+            if t.shape != expected {
+                return Err(ModelError::Shape {
+                    path: self.root.clone(),
+                    key: key.to_string(),
+                    found: t.shape,
+                    expected: expected.to_vec(),
+                });
+            }
+            return Ok(t);
+        }
         let &i = self.index.get(key).ok_or_else(|| self.missing(key))?;
         let f = &self.files[i];
         let info = f.metadata.info(key).ok_or_else(|| self.missing(key))?;
@@ -232,7 +398,27 @@ impl WeightStore {
     }
 }
 
-fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+/// f32 values as little-endian bytes of a float dtype (round to nearest even).
+pub fn encode_f32(values: &[f32], dtype: Dtype) -> Option<Vec<u8>> {
+    Some(match dtype {
+        Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Dtype::F64 => values
+            .iter()
+            .flat_map(|x| (*x as f64).to_le_bytes())
+            .collect(),
+        _ => return None,
+    })
+}
+
+pub(crate) fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -360,6 +546,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             weight: Param::from_tensor(weight),
             bias,
             adapter: None,
+            packed: None,
         })
     }
 
@@ -495,11 +682,18 @@ impl<B: Backend> Exporter<B> {
     }
 }
 
-fn dtype_name(d: Dtype) -> &'static str {
+/// The safetensors header name of a dtype.
+pub fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::F16 => "F16",
         Dtype::BF16 => "BF16",
         Dtype::F64 => "F64",
+        Dtype::I64 => "I64",
+        Dtype::I32 => "I32",
+        Dtype::I16 => "I16",
+        Dtype::I8 => "I8",
+        Dtype::U8 => "U8",
+        Dtype::BOOL => "BOOL",
         _ => "F32",
     }
 }
