@@ -1,6 +1,7 @@
 //! `cargo xtask experiment` on a reduced config: every stage runs, `results.json` follows the
 //! schema, the report and plots are written, and a rerun reuses every cell from the cache.
-//! Numbers are not checked (too few steps to mean anything).
+//! Killing a run mid-way loses at most the cell in progress. Numbers are not checked (too few
+//! steps to mean anything).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,6 +9,43 @@ use std::time::Instant;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn finished_cells(work: &std::path::Path) -> usize {
+    std::fs::read_dir(work.join("cache"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    n.starts_with("cell-") && n.ends_with(".json")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Starts the study and SIGKILLs it once `after` cells are cached; returns how many were.
+fn run_and_kill(work: &std::path::Path, after: usize) -> usize {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment", "configs/shapes-ci.toml", "--work-dir"])
+        .arg(work)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while finished_cells(work) < after {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the study ended before it could be killed"
+        );
+        assert!(t.elapsed().as_secs() < 600, "no cell finished in 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    finished_cells(work)
 }
 
 fn run(work: &std::path::Path) -> (std::process::Output, f64) {
@@ -26,8 +64,15 @@ fn run(work: &std::path::Path) -> (std::process::Output, f64) {
 fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("study");
+    // Killed after two cells: the rerun reuses exactly the cells that were written.
+    let cached = run_and_kill(&work, 2);
+    assert!((2..9).contains(&cached), "{cached} cells cached at the kill");
+    assert!(!work.join("results.json").exists());
     let (o, first) = run(&work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    let counts = format!("ran={} reused={cached}", 9 - cached);
+    assert!(log.contains(&counts), "expected {counts}: {log}");
     let results: ressa_report::results::Results =
         serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
     results.validate().unwrap();

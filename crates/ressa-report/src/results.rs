@@ -27,7 +27,8 @@ pub struct Results {
     pub machine: String,
     /// The unpruned model.
     pub dense: Metrics,
-    /// A chance-level floor (e.g. the most frequent answer; may be all `null`).
+    /// A chance-level floor (the toy study uses a blind model: the most frequent training answer
+    /// to the same question; may be all `null`).
     pub chance: Metrics,
     /// Every pruned model of the study.
     pub cells: Vec<Cell>,

@@ -3,6 +3,7 @@
 //! lower-case words without punctuation, so they are split on spaces instead of the PTB
 //! tokenizer.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -63,23 +64,37 @@ impl TestSet {
         Ok(Self { vqa, captions })
     }
 
-    /// Accuracy of always giving the most frequent training answer (the "chance" line).
-    pub fn majority_baseline(&self, data: &Path) -> Result<Metrics> {
+    /// Accuracy of a blind model: for each test question, the most frequent training answer
+    /// to the same (processed) question text, else the most frequent answer overall. The floor
+    /// a model that does not read the image can reach ("chance" in the report).
+    pub fn blind_baseline(&self, data: &Path) -> Result<Metrics> {
         let train = read_vqa_train(&data.join("annotations/vqa_train.json"))?;
-        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        let mut by_question = std::collections::BTreeMap::<String, BTreeMap<&str, usize>>::new();
+        let mut overall = BTreeMap::<&str, usize>::new();
         for it in &train {
-            *counts.entry(it.answer[0].as_str()).or_default() += 1;
+            let a = it.answer[0].as_str();
+            *overall.entry(a).or_default() += 1;
+            *by_question
+                .entry(vqa_prompt(&pre_question(&it.question, MAX_WORDS)))
+                .or_default()
+                .entry(a)
+                .or_default() += 1;
         }
-        let best = counts
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(a, _)| a.to_string())
-            .unwrap_or_default();
-        let acc = mean(
-            self.vqa
+        let most = |counts: &BTreeMap<&str, usize>| {
+            counts
                 .iter()
-                .map(|(_, gt)| vqa_question_accuracy(&best, &gt_answers(gt)).unwrap_or(0.0)),
-        );
+                .max_by_key(|(_, n)| **n)
+                .map(|(a, _)| a.to_string())
+                .unwrap_or_default()
+        };
+        let fallback = most(&overall);
+        let acc = mean(self.vqa.iter().map(|(ex, gt)| {
+            let guess = by_question
+                .get(&ex.text_input)
+                .map(most)
+                .unwrap_or_else(|| fallback.clone());
+            vqa_question_accuracy(&guess, &gt_answers(gt)).unwrap_or(0.0)
+        }));
         Ok(Metrics {
             vqa_accuracy: Some(acc),
             cider: None,

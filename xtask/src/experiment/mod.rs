@@ -260,6 +260,17 @@ fn dense(
             {
                 p.set_position(*step);
                 p.set_message(format!("loss {loss:.3} {examples_per_s:.0} ex/s"));
+                // The bar is hidden off a terminal: logs get a line every 10 %.
+                let total = cfg.model.pretrain.steps;
+                if *step % (total / 10).max(1) == 0 {
+                    tracing::info!(
+                        step,
+                        total,
+                        loss,
+                        seconds = t.elapsed().as_secs_f64(),
+                        "training the dense model"
+                    );
+                }
             }
         },
     )
@@ -452,7 +463,7 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
     };
     timings.insert("dense_eval_s".to_string(), t.elapsed().as_secs_f64());
     tracing::info!(?dense_metrics, "dense model");
-    let chance = test.majority_baseline(&data_dir)?;
+    let chance = test.blind_baseline(&data_dir)?;
     let samples = calibration(&dense_model, &data_dir, cfg.calibration.samples)?;
     drop(dense_model);
 

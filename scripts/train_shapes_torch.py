@@ -1,0 +1,196 @@
+"""Trains transformers' InstructBLIP-T5 from scratch on the shapes world, as `cargo xtask
+experiment` does with ressa, and reports VQA accuracy per question type.
+
+An independent check of the toy world (issue #6): is the task learnable by the same
+architecture and recipe in PyTorch, and what does the model learn from the image?
+
+    python scripts/train_shapes_torch.py --data DIR --config configs/models/shapes-tiny/config.json
+
+DIR is `cargo xtask shapes --out DIR ...`. Needs torch, transformers, tokenizers, pillow.
+Diagnostics: `--only-type color` trains and tests one question type, `--vqa-only` drops the
+captions, `--warm-types color --warm-steps 400` trains those types first.
+
+What it showed (2 threads, 1500-8000 images, lr 1e-3): at 32×32 pixels (patch 8) the model
+stays at the blind baseline on mixed data (colour 0.19, chance 0.17) though colour-only
+training on one-shape images reaches 0.99; at 64×64 pixels with patch 8 and 8000 images it
+reads the images (4000 steps: VQA 53 %, colour 0.69, size 0.80, count 0.62).
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+VQA_PROMPT = "Question: {} Short answer:"
+CAPTION_PROMPT = "a photo of"
+
+
+def pre_question(q):
+    q = "".join(c for c in q.lower() if c not in '.!"()*#:;~')
+    return q.rstrip(" ")
+
+
+def qtype(q):
+    w = q.split()
+    if w[0] == "what" and w[1] in ("color", "colour"):
+        return "color"
+    if w[0] == "what" and w[1] == "shape":
+        return "shape"
+    if w[0] == "what" and w[1] == "size":
+        return "size"
+    if w[0] == "how":
+        return "count"
+    if w[0] == "where":
+        return "position"
+    if w[0] == "is" and ("left" in w or "right" in w or "above" in w or "below" in w):
+        return "relation"
+    if w[0] in ("is", "are"):
+        return "yes/no"
+    return "other"
+
+
+def load_images(data, split, size, mean, std):
+    cache = {}
+
+    def get(rel):
+        if rel not in cache:
+            im = Image.open(os.path.join(data, "images", rel)).convert("RGB")
+            im = im.resize((size, size), Image.BICUBIC)
+            a = np.asarray(im, dtype=np.float32) / 255.0
+            a = (a - mean) / std
+            cache[rel] = torch.from_numpy(a.transpose(2, 0, 1).copy())
+        return cache[rel]
+
+    return get
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vqa-only", action="store_true")
+    ap.add_argument("--only-type", default=None, help="train and test on one question type")
+    ap.add_argument("--warm-types", default=None, help="comma list: train only these question types first")
+    ap.add_argument("--warm-steps", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    cfg = InstructBlipConfig.from_pretrained(os.path.dirname(os.path.abspath(args.config)))
+    model = InstructBlipForConditionalGeneration(cfg)
+    pp = json.load(open(os.path.join(args.data, "preprocessor_config.json")))
+    mean = np.array(pp["image_mean"], dtype=np.float32)
+    std = np.array(pp["image_std"], dtype=np.float32)
+    size = cfg.vision_config.image_size
+    tok = Tokenizer.from_file(os.path.join(args.data, "tokenizer.json"))
+    qtok = Tokenizer.from_file(os.path.join(args.data, "qformer_tokenizer", "tokenizer.json"))
+    nq = cfg.num_query_tokens
+    image_token = cfg.image_token_index
+
+    ann = os.path.join(args.data, "annotations")
+    train = []
+    for it in json.load(open(os.path.join(ann, "vqa_train.json"))):
+        if args.only_type and qtype(pre_question(it["question"])) != args.only_type:
+            continue
+        train.append((it["image"], VQA_PROMPT.format(pre_question(it["question"])), it["answer"][0], qtype(pre_question(it["question"]))))
+    if not (args.vqa_only or args.only_type):
+        for it in json.load(open(os.path.join(ann, "caption_train.json"))):
+            train.append((it["image"], CAPTION_PROMPT, it["caption"].lower(), "caption"))
+    test = [
+        (it["image"], VQA_PROMPT.format(pre_question(it["question"])), it["answer"][0], qtype(pre_question(it["question"])))
+        for it in json.load(open(os.path.join(ann, "vqa_test.json")))
+        if not args.only_type or qtype(pre_question(it["question"])) == args.only_type
+    ]
+    img_train = load_images(args.data, "train", size, mean, std)
+
+    def encode(batch, with_target=True):
+        pix = torch.stack([img_train(b[0]) for b in batch])
+        ids = [[image_token] * nq + tok.encode(b[1]).ids for b in batch]
+        qids = [qtok.encode(b[1]).ids for b in batch]
+        L = max(map(len, ids))
+        Q = max(map(len, qids))
+        input_ids = torch.tensor([x + [0] * (L - len(x)) for x in ids])
+        attn = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids])
+        qf = torch.tensor([x + [0] * (Q - len(x)) for x in qids])
+        qattn = torch.tensor([[1] * len(x) + [0] * (Q - len(x)) for x in qids])
+        out = dict(pixel_values=pix, input_ids=input_ids, attention_mask=attn, qformer_input_ids=qf, qformer_attention_mask=qattn)
+        if with_target:
+            tg = [tok.encode(b[2]).ids for b in batch]
+            T = max(map(len, tg))
+            out["labels"] = torch.tensor([x + [-100] * (T - len(x)) for x in tg])
+        return out
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+
+    def lr_at(step):
+        if step <= args.warmup:
+            return args.lr * step / max(1, args.warmup)
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * p))
+
+    def evaluate():
+        model.eval()
+        by = collections.defaultdict(lambda: [0, 0])
+        with torch.no_grad():
+            for i in range(0, len(test), 100):
+                chunk = test[i : i + 100]
+                enc = encode([(c[0], c[1], c[2]) for c in chunk], with_target=False)
+                gen = model.generate(**enc, max_new_tokens=3, num_beams=1, do_sample=False)
+                for c, g in zip(chunk, gen.tolist()):
+                    g = [t for t in g if t > 1]
+                    ans = tok.decode(g)
+                    by[c[3]][0] += int(ans.strip() == c[2])
+                    by[c[3]][1] += 1
+        model.train()
+        tot = sum(v[0] for v in by.values()) / sum(v[1] for v in by.values())
+        return tot, {k: round(v[0] / v[1], 3) for k, v in sorted(by.items())}
+
+    model.train()
+    step = 0
+    t0 = time.time()
+    losses = []
+    warm = [i for i, t in enumerate(train) if args.warm_types and t[3] in args.warm_types.split(",")]
+    while step < args.steps:
+        order = list(range(len(train))) if step >= args.warm_steps else list(warm)
+        random.shuffle(order)
+        for i in range(0, len(order) - args.batch + 1, args.batch):
+            batch = [train[j] for j in order[i : i + args.batch]]
+            enc = encode(batch)
+            loss = model(**enc).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            step += 1
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.step()
+            losses.append(loss.item())
+            if step % 100 == 0:
+                print(f"step {step} loss {np.mean(losses[-100:]):.3f} {time.time() - t0:.0f}s", flush=True)
+            if args.eval_every and step % args.eval_every == 0:
+                print("  eval", evaluate(), flush=True)
+            if step >= args.steps or step == args.warm_steps:
+                break
+    print("final", evaluate(), f"{time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
