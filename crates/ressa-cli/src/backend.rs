@@ -36,6 +36,34 @@ impl Default for BackendKind {
     }
 }
 
+impl BackendKind {
+    /// Whether tensors live in host memory (flex, ndarray).
+    pub fn is_cpu(self) -> bool {
+        match self {
+            #[cfg(feature = "flex")]
+            BackendKind::Flex => true,
+            #[cfg(feature = "ndarray")]
+            BackendKind::Ndarray => true,
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => false,
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => false,
+        }
+    }
+
+    /// `--sparse-kernels` runs host kernels: an error on a GPU backend.
+    pub fn check_sparse_kernels(self) -> anyhow::Result<()> {
+        if !self.is_cpu() {
+            anyhow::bail!(
+                "--sparse-kernels: the sparse kernels run on the CPU; use --backend flex or ndarray, not {}",
+                self.to_possible_value()
+                    .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_string())
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Runs `$body` with the type alias `B` and value `device` bound to the chosen backend.
 #[macro_export]
 macro_rules! with_backend {

@@ -46,6 +46,7 @@ use ressa_data::text::{Batch as TokenBatch, TextTokenizer};
 use ressa_eval::Task;
 use ressa_eval::formats::{self, CaptionPrediction, CocoCaptions, VqaPrediction};
 use ressa_models::generate::{GenerationConfig, SpecialTokens, answer_tokens, generate, input_len};
+use ressa_models::sparse_kernels::KernelRows;
 use ressa_models::{ModelConfig, Pretrained, VlmInputs};
 
 use crate::backend::BackendKind;
@@ -108,6 +109,10 @@ pub struct Args {
     /// Image decoding threads (0 = number of CPUs).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Run pruned linears with the packed sparse CPU kernels (CSR / bitmask / N:M, or dense
+    /// where the cost model says so); flex and ndarray backends only.
+    #[arg(long)]
+    sparse_kernels: bool,
 }
 
 fn parse_task(s: &str) -> Result<Task, String> {
@@ -248,6 +253,9 @@ fn to_eval_id(id: &Id) -> ressa_eval::Id {
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     // The model error's message already carries its cause; `{e}` keeps the line single.
+    if args.sparse_kernels {
+        kind.check_sparse_kernels()?;
+    }
     let config =
         ModelConfig::from_file(&args.model.join("config.json")).map_err(|e| anyhow!("{e}"))?;
     let dec = decoding(&args, config.text.is_decoder_only())?;
@@ -336,7 +344,7 @@ fn predict<B: Backend>(
     device: &B::Device,
 ) -> Result<(Vec<Option<String>>, usize)> {
     // The model error's message already carries its cause; `{e}` keeps the line single.
-    let pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
+    let mut pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
     let decoder_only = pretrained.model.language_model.is_decoder_only();
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let image_size = pretrained.config.vision.image_size;
@@ -364,6 +372,23 @@ fn predict<B: Backend>(
     } else {
         None
     };
+    if args.sparse_kernels {
+        // kernels are chosen for a full batch and the mean prompt length of the first items
+        let sample = &entries[..entries.len().min(64)];
+        let mut prompt_tokens = 0;
+        for e in sample {
+            prompt_tokens += tokenizer.encode(&e.prompt)?.len();
+        }
+        let batch = args.batch_size.min(entries.len()).max(1);
+        crate::generate::use_sparse_kernels(
+            &mut pretrained.model,
+            KernelRows {
+                images: batch,
+                decode: batch * dec.generation.num_beams,
+                prompt: prompt_tokens.div_ceil(sample.len().max(1)),
+            },
+        )?;
+    }
     let texts = Texts {
         input: Some(TextEncoder {
             tokenizer: Arc::clone(&tokenizer),

@@ -14,7 +14,8 @@ use burn::prelude::*;
 use ressa_data::image::{ImageProcessorConfig, load_rgb};
 use ressa_data::text::TextTokenizer;
 use ressa_models::generate::{GenerationConfig, SpecialTokens, answer_tokens, generate, input_len};
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::sparse_kernels::KernelRows;
+use ressa_models::{InstructBlip, Pretrained, VlmInputs};
 
 use crate::backend::BackendKind;
 use crate::with_backend;
@@ -46,6 +47,10 @@ pub struct Args {
     /// Repetition penalty (HF `repetition_penalty`; LAVIS uses 1.5). 1.0 disables it.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Run pruned linears with the packed sparse CPU kernels (CSR / bitmask / N:M, or dense
+    /// where the cost model says so); flex and ndarray backends only.
+    #[arg(long)]
+    sparse_kernels: bool,
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
@@ -57,11 +62,14 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     if args.beams == 0 || args.max_new_tokens == 0 {
         bail!("--beams and --max-new-tokens must be at least 1");
     }
+    if args.sparse_kernels {
+        kind.check_sparse_kernels()?;
+    }
     with_backend!(kind, |device: B| run_on::<B>(&args, &device))
 }
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let pretrained = Pretrained::<B>::load(&args.model, device)?;
+    let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
     let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let image = load_rgb(&args.image)?;
@@ -71,6 +79,16 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 
     let ids = tokenizer.encode(&args.prompt)?;
     let n = ids.len();
+    if args.sparse_kernels {
+        use_sparse_kernels(
+            &mut pretrained.model,
+            KernelRows {
+                images: 1,
+                decode: args.beams,
+                prompt: n,
+            },
+        )?;
+    }
     let input_ids = ressa_models::nn::ids_tensor::<B>(&[ids], device);
     let qformer_text = if pretrained.model.qformer.reads_text() {
         let qtok =
@@ -121,5 +139,34 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         .decode(&answer)
         .context("decoding the generated tokens")?;
     println!("{}", text.trim());
+    Ok(())
+}
+
+/// `--sparse-kernels`: packs the model's pruned linears and logs how many got each kernel.
+pub(crate) fn use_sparse_kernels<B: Backend>(
+    model: &mut InstructBlip<B>,
+    rows: KernelRows,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    // The model error's message already carries its cause; `{e}` keeps the line single.
+    let report = model
+        .use_sparse_kernels(rows)
+        .map_err(|e| anyhow::anyhow!("--sparse-kernels: {e}"))?;
+    let counts = report.counts().map(|(_, n)| n);
+    tracing::info!(
+        dense = counts[0],
+        csr = counts[1],
+        bitmask = counts[2],
+        nm = counts[3],
+        unpacked = report.unpacked,
+        ms = start.elapsed().as_millis() as u64,
+        "sparse kernels"
+    );
+    for l in &report.layers {
+        tracing::debug!(layer = %l.name, kernel = ?l.kind, rows = l.rows, sparsity = l.sparsity, "packed");
+    }
+    if report.layers.is_empty() {
+        tracing::warn!("--sparse-kernels: no pruned linear (no weight has zeros); nothing packed");
+    }
     Ok(())
 }

@@ -429,3 +429,161 @@ fn score_prints_the_official_metrics() {
         "vqa_annotations.json",
     );
 }
+
+/// `ressa` at `RUST_LOG=info`: the generated token ids and the kernel counts are logged.
+fn ressa_info(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run ressa");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `key=value` field of the log line containing `message`.
+fn log_field(out: &Output, message: &str, key: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(message))
+        .unwrap_or_else(|| panic!("no `{message}` log line: {stderr}"));
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 2;
+    let rest = &line[start..];
+    let end = if rest.starts_with('[') {
+        rest.find(']').unwrap() + 1
+    } else {
+        rest.find(' ').unwrap_or(rest.len())
+    };
+    rest[..end].to_string()
+}
+
+/// `--sparse-kernels` (the pruned linears run by the packed CPU kernels) changes no generated
+/// token: a 70 % magnitude-pruned model (CSR at decode, dense host products elsewhere) and a
+/// 2:4 language-only one (N:M), greedy and beam search; `ressa eval` writes the same
+/// predictions and metrics (VQA and captions).
+#[test]
+fn sparse_kernels_generate_and_eval_the_same() {
+    let src = fixture("instructblip-t5-a");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/data");
+    let (p70, p24) = (tmp.path().join("p70"), tmp.path().join("p24"));
+    for (out, extra) in [
+        (&p70, &["--sparsity", "0.7"][..]),
+        (
+            &p24,
+            &["--sparsity", "0.5", "--pattern", "2:4", "--vision", "0"][..],
+        ),
+    ] {
+        let mut args = vec![
+            "prune",
+            "--model",
+            s(&src),
+            "--method",
+            "magnitude",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        ressa_info(&args);
+    }
+    let image = src.join("image0.png");
+    for (model, kernel) in [(&p70, "csr"), (&p24, "nm")] {
+        for beams in ["1", "3"] {
+            let args = [
+                "generate",
+                "--model",
+                s(model),
+                "--image",
+                s(&image),
+                "--prompt",
+                "question: what is the color of the circle short answer:",
+                "--beams",
+                beams,
+                "--max-new-tokens",
+                "8",
+                "--min-new-tokens",
+                "8",
+            ];
+            let plain = ressa_info(&args);
+            let sparse = ressa_info(&[&args[..], &["--sparse-kernels"]].concat());
+            let what = format!("{} beams {beams}", model.display());
+            assert_eq!(
+                log_field(&plain, "generated", "tokens"),
+                log_field(&sparse, "generated", "tokens"),
+                "{what}"
+            );
+            assert_eq!(plain.stdout, sparse.stdout, "{what}");
+            if beams == "1" {
+                let n: usize = log_field(&sparse, "sparse kernels", kernel)
+                    .parse()
+                    .unwrap();
+                assert!(n > 0, "{what}: no {kernel} kernel chosen");
+            }
+        }
+    }
+
+    let d = |p: &str| data.join(p);
+    let eval = |task: &str, ann: &str, gt: &[&str], extra: &[&str], out: &Path| {
+        let mut args: Vec<String> = [
+            "eval",
+            "--model",
+            s(&p70),
+            "--task",
+            task,
+            "--annotations",
+            s(&d(ann)),
+            "--images",
+            s(&d("images/coco")),
+            "--out",
+            s(out),
+            "--ground-truth",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(gt.iter().map(|g| s(&d(g)).to_string()));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ressa_info(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for (task, ann, gt, extra) in [
+        (
+            "vqav2",
+            "annotations/vqa_val_eval.json",
+            &[
+                "annotations/v2_mscoco_val2014_annotations.json",
+                "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
+            ][..],
+            &["--batch-size", "3"][..],
+        ),
+        (
+            "coco-caption",
+            "annotations/coco_karpathy_test.json",
+            &["annotations/coco_karpathy_test_gt.json"][..],
+            &["--batch-size", "2", "--beams", "3"][..],
+        ),
+    ] {
+        let (a, b) = (
+            tmp.path().join("plain.json"),
+            tmp.path().join("sparse.json"),
+        );
+        let plain = eval(task, ann, gt, extra, &a);
+        let sparse = eval(task, ann, gt, &[extra, &["--sparse-kernels"]].concat(), &b);
+        let csr: usize = log_field(&sparse, "sparse kernels", "csr").parse().unwrap();
+        assert!(csr > 0, "{task}: no CSR kernel chosen");
+        assert_eq!(plain.stdout, sparse.stdout, "{task}: metrics");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{task}: predictions"
+        );
+    }
+}

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod nn;
 pub mod prunable;
 pub mod qformer;
+pub mod sparse_kernels;
 pub mod t5;
 pub mod vit;
 pub mod weights;

@@ -10,10 +10,19 @@
 //! and `M` are frozen. Without a mask the adapter is plain LoRA (the Q-Former's in the paper).
 //! [`Linear::merge`] folds the update into the weight as `W' = (W + s·A·B) ⊙ M`, so the merged
 //! model has exactly the mask's non-zeros (the reference's `merge()` does not re-zero).
+//!
+//! Sparse inference ([`Linear::pack`]): a pruned layer can also hold a host copy of `W ⊙ M`
+//! (and `b`) packed by `ressa_sparse::SparseLinear`, which [`Linear::forward`] then runs instead
+//! of burn's dense matmul. Inference only: the packed copy is not a parameter, is not saved, and
+//! is dropped by [`Linear::merge`]; code that rewrites `weight` otherwise must call
+//! [`Linear::unpack`] (or `pack` again).
+
+use std::sync::Arc;
 
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use ressa_sparse::{KernelKind, Mask, SparseError, SparseLinear, SparsityPattern, is_n_m};
 
 /// A linear layer with an optional (Sparse)LoRA adapter.
 #[derive(Module, Debug)]
@@ -22,6 +31,22 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub adapter: Option<LoraAdapter<B>>,
+    /// Host-packed `W ⊙ M` and `b` for the sparse CPU kernels ([`Linear::pack`]); not a
+    /// parameter, not persistent.
+    #[module(skip)]
+    pub packed: Option<PackedWeight>,
+}
+
+/// A [`SparseLinear`] shared between clones of a layer (its `Debug` prints only the kernel and
+/// shape, so printing a model does not dump the weights).
+#[derive(Clone)]
+pub struct PackedWeight(pub Arc<SparseLinear>);
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (d_in, d_out) = self.0.shape();
+        write!(f, "{:?} [{d_in}, {d_out}]", self.0.kind())
+    }
 }
 
 /// The low-rank update of one [`Linear`].
@@ -46,6 +71,7 @@ impl<B: Backend> From<burn::nn::Linear<B>> for Linear<B> {
             weight: l.weight,
             bias: l.bias,
             adapter: None,
+            packed: None,
         }
     }
 }
@@ -57,6 +83,7 @@ impl<B: Backend> Linear<B> {
             weight: Param::from_tensor(weight),
             bias: bias.map(Param::from_tensor),
             adapter: None,
+            packed: None,
         }
     }
 
@@ -73,8 +100,12 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `x·W_eff + b` over the last dimension.
+    /// `x·W_eff + b` over the last dimension; with a packed weight and no adapter, by the
+    /// packed host kernel ([`Linear::pack`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let (Some(packed), None) = (&self.packed, &self.adapter) {
+            return forward_packed(&packed.0, x);
+        }
         burn::tensor::module::linear(
             x,
             self.effective_weight(),
@@ -91,10 +122,93 @@ impl<B: Backend> Linear<B> {
     /// and drops it. The result is detached (a frozen plain weight).
     pub fn merge(&mut self) {
         if let Some(a) = self.adapter.take() {
+            self.packed = None;
             let merged = a.effective_weight(&self.weight).detach();
             self.weight = Param::initialized(self.weight.id, merged).set_require_grad(false);
         }
     }
+
+    /// Packs `W ⊙ M` (`M` = the non-zeros of `W`) and `b` into a host [`SparseLinear`] that
+    /// [`Linear::forward`] uses from now on, the kernel (CSR, bitmask, N:M or dense) chosen by
+    /// `ressa_sparse`'s measured cost model for calls of `rows` rows (tokens × sequences).
+    /// 2:4 and 4:8 masks are recognised as N:M. Returns the kernel and the zero count, or
+    /// `None` (and packs nothing) when `W` has no zeros or an adapter is attached. Reads the
+    /// weight to the host.
+    pub fn pack(&mut self, rows: usize) -> Result<Option<(KernelKind, usize)>, SparseError> {
+        self.packed = None;
+        if self.adapter.is_some() {
+            return Ok(None);
+        }
+        let [d_in, d_out] = self.dims();
+        let w = host_f32(self.weight.val());
+        let keep: Vec<bool> = w.iter().map(|v| *v != 0.0).collect();
+        let zeros = keep.iter().filter(|k| !**k).count();
+        if zeros == 0 {
+            return Ok(None);
+        }
+        let mask = Mask::from_bools(d_in, d_out, &keep)?;
+        // 2:4 and 4:8 prune exactly half
+        let pattern = [(2, 4), (4, 8)]
+            .into_iter()
+            .filter(|_| 2 * zeros == d_in * d_out)
+            .find(|&(n, m)| is_n_m(&mask, n, m))
+            .map_or(Ok(SparsityPattern::Unstructured), |(n, m)| {
+                SparsityPattern::n_m(n, m)
+            })?;
+        let bias = self.bias.as_ref().map(|b| host_f32(b.val()));
+        let packed = SparseLinear::new(&w, &mask, pattern, bias, rows.max(1))?;
+        let kind = packed.kind();
+        self.packed = Some(PackedWeight(Arc::new(packed)));
+        Ok(Some((kind, zeros)))
+    }
+
+    /// Drops the packed weight: burn's dense matmul again.
+    pub fn unpack(&mut self) {
+        self.packed = None;
+    }
+
+    /// The packed kernel in use, if any.
+    pub fn packed_kind(&self) -> Option<KernelKind> {
+        self.packed.as_ref().map(|p| p.0.kind())
+    }
+}
+
+/// A tensor's values as host `f32`, row-major.
+fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// `x·W + b` by a packed host kernel: `x` is flattened to `[tokens, d_in]` host `f32`, multiplied
+/// on the CPU, and the result uploaded back in `x`'s shape, dtype and device.
+///
+/// Why a host round trip: burn 0.21 has no hook to register a custom CPU op on its backends
+/// that we could use from generic model code, so the kernel runs on a host copy of `x`. That is
+/// cheap where it matters: at decode `x` is a handful of rows (a few KiB) while the weight, the
+/// bulk of the traffic, stays packed on the host and is read once per call. Meant for the CPU
+/// backends (flex, ndarray), where "host" and "device" are the same memory.
+fn forward_packed<B: Backend, const D: usize>(
+    packed: &SparseLinear,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let (d_in, d_out) = packed.shape();
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "linear: input has {} features, the packed weight expects {d_in}",
+        dims[D - 1]
+    );
+    let tokens: usize = dims[..D - 1].iter().product();
+    let (device, dtype) = (x.device(), x.dtype());
+    let y = packed
+        .forward(&host_f32(x), tokens)
+        .expect("operand sizes checked above");
+    let mut shape = dims;
+    shape[D - 1] = d_out;
+    Tensor::from_data(TensorData::new(y, shape), (&device, dtype))
 }
 
 /// Rank and scale of one adapter.
@@ -237,6 +351,109 @@ mod tests {
         let d1: f32 = (l.forward(x.clone()) - pruned).abs().max().into_scalar();
         let d2: f32 = (l.forward_dense(x) - dense).abs().max().into_scalar();
         assert!(d1 < 1e-6 && d2 < 1e-6, "{d1} {d2}");
+    }
+
+    /// `W ⊙ M` of a random linear: the pruned model's layer.
+    fn pruned_linear<BB: Backend>(
+        d_in: usize,
+        d_out: usize,
+        kind: &str,
+        device: &BB::Device,
+    ) -> Linear<BB> {
+        let l = random_linear::<BB>(d_in, d_out, device);
+        let m = keep(d_in, d_out, kind);
+        let m = Tensor::<BB, 2>::from_data(
+            TensorData::new(m.iter().map(|&b| b as u8 as f32).collect(), [d_in, d_out]),
+            device,
+        );
+        Linear::new(l.weight.val() * m, l.bias.map(|b| b.val()))
+    }
+
+    /// Packed and burn paths agree to 1e-5 of `Σ_i |x_i·W_ij| + |b_j|` (the size of the terms
+    /// summed; the kernels add in another order) on ragged shapes, 1 / 3 / 8 tokens, 2-D and
+    /// 3-D inputs, 2:4 and 70 % unstructured masks.
+    #[test]
+    fn packed_kernels_match_the_burn_path() {
+        let device = Default::default();
+        let mut kinds = std::collections::HashSet::new();
+        for (d_in, d_out, kind) in [
+            (36, 37, "2:4"),
+            (132, 65, "2:4"),
+            (45, 29, "unstructured"),
+            (131, 97, "unstructured"),
+        ] {
+            let dense_path = pruned_linear::<B>(d_in, d_out, kind, &device);
+            for tokens in [1, 3, 8] {
+                let mut packed = dense_path.clone();
+                let (k, zeros) = packed.pack(tokens).unwrap().expect("pruned weight packs");
+                kinds.insert(k);
+                let want_zeros = keep(d_in, d_out, kind).iter().filter(|k| !**k).count();
+                assert_eq!(zeros, want_zeros);
+                assert_eq!(packed.packed_kind(), Some(k));
+                let x =
+                    Tensor::<B, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &device);
+                let scale = x.clone().abs().matmul(dense_path.weight.val().abs())
+                    + dense_path
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .val()
+                        .abs()
+                        .unsqueeze::<2>();
+                let what = format!("{kind} {d_in}x{d_out}, {tokens} tokens, {k:?}");
+                let check = |got: Vec<f32>, want: Vec<f32>| {
+                    for ((g, w), s) in got.iter().zip(&want).zip(values(scale.clone())) {
+                        assert!((g - w).abs() <= 1e-5 * s, "{what}: {g} vs {w} (scale {s})");
+                    }
+                };
+                check(
+                    values(packed.forward(x.clone())),
+                    values(dense_path.forward(x.clone())),
+                );
+                // the same through a [2, tokens, d_in] input
+                let x3 = Tensor::stack::<3>(vec![x.clone(), x.clone().neg()], 0);
+                let y3 = packed.forward(x3.clone());
+                assert_eq!(y3.dims(), [2, tokens, d_out]);
+                let want3 = values(dense_path.forward(x3));
+                let got3 = values(y3);
+                let n = tokens * d_out;
+                check(got3[..n].to_vec(), want3[..n].to_vec());
+                check(got3[n..].to_vec(), want3[n..].to_vec());
+            }
+        }
+        // the cost model picked sparse kernels for these (N:M for 2:4 at one token, CSR at 70 %)
+        assert!(
+            kinds.contains(&KernelKind::Nm) && kinds.contains(&KernelKind::Csr),
+            "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn packing_skips_dense_weights_and_yields_to_adapters() {
+        let device = Default::default();
+        let mut dense = random_linear::<B>(16, 8, &device);
+        assert_eq!(dense.pack(1).unwrap(), None);
+        assert!(dense.packed.is_none());
+
+        let mut l = pruned_linear::<B>(16, 8, "unstructured", &device);
+        assert!(l.pack(1).unwrap().is_some());
+        // an adapter takes over the forward pass; merging it drops the stale packed copy
+        let k = keep(16, 8, "unstructured");
+        let mut a = LoraConfig::new(2).init(16, 8, Some(&k), &device);
+        a.lora_b = Param::from_tensor(Tensor::ones([2, 8], &device));
+        l.adapter = Some(a);
+        let x = Tensor::<B, 2>::random([3, 16], Distribution::Normal(0.0, 1.0), &device);
+        let with_adapter = l.forward(x.clone());
+        let expect = burn::tensor::module::linear(
+            x.clone(),
+            l.effective_weight(),
+            l.bias.as_ref().map(|b| b.val()),
+        );
+        assert_eq!(values(with_adapter.clone()), values(expect));
+        l.merge();
+        assert!(l.packed.is_none());
+        let diff: f32 = (l.forward(x) - with_adapter).abs().max().into_scalar();
+        assert!(diff <= 1e-5, "{diff}");
     }
 
     #[test]

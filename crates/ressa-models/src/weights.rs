@@ -546,6 +546,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             weight: Param::from_tensor(weight),
             bias,
             adapter: None,
+            packed: None,
         })
     }
 
