@@ -40,7 +40,10 @@ fn run_and_kill(work: &std::path::Path, after: usize) -> usize {
             child.try_wait().unwrap().is_none(),
             "the study ended before it could be killed"
         );
-        assert!(t.elapsed().as_secs() < 600, "no cell finished in 10 minutes");
+        assert!(
+            t.elapsed().as_secs() < 600,
+            "no cell finished in 10 minutes"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -66,7 +69,10 @@ fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
     let work = tmp.path().join("study");
     // Killed after two cells: the rerun reuses exactly the cells that were written.
     let cached = run_and_kill(&work, 2);
-    assert!((2..9).contains(&cached), "{cached} cells cached at the kill");
+    assert!(
+        (2..9).contains(&cached),
+        "{cached} cells cached at the kill"
+    );
     assert!(!work.join("results.json").exists());
     let (o, first) = run(&work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
