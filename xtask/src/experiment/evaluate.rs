@@ -69,7 +69,7 @@ impl TestSet {
     /// a model that does not read the image can reach ("chance" in the report).
     pub fn blind_baseline(&self, data: &Path) -> Result<Metrics> {
         let train = read_vqa_train(&data.join("annotations/vqa_train.json"))?;
-        let mut by_question = std::collections::BTreeMap::<String, BTreeMap<&str, usize>>::new();
+        let mut by_question = BTreeMap::<String, BTreeMap<&str, usize>>::new();
         let mut overall = BTreeMap::<&str, usize>::new();
         for it in &train {
             let a = it.answer[0].as_str();
