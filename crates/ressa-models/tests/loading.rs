@@ -349,3 +349,77 @@ fn random_checkpoints_load_with_every_tensor_present() {
         .unwrap();
     assert!(w.data.iter().all(|v| v.abs() <= 0.1) && w.data.iter().any(|&v| v != 0.0));
 }
+
+/// A weight stored in compressed-tensors' `sparse-bitmask` layout loads as the dense weight it
+/// encodes (the model's logits-relevant tensors equal), and a broken group is named.
+#[test]
+fn bitmask_compressed_weights_load_and_broken_groups_are_named() {
+    use ressa_sparse::formats::{BitmaskWeight, ValueDtype};
+    let key = "language_model.encoder.block.0.layer.0.SelfAttention.q.weight";
+    let write = |dir: &Path, drop_part: Option<&str>, bad_offsets: bool| {
+        let mut tensors = tensors_of(dir);
+        let (shape, w) = tensors.remove(key).unwrap();
+        let (d_out, d_in) = (shape[0], shape[1]);
+        // Prune every other weight, then pack in burn order [d_in, d_out].
+        let mut burn = vec![0f32; d_in * d_out];
+        for j in 0..d_out {
+            for i in 0..d_in {
+                if (i + j) % 2 == 0 {
+                    burn[i * d_out + j] = w[j * d_in + i];
+                }
+            }
+        }
+        let packed = BitmaskWeight::from_dense(&burn, d_in, d_out).unwrap();
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(k, (s, d))| {
+                let b = d.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (k.clone(), safetensors::Dtype::F32, s.clone(), b)
+            })
+            .collect();
+        for t in packed.to_tensors(key, ValueDtype::F32).unwrap() {
+            if drop_part.is_some_and(|p| t.name.ends_with(p)) {
+                continue;
+            }
+            let mut data = t.data;
+            if bad_offsets && t.name.ends_with(".row_offsets") {
+                data[8] = data[8].wrapping_add(1);
+            }
+            owned.push((t.name, t.dtype, t.shape, data));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(k, dt, s, b)| {
+                let v = safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap();
+                (k.clone(), v)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        burn
+    };
+
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    let burn = write(&dir, None, false);
+    let store = WeightStore::open_dir(&dir).unwrap();
+    assert!(store.is_compressed(key) && store.contains(key));
+    let (shape, _) = store.info(key).unwrap();
+    let got = store.get(key, &shape).unwrap().data;
+    let (d_out, d_in) = (shape[0], shape[1]);
+    for j in 0..d_out {
+        for i in 0..d_in {
+            assert_eq!(got[j * d_in + i], burn[i * d_out + j]);
+        }
+    }
+    Pretrained::<B>::load(&dir, &Default::default()).unwrap();
+
+    let module = key.strip_suffix(".weight").unwrap();
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    write(&dir, Some(".row_offsets"), false);
+    let err = load_err(&dir);
+    assert!(err.contains(&format!("{module}.row_offsets")), "{err}");
+
+    let (_t, dir) = scratch_copy("instructblip-t5-a");
+    write(&dir, None, true);
+    let err = load_err(&dir);
+    assert!(err.contains(key) && err.contains("row_offsets"), "{err}");
+}
