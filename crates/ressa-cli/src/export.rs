@@ -168,47 +168,15 @@ fn export<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let parent = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{}: output directory exists and is not empty",
-            args.out.display()
-        );
-    }
-    std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
-        ressa_models::instructblip::copy_non_weight_files(&args.model, &tmp)?;
+    ressa_models::instructblip::write_dir_atomically(&args.out, |tmp: &Path| -> Result<()> {
+        ressa_models::instructblip::copy_non_weight_files(&args.model, tmp)?;
         let config = tmp.join("config.json");
         ressa_models::instructblip::drop_sparsity_annotation(&config)?;
         if !targets.is_empty() {
             annotate(&config, &args.model, &store, &kept)?;
         }
-        write_file(&tmp.join(SINGLE_FILE), &specs, &store, &targets)?;
-        if args.out.exists() {
-            std::fs::remove_dir(&args.out).with_context(|| args.out.display().to_string())?;
-        }
-        std::fs::rename(&tmp, &args.out).with_context(|| args.out.display().to_string())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result?;
+        write_file(&tmp.join(SINGLE_FILE), &specs, &store, &targets)
+    })?;
 
     let bytes = |dir: &Path| -> u64 {
         std::fs::read_dir(dir)

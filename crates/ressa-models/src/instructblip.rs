@@ -335,6 +335,20 @@ pub fn save_model_dir_with<B: Backend>(
     out: &Path,
     extra: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<()> {
+    write_dir_atomically(out, |tmp: &Path| -> Result<()> {
+        copy_non_weight_files(src, tmp)?;
+        drop_sparsity_annotation(&tmp.join("config.json"))?;
+        write_weights(model, layout, tmp)?;
+        extra(tmp)
+    })
+}
+
+/// Fills a temporary sibling of `out` with `fill` and renames it to `out`, so a failed or
+/// killed run leaves no half-written output; `out` must not exist or be empty.
+pub fn write_dir_atomically<E: From<ModelError>>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -346,7 +360,8 @@ pub fn save_model_dir_with<B: Backend>(
                 std::io::ErrorKind::AlreadyExists,
                 "output directory exists and is not empty",
             ),
-        ));
+        )
+        .into());
     }
     let parent = out
         .parent()
@@ -361,14 +376,11 @@ pub fn save_model_dir_with<B: Backend>(
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        copy_non_weight_files(src, &tmp)?;
-        drop_sparsity_annotation(&tmp.join("config.json"))?;
-        write_weights(model, layout, &tmp)?;
-        extra(&tmp)?;
+        fill(&tmp)?;
         if out.exists() {
             std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e).into())
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

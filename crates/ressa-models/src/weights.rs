@@ -398,24 +398,15 @@ impl WeightStore {
     }
 }
 
-/// f32 values as little-endian bytes of a float dtype (round to nearest even).
+/// f32 values as little-endian bytes of a float dtype (round to nearest even); `None` for a
+/// non-float dtype.
 pub fn encode_f32(values: &[f32], dtype: Dtype) -> Option<Vec<u8>> {
-    Some(match dtype {
-        Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-        Dtype::F64 => values
-            .iter()
-            .flat_map(|x| (*x as f64).to_le_bytes())
-            .collect(),
-        _ => return None,
-    })
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+        return None;
+    }
+    let mut out = Vec::new();
+    encode(values, dtype, &mut out);
+    Some(out)
 }
 
 pub(crate) fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {

@@ -293,22 +293,7 @@ fn dense_gemm(
     d_out: usize,
     y: &mut [f32],
 ) -> Result<(), SparseError> {
-    let x_len = tokens.saturating_mul(d_in);
-    let y_len = tokens.saturating_mul(d_out);
-    if x.len() != x_len {
-        return Err(SparseError::DimMismatch {
-            what: "x = [tokens, d_in]",
-            expected: x_len,
-            got: x.len(),
-        });
-    }
-    if y.len() != y_len {
-        return Err(SparseError::DimMismatch {
-            what: "y = [tokens, d_out]",
-            expected: y_len,
-            got: y.len(),
-        });
-    }
+    crate::kernels::check_operands(x, tokens, d_in, d_out, y)?;
     if y.is_empty() {
         return Ok(());
     }

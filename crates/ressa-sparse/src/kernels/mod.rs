@@ -101,15 +101,15 @@ pub(crate) trait BlockKernel: Sync {
     fn block<const T: usize>(&self, j0: usize, xp: &[[f32; T]], tiles: usize, out: &mut [[f32; T]]);
 }
 
-/// Checks operand sizes, picks the token tile and runs `k`, overwriting `y`.
-pub(crate) fn run<K: BlockKernel>(
-    k: &K,
+/// Checks `x = [tokens, d_in]` and `y = [tokens, d_out]` (an overflowing product cannot match
+/// any buffer length).
+pub(crate) fn check_operands(
     x: &[f32],
     tokens: usize,
-    y: &mut [f32],
+    d_in: usize,
+    d_out: usize,
+    y: &[f32],
 ) -> Result<(), SparseError> {
-    let (d_in, d_out) = (k.d_in(), k.d_out());
-    // an overflowing product cannot match any buffer length
     let x_len = tokens.saturating_mul(d_in);
     let y_len = tokens.saturating_mul(d_out);
     if x.len() != x_len {
@@ -126,7 +126,18 @@ pub(crate) fn run<K: BlockKernel>(
             got: y.len(),
         });
     }
-    if y_len == 0 {
+    Ok(())
+}
+
+/// Checks operand sizes, picks the token tile and runs `k`, overwriting `y`.
+pub(crate) fn run<K: BlockKernel>(
+    k: &K,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+) -> Result<(), SparseError> {
+    check_operands(x, tokens, k.d_in(), k.d_out(), y)?;
+    if y.is_empty() {
         return Ok(());
     }
     match tile_for(tokens) {
