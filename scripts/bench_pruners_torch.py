@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""PyTorch side of the pruner benchmark (`crates/ressa-prune/benches/pruners.rs`): Wanda and
-SparseGPT as the reference implementations do them (locuslab/wanda `prune_wanda` per-output sort
-and `WrappedGPT` statistics; IST-DASLab/sparsegpt `fasterprune`), on a burn-[2048, 5120] layer
-(PyTorch weight [5120, 2048]) with 128 samples x 64 tokens, on the CPU.
+"""PyTorch side of the pruner benchmark (`crates/ressa-prune/benches/pruners.rs`): magnitude,
+Wanda, SparseGPT and DSnoT as the reference implementations do them (locuslab/wanda
+`prune_magnitude` / `prune_wanda` per-output sort and `WrappedGPT` statistics;
+IST-DASLab/sparsegpt `fasterprune`; zyxxmu/DSnoT's row-parallel prune-and-regrow loop, written here
+from the reference notes §7.5, unstructured only), on a burn-[2048, 5120] layer (PyTorch weight
+[5120, 2048]) with 128 samples x 64 tokens, on the CPU.
+
+Prints one JSON object: {"torch", "threads", "device", "times_ms": {criterion id: best ms}}.
 
     python scripts/bench_pruners_torch.py [--threads 2]
 """
@@ -38,6 +42,74 @@ def wanda_prune(w, scaler, sparsity=0.5, prune_n=0, prune_m=0):
         mask.scatter_(1, idx[:, : int(metric.shape[1] * sparsity)], True)
     out = w.clone()
     out[mask] = 0
+    return out
+
+
+def magnitude_prune(w, sparsity=0.5, prune_n=0, prune_m=0):
+    metric = w.abs()
+    if prune_n:
+        mask = torch.zeros_like(metric, dtype=torch.bool)
+        for ii in range(0, metric.shape[1], prune_m):
+            tmp = metric[:, ii:ii + prune_m].float()
+            mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
+    else:
+        thresh = torch.sort(metric.flatten())[0][int(metric.numel() * sparsity)]
+        mask = metric <= thresh
+    out = w.clone()
+    out[mask] = 0
+    return out
+
+
+def dsnot_stats(xs):
+    """Wanda's column norms plus DSnoT's per-input token-sum mean and streaming variance."""
+    scaler, mean, var = torch.zeros(D_IN), torch.zeros(D_IN), torch.zeros(D_IN)
+    n = 0
+    for x in xs:
+        scaler *= n / (n + 1)
+        mean *= n / (n + 1)
+        var *= n / (n + 1)
+        n += 1
+        scaler += torch.norm(x.t().float(), p=2, dim=1) ** 2 / n
+        mean += x.sum(0) / n
+        var += x.var(0, unbiased=False) / n
+    return scaler, mean, var
+
+
+def dsnot_prune(w, scaler, mean, var, sparsity=0.5, max_cycle=100, thr=0.1):
+    """Unstructured DSnoT, all rows at once (reference notes §7.5)."""
+    rows, c = w.shape
+    wanda = w.abs() * torch.sqrt(scaler.reshape(1, -1))
+    k = round(c * sparsity)
+    order = torch.sort(wanda, dim=1, stable=True)[1]
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    prune.scatter_(1, order[:, :k], True)
+    d = w * mean.reshape(1, -1)
+    regrow = torch.where(prune, d, torch.zeros_like(d)) / var.reshape(1, -1)
+    r = torch.sort(regrow, dim=1, stable=True)[1]
+    e = (d * prune).sum(1, keepdim=True)
+    kept = order[:, k:]
+    vals = d.gather(1, kept)
+    t = torch.arange(c - k).expand_as(vals)
+    key = torch.where(vals < 0, t, torch.where(vals == 0, (c - k) + t, 3 * (c - k) - t))
+    p = kept.gather(1, torch.sort(key, dim=1)[1])
+    lo, hi = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), c - 1)
+    head, tail = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), c - k - 1)
+    active = torch.ones(rows, 1, dtype=torch.bool)
+    for _ in range(max_cycle):
+        if not active.any():
+            break
+        pos, neg = e > 0, e < 0
+        g = r.gather(1, torch.where(pos, hi, lo).clamp(0, c - 1))
+        hi, lo = hi - pos.long(), lo + (~pos).long()
+        q = p.gather(1, torch.where(neg, tail, head).clamp(0, c - k - 1))
+        tail, head = tail - neg.long(), head + (~neg).long()
+        active &= (e.abs() > thr) & (lo <= hi) & (head <= tail)
+        dq, dg = d.gather(1, q), d.gather(1, g)
+        prune.scatter_(1, q, prune.gather(1, q) | active)
+        prune.scatter_(1, g, prune.gather(1, g) & ~active)
+        e += torch.where(active, dq - dg, torch.zeros_like(e))
+    out = w.clone()
+    out[prune] = 0
     return out
 
 
@@ -114,17 +186,22 @@ def main():
     xs = [torch.rand(TOKENS, D_IN, generator=g) * 2 - 1 for _ in range(SAMPLES)]
     scaler = wanda_stats(xs)
     h = sparsegpt_stats(xs)
-    out = {
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "wanda_stats_s": timed(lambda: wanda_stats(xs), args.reps),
-        "wanda_prune_unstructured_s": timed(lambda: wanda_prune(w, scaler), args.reps),
-        "wanda_prune_2_4_s": timed(lambda: wanda_prune(w, scaler, prune_n=2, prune_m=4), args.reps),
-        "sparsegpt_stats_s": timed(lambda: sparsegpt_stats(xs), args.reps),
-        "sparsegpt_prune_unstructured_s": timed(lambda: sparsegpt_prune(w, h), 1),
-        "sparsegpt_prune_2_4_s": timed(lambda: sparsegpt_prune(w, h, prune_n=2, prune_m=4), 1),
+    _, mean, var = dsnot_stats(xs)
+    reps = args.reps
+    times_s = {
+        "magnitude_2048x5120/prune_unstructured_0.5": timed(lambda: magnitude_prune(w), reps),
+        "magnitude_2048x5120/prune_2:4": timed(lambda: magnitude_prune(w, prune_n=2, prune_m=4), reps),
+        "wanda_2048x5120/stats_128x64": timed(lambda: wanda_stats(xs), reps),
+        "wanda_2048x5120/prune_unstructured_0.5": timed(lambda: wanda_prune(w, scaler), reps),
+        "wanda_2048x5120/prune_2:4": timed(lambda: wanda_prune(w, scaler, prune_n=2, prune_m=4), reps),
+        "sparsegpt_2048x5120/hessian_128x64": timed(lambda: sparsegpt_stats(xs), reps),
+        "sparsegpt_2048x5120/prune_unstructured_0.5": timed(lambda: sparsegpt_prune(w, h), 1),
+        "sparsegpt_2048x5120/prune_2:4": timed(lambda: sparsegpt_prune(w, h, prune_n=2, prune_m=4), 1),
+        "dsnot_2048x5120/stats_128x64": timed(lambda: dsnot_stats(xs), reps),
+        "dsnot_2048x5120/prune_unstructured_0.5": timed(lambda: dsnot_prune(w, scaler, mean, var), reps),
     }
-    print(json.dumps(out, indent=1))
+    print(json.dumps({"torch": torch.__version__, "threads": args.threads, "device": "cpu",
+                      "times_ms": {k: 1000 * v for k, v in times_s.items()}}))
 
 
 if __name__ == "__main__":

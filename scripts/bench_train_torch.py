@@ -5,7 +5,9 @@ language linear (50 % unstructured masks, W_eff = (W + s·A·B) ⊙ M materialis
 reference does), plain LoRA on the Q-Former, all base weights frozen. One step = student forward,
 teacher forward on the dense path under no_grad, (1 − λ)·CE + λ·KL, backward, AdamW.
 
-    python scripts/bench_train_torch.py [--threads N]
+Prints one JSON object: {"torch", "threads", "device", "times_ms": {"ressa_step_bench_small_b2": median ms}}.
+
+    python scripts/bench_train_torch.py [--threads N] [--device cpu|cuda]
 """
 import argparse
 import json
@@ -70,21 +72,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    dev = args.device
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = InstructBlipForConditionalGeneration(config())
     for p in model.parameters():
         p.requires_grad_(False)
     loras = wrap(model)
+    model.to(dev)
     params = [p for l in loras for p in (l.lora_A, l.lora_B)]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     b, lq, lp, ld = 2, 12, 24, 16
-    pixel_values = torch.randn(b, 3, 112, 112)
-    qids = torch.randint(4, 1000, (b, lq))
-    ids = torch.cat([torch.full((b, 32), 1999), torch.randint(4, 1990, (b, lp))], dim=1)
-    dec = torch.randint(4, 1990, (b, ld))
-    targets = torch.randint(4, 1990, (b, ld))
+    pixel_values = torch.randn(b, 3, 112, 112, device=dev)
+    qids = torch.randint(4, 1000, (b, lq), device=dev)
+    ids = torch.cat([torch.full((b, 32), 1999, device=dev), torch.randint(4, 1990, (b, lp), device=dev)], dim=1)
+    dec = torch.randint(4, 1990, (b, ld), device=dev)
+    targets = torch.randint(4, 1990, (b, ld), device=dev)
     lam = 0.1
 
     def step():
@@ -102,17 +107,23 @@ def main():
         loss.backward()
         opt.step()
 
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
     model.train()
     for _ in range(3):
         step()
     times = []
     for _ in range(args.iters):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"torch": torch.__version__, "threads": args.threads,
-                      "median_ms": 1000 * times[len(times) // 2], "min_ms": 1000 * times[0]}))
+    print(json.dumps({"torch": torch.__version__, "threads": args.threads, "device": dev,
+                      "times_ms": {"ressa_step_bench_small_b2": 1000 * times[len(times) // 2]}}))
 
 
 if __name__ == "__main__":

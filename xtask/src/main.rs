@@ -4,12 +4,16 @@
 //!   an HF model directory with random weights for `CONFIG.json` (benchmarks and memory tests
 //!   of full-width models without a download); `--like` copies the tokenizers and
 //!   preprocessor config of another model directory.
+//! - `bench [--backend cpu|cuda|wgpu]... [--quick] [--filter REGEX] [--python PY] [--no-torch]`:
+//!   the criterion benches of every crate per backend plus the PyTorch scripts for the same
+//!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json`.
 //! - `experiment CONFIG.toml`: a whole pruning study (data, dense model, pruning grid, RESSA,
 //!   evaluation), cached by content hash, with `results.json`, `report.md` and plots.
 //! - `shapes --out DIR [--seed N] [--train N --val N --test N] [--image-size N]
 //!   [--model-image-size N] [--noise N] [--max-shapes N]`: the procedural shapes dataset
 //!   (images, LAVIS annotations, tokenizers, preprocessor config; see `ressa_data::shapes`).
 
+mod bench;
 mod experiment;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +33,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Run the benchmarks and write docs/benchmarks.md (ratios measured in one run).
+    Bench {
+        /// Backends to measure (repeatable; default cpu). GPU backends build with that feature.
+        #[arg(long = "backend", value_enum)]
+        backends: Vec<bench::Backend>,
+        /// criterion `--quick`: fewer samples, a rough run in minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Only benchmarks whose id matches this regex (criterion's filter).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Python with torch and transformers for the PyTorch side.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// Skip the PyTorch side.
+        #[arg(long)]
+        no_torch: bool,
+        /// The report (the raw numbers go beside it as .json).
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// Run a pruning study described by a TOML file (e.g. configs/shapes-tiny.toml).
     Experiment {
         /// The study's TOML file.
@@ -103,6 +128,21 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().task {
+        Task::Bench {
+            backends,
+            quick,
+            filter,
+            python,
+            no_torch,
+            out,
+        } => bench::run(bench::BenchArgs {
+            backends,
+            quick,
+            filter,
+            python,
+            no_torch,
+            out,
+        }),
         Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),
         Task::RandomCheckpoint {
             config,

@@ -1,5 +1,6 @@
-//! Wanda and SparseGPT on a FlanT5-XL FFN-sized layer: burn weight `[2048, 5120]`
-//! (`d_in = 2048`, `d_out = 5120`), 128 calibration samples of 64 tokens.
+//! Every pruner on a FlanT5-XL FFN-sized layer: burn weight `[2048, 5120]` (`d_in = 2048`,
+//! `d_out = 5120`), 128 calibration samples of 64 tokens: the statistics pass (`stats_*`) and the
+//! mask selection (`prune_*`) timed apart. The PyTorch side is `scripts/bench_pruners_torch.py`.
 //!
 //! `cargo bench -p ressa-prune --bench pruners`
 
@@ -7,7 +8,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ressa_prune::{
-    PruneSpec, Pruner, SparseGptConfig, SparseGptPruner, WandaConfig, WandaPruner, Weights,
+    DsnotConfig, DsnotPruner, MagnitudeConfig, MagnitudePruner, PruneSpec, Pruner,
+    SparseGptConfig, SparseGptPruner, WandaConfig, WandaPruner, Weights,
 };
 
 const D_IN: usize = 2048;
@@ -41,6 +43,17 @@ fn bench(c: &mut Criterion) {
     let weights = Weights::new(&w, D_IN, D_OUT).unwrap();
     let half = PruneSpec::unstructured(0.5).unwrap();
     let two_four = PruneSpec::n_m(2, 4).unwrap();
+
+    let mut g = c.benchmark_group("magnitude_2048x5120");
+    g.sample_size(10);
+    let magnitude = MagnitudePruner::new(D_IN, MagnitudeConfig::default()).unwrap();
+    g.bench_function("prune_unstructured_0.5", |b| {
+        b.iter(|| magnitude.prune(weights, &half).unwrap())
+    });
+    g.bench_function("prune_2:4", |b| {
+        b.iter(|| magnitude.prune(weights, &two_four).unwrap())
+    });
+    g.finish();
 
     let mut g = c.benchmark_group("wanda_2048x5120");
     g.sample_size(10);
@@ -77,6 +90,25 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("prune_2:4", |b| {
         b.iter(|| sgpt.prune(weights, &two_four).unwrap())
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("dsnot_2048x5120");
+    g.sample_size(10);
+    g.bench_function("stats_128x64", |b| {
+        b.iter(|| {
+            let mut p = DsnotPruner::new(D_IN, DsnotConfig::default()).unwrap();
+            feed(&mut p, &xs);
+            p
+        })
+    });
+    let mut dsnot = DsnotPruner::new(D_IN, DsnotConfig::default()).unwrap();
+    feed(&mut dsnot, &xs);
+    g.bench_function("prune_unstructured_0.5", |b| {
+        b.iter(|| dsnot.prune(weights, &half).unwrap())
+    });
+    g.bench_function("prune_2:4", |b| {
+        b.iter(|| dsnot.prune(weights, &two_four).unwrap())
     });
     g.finish();
 }

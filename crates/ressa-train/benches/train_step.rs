@@ -3,6 +3,8 @@
 //! LoRA): student forward, teacher forward on the dense path, CE + KL, backward, AdamW.
 //! Batch 2, 112 px images, 12 Q-Former tokens, 24 prompt tokens, 16 target tokens. The PyTorch
 //! side is `scripts/bench_train_torch.py` with the same shapes and adapters.
+//!
+//! Backends: Flex always; Wgpu and Cuda with the crate features of those names.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,16 +22,22 @@ use ressa_train::batch::TrainBatch;
 use ressa_train::sparse_lora::attach;
 use ressa_train::trainer::{apply_update, forward_backward};
 
-type AD = Autodiff<Flex>;
-
 fn step(c: &mut Criterion) {
+    step_on::<Flex>(c, "flex");
+    #[cfg(feature = "wgpu")]
+    step_on::<burn::backend::Wgpu>(c, "wgpu");
+    #[cfg(feature = "cuda")]
+    step_on::<burn::backend::Cuda>(c, "cuda");
+}
+
+fn step_on<B: Backend>(c: &mut Criterion, backend: &str) {
     let device = Default::default();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/bench-small");
     let cfg = ModelConfig::from_file(&root.join("config.json")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(root.join("config.json"), dir.path().join("config.json")).unwrap();
-    write_random_checkpoint::<Flex>(&cfg, dir.path(), 0, 0.05, &device).unwrap();
-    let mut model = Pretrained::<AD>::load(dir.path(), &device).unwrap().model;
+    write_random_checkpoint::<B>(&cfg, dir.path(), 0, 0.05, &device).unwrap();
+    let mut model = Pretrained::<Autodiff<B>>::load(dir.path(), &device).unwrap().model;
     // 50 % unstructured masks on the vision and language towers.
     let mut masks = BTreeMap::new();
     for (si, stack) in model.stacks().iter().enumerate() {
@@ -63,7 +71,7 @@ fn step(c: &mut Criterion) {
                     .collect()
             })
             .collect();
-        ressa_models::nn::ids_tensor::<AD>(&rows, &device)
+        ressa_models::nn::ids_tensor::<Autodiff<B>>(&rows, &device)
     };
     let size = cfg.vision.image_size;
     let vocab = cfg.text.as_t5().unwrap().vocab_size;
@@ -88,7 +96,7 @@ fn step(c: &mut Criterion) {
         tokens: b * ld,
     };
     let mut opt = AdamW::new(train.adamw);
-    c.bench_function("ressa_step_bench_small_b2/flex", |bench| {
+    c.bench_function(&format!("ressa_step_bench_small_b2/{backend}"), |bench| {
         bench.iter(|| {
             let (mut grads, loss) = forward_backward(&mut model, &batch, &train);
             apply_update(&mut model, &mut grads, &mut opt, 1e-4, None);
