@@ -346,15 +346,10 @@ fn predict<B: Backend>(
     // The model error's message already carries its cause; `{e}` keeps the line single.
     let mut pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
     let decoder_only = pretrained.model.language_model.is_decoder_only();
-    let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
-    let image_size = pretrained.config.vision.image_size;
-    if processor.output_size() != (image_size, image_size) {
-        bail!(
-            "{}: size {:?} does not match the vision model's image_size {image_size}",
-            args.model.join("preprocessor_config.json").display(),
-            processor.output_size()
-        );
-    }
+    let processor = ImageProcessorConfig::from_file_for(
+        &args.model.join("preprocessor_config.json"),
+        pretrained.config.vision.image_size,
+    )?;
     let tokens = SpecialTokens::from_config(&pretrained.config.text);
     let tokenizer = Arc::new(TextTokenizer::from_file(
         &args.model.join("tokenizer.json"),

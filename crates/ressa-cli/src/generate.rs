@@ -70,7 +70,10 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
 
 fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
-    let processor = ImageProcessorConfig::from_file(&args.model.join("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::from_file_for(
+        &args.model.join("preprocessor_config.json"),
+        pretrained.config.vision.image_size,
+    )?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let image = load_rgb(&args.image)?;
     let (h, w) = processor.output_size();
@@ -142,7 +145,8 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-/// `--sparse-kernels`: packs the model's pruned linears and logs how many got each kernel.
+/// `--sparse-kernels`: packs the model's pruned linears, frees their dense copies, and logs how
+/// many got each kernel.
 pub(crate) fn use_sparse_kernels<B: Backend>(
     model: &mut InstructBlip<B>,
     rows: KernelRows,
@@ -150,7 +154,8 @@ pub(crate) fn use_sparse_kernels<B: Backend>(
     let start = std::time::Instant::now();
     // The model error's message already carries its cause; `{e}` keeps the line single.
     let report = model
-        .use_sparse_kernels(rows)
+        // Inference only from here on: each packed layer's dense copy is freed.
+        .use_sparse_kernels(rows, true)
         .map_err(|e| anyhow::anyhow!("--sparse-kernels: {e}"))?;
     let counts = report.counts().map(|(_, n)| n);
     tracing::info!(

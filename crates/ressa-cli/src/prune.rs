@@ -217,7 +217,10 @@ fn samples<B: Backend>(
         );
     }
     let dir = &pretrained.dir;
-    let processor = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::from_file_for(
+        &dir.join("preprocessor_config.json"),
+        pretrained.config.vision.image_size,
+    )?;
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
     let qformer_tokenizer = if pretrained.model.qformer.reads_text() {
         Some(TextTokenizer::from_file(

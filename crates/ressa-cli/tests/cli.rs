@@ -270,6 +270,31 @@ fn bad_inputs_fail_with_one_line() {
         "/nonexistent/model/config.json",
     );
     let tmp = tempfile::tempdir().unwrap();
+    // A preprocessor whose size differs from the vision model's image_size (a panic in the
+    // patch embedding before it was checked).
+    let mismatched = tmp.path().join("mismatched");
+    std::fs::create_dir(&mismatched).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, mismatched.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let pre = mismatched.join("preprocessor_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&pre).unwrap()).unwrap();
+    cfg["size"] = serde_json::json!({"height": 48, "width": 48});
+    std::fs::write(&pre, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = ressa(&[
+        "generate",
+        "--model",
+        s(&mismatched),
+        "--image",
+        s(&img),
+        "--prompt",
+        prompt,
+    ]);
+    assert_clean_error(&out, "preprocessor_config.json: field `size`: 48×48");
+    assert_clean_error(&out, "image_size 32");
     assert_clean_error(
         &ressa(&[
             "logits",

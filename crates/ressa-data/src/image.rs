@@ -123,6 +123,23 @@ impl ImageProcessorConfig {
     pub fn output_size(&self) -> (usize, usize) {
         (self.size.height, self.size.width)
     }
+
+    /// [`ImageProcessorConfig::from_file`] for a vision model that takes `image_size` ×
+    /// `image_size` pixels: a `size` that differs is an error naming the file and both sizes.
+    pub fn from_file_for(path: &Path, image_size: usize) -> Result<Self> {
+        let cfg = Self::from_file(path)?;
+        if cfg.output_size() != (image_size, image_size) {
+            return Err(DataError::Field {
+                path: path.to_path_buf(),
+                field: "size".into(),
+                message: format!(
+                    "{}×{} does not match the vision model's image_size {image_size}",
+                    cfg.size.height, cfg.size.width
+                ),
+            });
+        }
+        Ok(cfg)
+    }
 }
 
 /// Decodes an image file (PNG, JPEG) to RGB; alpha is dropped as PIL's `convert("RGB")` does.

@@ -37,6 +37,9 @@ pub struct Linear<B: Backend> {
     pub packed: Option<PackedWeight>,
 }
 
+const RELEASED: &str =
+    "linear: the dense weight was released for sparse inference (Linear::release_dense)";
+
 /// A [`SparseLinear`] shared between clones of a layer (its `Debug` prints only the kernel and
 /// shape, so printing a model does not dump the weights).
 #[derive(Clone)]
@@ -89,11 +92,37 @@ impl<B: Backend> Linear<B> {
 
     /// `[d_in, d_out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match &self.packed {
+            Some(p) if self.dense_released() => {
+                let (d_in, d_out) = p.0.shape();
+                [d_in, d_out]
+            }
+            _ => self.weight.dims(),
+        }
+    }
+
+    /// Whether burn's copy of the weight was freed ([`Linear::release_dense`]).
+    pub fn dense_released(&self) -> bool {
+        self.packed.is_some() && self.weight.dims() == [0, 0]
+    }
+
+    /// Frees burn's dense copy of a packed weight, so sparse inference holds the packed form
+    /// only. Inference only and final: the layer keeps its packed kernel ([`Linear::unpack`]
+    /// is then a no-op), and the dense-weight paths (`effective_weight`, `forward_dense`,
+    /// `merge`, saving) must not be used on it. Returns whether anything was freed.
+    pub fn release_dense(&mut self) -> bool {
+        if self.packed.is_none() || self.dense_released() {
+            return false;
+        }
+        let device = self.weight.device();
+        self.weight = Param::initialized(self.weight.id, Tensor::zeros([0, 0], &device))
+            .set_require_grad(false);
+        true
     }
 
     /// The weight the forward pass uses: `W`, or with an adapter `(W + s·A·B) ⊙ M`.
     pub fn effective_weight(&self) -> Tensor<B, 2> {
+        assert!(!self.dense_released(), "{RELEASED}");
         match &self.adapter {
             None => self.weight.val(),
             Some(a) => a.effective_weight(&self.weight),
@@ -115,6 +144,7 @@ impl<B: Backend> Linear<B> {
 
     /// The dense path (teacher): `x·W + b`, no mask, no adapter.
     pub fn forward_dense<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        assert!(!self.dense_released(), "{RELEASED}");
         burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 
@@ -122,6 +152,7 @@ impl<B: Backend> Linear<B> {
     /// and drops it. The result is detached (a frozen plain weight).
     pub fn merge(&mut self) {
         if let Some(a) = self.adapter.take() {
+            assert!(!self.dense_released(), "{RELEASED}");
             self.packed = None;
             let merged = a.effective_weight(&self.weight).detach();
             self.weight = Param::initialized(self.weight.id, merged).set_require_grad(false);
@@ -135,6 +166,13 @@ impl<B: Backend> Linear<B> {
     /// `None` (and packs nothing) when `W` has no zeros or an adapter is attached. Reads the
     /// weight to the host.
     pub fn pack(&mut self, rows: usize) -> Result<Option<(KernelKind, usize)>, SparseError> {
+        if self.dense_released() {
+            return Err(SparseError::InvalidFormat {
+                format: "linear",
+                field: "weight",
+                message: "the dense weight was released; it cannot be packed again".into(),
+            });
+        }
         self.packed = None;
         if self.adapter.is_some() {
             return Ok(None);
@@ -162,9 +200,12 @@ impl<B: Backend> Linear<B> {
         Ok(Some((kind, zeros)))
     }
 
-    /// Drops the packed weight: burn's dense matmul again.
+    /// Drops the packed weight: burn's dense matmul again (not after [`Linear::release_dense`]:
+    /// then the layer stays packed).
     pub fn unpack(&mut self) {
-        self.packed = None;
+        if !self.dense_released() {
+            self.packed = None;
+        }
     }
 
     /// The packed kernel in use, if any.
@@ -426,6 +467,29 @@ mod tests {
             kinds.contains(&KernelKind::Nm) && kinds.contains(&KernelKind::Csr),
             "{kinds:?}"
         );
+    }
+
+    /// After `release_dense` the layer holds the packed form only: same outputs and dims, no
+    /// dense tensor, and it cannot be unpacked or packed again.
+    #[test]
+    fn released_dense_weight_keeps_the_packed_forward() {
+        let device = Default::default();
+        let dense_path = pruned_linear::<B>(36, 37, "2:4", &device);
+        let x = Tensor::<B, 2>::random([3, 36], Distribution::Normal(0.0, 1.0), &device);
+        let mut l = dense_path.clone();
+        assert!(!l.release_dense(), "nothing to release before packing");
+        l.pack(3).unwrap().unwrap();
+        let before = values(l.forward(x.clone()));
+        assert!(l.release_dense());
+        assert!(l.dense_released());
+        assert_eq!(l.weight.dims(), [0, 0]);
+        assert_eq!(l.dims(), [36, 37]);
+        assert_eq!(values(l.forward(x.clone())), before);
+        l.unpack();
+        assert!(l.packed.is_some(), "a released layer stays packed");
+        let err = l.pack(3).unwrap_err().to_string();
+        assert!(err.contains("released"), "{err}");
+        assert!(!l.release_dense(), "released once");
     }
 
     #[test]

@@ -63,7 +63,15 @@ impl<B: Backend> InstructBlip<B> {
     ///
     /// For CPU inference (flex, ndarray): every packed layer then round-trips its input through
     /// host memory. Call it after the weights are final; it reads each weight to the host once.
-    pub fn use_sparse_kernels(&mut self, rows: KernelRows) -> Result<SparseKernelReport> {
+    ///
+    /// With `release_dense`, each layer's dense copy is freed as soon as it is packed
+    /// ([`crate::linear::Linear::release_dense`]), so memory never holds both forms of the
+    /// model; the model is then for inference only.
+    pub fn use_sparse_kernels(
+        &mut self,
+        rows: KernelRows,
+        release_dense: bool,
+    ) -> Result<SparseKernelReport> {
         let images = rows.images.max(1);
         let patches = self.vision_model.embeddings.position_embedding.dims()[1];
         let queries = self.query_tokens.dims()[1];
@@ -85,6 +93,9 @@ impl<B: Backend> InstructBlip<B> {
                         .map_err(|e| ModelError::Input(format!("{name}: {e}")))?;
                     match kind {
                         Some((kind, zeros)) => {
+                            if release_dense {
+                                linear.release_dense();
+                            }
                             let [d_in, d_out] = linear.dims();
                             report.layers.push(PackedLayer {
                                 name,
@@ -101,7 +112,8 @@ impl<B: Backend> InstructBlip<B> {
         Ok(report)
     }
 
-    /// Drops every packed weight ([`InstructBlip::use_sparse_kernels`] undone).
+    /// Drops every packed weight ([`InstructBlip::use_sparse_kernels`] undone; layers whose
+    /// dense weight was released stay packed).
     pub fn drop_sparse_kernels(&mut self) {
         for (s, stack) in self.stacks().into_iter().enumerate() {
             for b in 0..stack.blocks {

@@ -224,8 +224,11 @@ pub fn train_data<B: Backend>(
     model: &ressa_models::InstructBlip<B>,
     data: &DataConfig,
 ) -> Result<TrainData, String> {
-    let processor = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))
-        .map_err(|e| e.to_string())?;
+    let processor = ImageProcessorConfig::from_file_for(
+        &dir.join("preprocessor_config.json"),
+        config.vision.image_size,
+    )
+    .map_err(|e| e.to_string())?;
     let text_cfg = &config.text;
     let tok = tokenizer(dir.join("tokenizer.json"))?;
     let decoder_only = model.language_model.is_decoder_only();
