@@ -5,7 +5,9 @@
 //! Dense baselines: burn's Flex backend `matmul` (what the models run), `SparseLinear`'s dense
 //! path (`linear_dense`: the plain loop at 1 token, faer's gemm above) and this crate's plain
 //! dense loop (`loop`). Sparse: CSR, bitmask
-//! (compressed-tensors layout), N:M (2:4 only), and `SparseLinear` with its measured pick.
+//! (compressed-tensors layout), N:M (2:4 only), and `SparseLinear` with its measured pick;
+//! at 70 % and 2:4 also CSR and N:M compiled for the baseline target (`*_baseline`) next to
+//! the AVX2 build the kernels pick at run time.
 //! Weights stay cache-warm between iterations, as in a criterion loop.
 //!
 //! `cargo bench -p ressa-sparse --bench kernels`
@@ -22,7 +24,10 @@ use rand::{Rng, SeedableRng};
 use ressa_sparse::formats::{
     BitmaskWeight, CsrWeight, NmWeight, SparseFormat, ValueDtype, serialize_bitmask,
 };
-use ressa_sparse::kernels::{SparseLinear, matmul_bitmask, matmul_csr, matmul_dense, matmul_nm};
+use ressa_sparse::kernels::{
+    SimdLevel, SparseLinear, force_simd_level, matmul_bitmask, matmul_csr, matmul_dense, matmul_nm,
+    simd_level,
+};
 use ressa_sparse::{Mask, SparsityPattern};
 
 const D_IN: usize = 2048;
@@ -136,6 +141,19 @@ fn bench(c: &mut Criterion) {
                 g.bench_with_input(BenchmarkId::new("nm", t), &t, |b, &t| {
                     b.iter(|| black_box(matmul_nm(x, t, nm).unwrap()))
                 });
+            }
+            // the same loops compiled for the baseline target instead of AVX2
+            if matches!(name, "unstructured_70" | "2:4") && simd_level() == SimdLevel::Avx2 {
+                force_simd_level(SimdLevel::Baseline);
+                g.bench_with_input(BenchmarkId::new("csr_baseline", t), &t, |b, &t| {
+                    b.iter(|| black_box(matmul_csr(x, t, &csr).unwrap()))
+                });
+                if let Some(nm) = &nm {
+                    g.bench_with_input(BenchmarkId::new("nm_baseline", t), &t, |b, &t| {
+                        b.iter(|| black_box(matmul_nm(x, t, nm).unwrap()))
+                    });
+                }
+                force_simd_level(SimdLevel::Avx2);
             }
             let auto = SparseLinear::new(&w, &mask, pattern, None, t).unwrap();
             let id = format!("auto_{:?}", auto.kind()).to_lowercase();

@@ -122,6 +122,7 @@ impl BlockKernel for BitmaskWeight {
         self.nnz()
     }
 
+    #[inline(always)]
     fn block<const T: usize>(
         &self,
         j0: usize,

@@ -87,6 +87,7 @@ impl BlockKernel for DenseRef<'_> {
         (4096 / tile).clamp(16, per_thread.max(16))
     }
 
+    #[inline(always)]
     fn block<const T: usize>(
         &self,
         j0: usize,

@@ -72,6 +72,8 @@ pub use dense::matmul_dense;
 pub use linear::{Crossover, KernelKind, SparseLinear};
 pub use nm::matmul_nm;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use rayon::prelude::*;
 
 use crate::error::SparseError;
@@ -207,7 +209,10 @@ fn run_tiles<K: BlockKernel, const T: usize>(k: &K, x: &[f32], tokens: usize, y:
     // block b owns out[b * bl * tiles ..][.. len * tiles], laid out [tile][output]
     let bl = k.block_len(T).max(1);
     let mut out = vec![[0.0f32; T]; tiles * d_out];
-    let body = |(b, chunk): (usize, &mut [[f32; T]])| k.block::<T>(b * bl, &xp, tiles, chunk);
+    let simd = simd_level();
+    let body = |(b, chunk): (usize, &mut [[f32; T]])| {
+        block_dispatch::<K, T>(simd, k, b * bl, &xp, tiles, chunk)
+    };
     let parallel = k.work().saturating_mul(tokens) >= SERIAL_WORK && d_out > bl;
     if parallel {
         out.par_chunks_mut(bl * tiles).enumerate().for_each(body);
@@ -230,6 +235,92 @@ fn run_tiles<K: BlockKernel, const T: usize>(k: &K, x: &[f32], tokens: usize, y:
     } else {
         y.chunks_mut(d_out).enumerate().for_each(scatter);
     }
+}
+
+/// Instruction sets the kernels' loops are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// The build's target (baseline x86-64: SSE2, 4 floats per vector).
+    Baseline,
+    /// AVX2 (8 floats per vector), chosen at run time where the CPU has it.
+    Avx2,
+}
+
+/// 0 = not decided, 1 = baseline, 2 = AVX2.
+static SIMD: AtomicU8 = AtomicU8::new(0);
+
+/// The instruction set the kernels use: AVX2 where the CPU has it, unless
+/// `RESSA_KERNELS_BASELINE=1` is set or [`force_simd_level`] chose otherwise.
+pub fn simd_level() -> SimdLevel {
+    match SIMD.load(Ordering::Relaxed) {
+        1 => SimdLevel::Baseline,
+        2 => SimdLevel::Avx2,
+        _ => {
+            let baseline = std::env::var_os("RESSA_KERNELS_BASELINE").is_some_and(|v| v == "1");
+            let level = if !baseline && avx2_available() {
+                SimdLevel::Avx2
+            } else {
+                SimdLevel::Baseline
+            };
+            force_simd_level(level);
+            level
+        }
+    }
+}
+
+/// Makes the kernels use `level` from now on (AVX2 only where the CPU has it); for benches and
+/// tests that compare both.
+pub fn force_simd_level(level: SimdLevel) {
+    let code = match level {
+        SimdLevel::Avx2 if avx2_available() => 2,
+        _ => 1,
+    };
+    SIMD.store(code, Ordering::Relaxed);
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `k.block` compiled for `simd`: the same loops, inlined into a function built with AVX2
+/// (8-wide vectors for the `[f32; T]` multiply-adds) or for the baseline target. No fused
+/// multiply-add: Rust does not contract `a * b + c`, so both round alike.
+#[inline(always)]
+fn block_dispatch<K: BlockKernel, const T: usize>(
+    simd: SimdLevel,
+    k: &K,
+    j0: usize,
+    xp: &[[f32; T]],
+    tiles: usize,
+    out: &mut [[f32; T]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd == SimdLevel::Avx2 {
+        // SAFETY: `SimdLevel::Avx2` is only set where the CPU reports AVX2 (`avx2_available`).
+        unsafe { block_avx2::<K, T>(k, j0, xp, tiles, out) };
+        return;
+    }
+    let _ = simd;
+    k.block::<T>(j0, xp, tiles, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn block_avx2<K: BlockKernel, const T: usize>(
+    k: &K,
+    j0: usize,
+    xp: &[[f32; T]],
+    tiles: usize,
+    out: &mut [[f32; T]],
+) {
+    k.block::<T>(j0, xp, tiles, out)
 }
 
 /// Index types of packed formats.
@@ -491,6 +582,33 @@ mod tests {
             check_nm(tokens as u64, 33, 70, tokens, 2, 4);
             check_nm(tokens as u64, 64, 65, tokens, 2, 4);
         }
+    }
+
+    /// Layers wider than one input chunk (CSR splits its inputs for tiles of 2+ tokens), at
+    /// both instruction sets. The level is process-wide, so parallel tests may run at either
+    /// level meanwhile; every level must be exact anyway.
+    #[test]
+    fn input_chunks_and_simd_levels_match_dense() {
+        for level in [SimdLevel::Baseline, SimdLevel::Avx2] {
+            force_simd_level(level);
+            for (d_in, d_out) in [(1700, 37), (2049, 5)] {
+                for tokens in [2, 3, 8, 13, 40] {
+                    for s in [0.0, 0.5, 0.7, 1.0] {
+                        check_unstructured(d_in as u64 + tokens as u64, d_in, d_out, tokens, s);
+                    }
+                }
+            }
+            for tokens in [1, 4, 8, 20] {
+                check_nm(tokens as u64, 500, 9, tokens, 2, 4);
+                check_nm(tokens as u64, 260, 7, tokens, 4, 8);
+            }
+        }
+        force_simd_level(SimdLevel::Avx2);
+        assert_eq!(
+            simd_level() == SimdLevel::Avx2,
+            avx2_available(),
+            "AVX2 exactly where the CPU has it"
+        );
     }
 
     #[test]

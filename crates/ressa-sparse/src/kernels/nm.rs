@@ -76,6 +76,7 @@ impl BlockKernel for NmWeight {
         self.nnz()
     }
 
+    #[inline(always)]
     fn block<const T: usize>(
         &self,
         j0: usize,
