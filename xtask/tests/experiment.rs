@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use ressa_report::Group;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -70,25 +72,87 @@ fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
     // Killed after two cells: the rerun reuses exactly the cells that were written.
     let cached = run_and_kill(&work, 2);
     assert!(
-        (2..9).contains(&cached),
+        (2..11).contains(&cached),
         "{cached} cells cached at the kill"
     );
     assert!(!work.join("results.json").exists());
     let (o, first) = run(&work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = String::from_utf8_lossy(&o.stderr);
-    let counts = format!("ran={} reused={cached}", 9 - cached);
+    let counts = format!("ran={} reused={cached}", 11 - cached);
     assert!(log.contains(&counts), "expected {counts}: {log}");
     let results: ressa_report::results::Results =
         serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
     results.validate().unwrap();
     assert_eq!(results.schema, "ressa-experiment/1");
-    // 2 methods × 2 settings, 3 splits, 1 language-only + 1 vision-only.
-    assert_eq!(results.cells.len(), 9);
-    assert!(results.cells.iter().filter(|c| c.ressa.is_some()).count() == 4);
-    assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
+    // 2 methods × (50 % uniform, 50 % OWL, 2:4 uniform), 3 splits, 1 language-only +
+    // 1 vision-only.
+    assert_eq!(results.cells.len(), 11);
+    assert!(results.cells.iter().filter(|c| c.ressa.is_some()).count() == 6);
+    let owl: Vec<_> = results
+        .cells
+        .iter()
+        .filter(|c| c.allocation == "owl")
+        .collect();
+    assert_eq!(owl.len(), 2);
+    for c in &owl {
+        assert_eq!((c.group, c.pattern.as_str()), (Group::Grid, "unstructured"));
+        let p = c.owl.expect("OWL cells record M and λ");
+        assert_eq!((p.m, p.lambda), (5.0, 0.08));
+        assert!(c.ressa.is_some());
+    }
+    assert!(
+        results
+            .cells
+            .iter()
+            .all(|c| (c.allocation == "owl") == c.owl.is_some())
+    );
+    // The three named tasks, in order; every model scored on each.
+    let names: Vec<_> = results.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["shapes-vqa", "shapes-vqa-val", "shapes-captions"]);
+    assert_eq!(results.tasks[1].items, 12);
+    let d = &results.dense;
+    assert!(d.vqa_accuracy.is_some() && d.cider.is_some());
+    assert_eq!(d.vqa_accuracy, d.tasks["shapes-vqa"].vqa_accuracy);
+    assert_eq!(d.cider, d.tasks["shapes-captions"].cider);
+    for c in &results.cells {
+        let ms = std::iter::once(&c.pruned).chain(c.ressa.as_ref().map(|r| &r.metrics));
+        for m in ms {
+            assert_eq!(m.tasks.len(), 3, "{}", c.id);
+            let vqa = &m.tasks["shapes-vqa"];
+            // Per-type accuracies are the overall accuracy broken down: their weighted mean
+            // is it, over every test question.
+            for by in [&vqa.by_question_type, &vqa.by_answer_type] {
+                assert!(by.len() >= 2, "{}: {by:?}", c.id);
+                let n: usize = by.values().map(|s| s.items).sum();
+                assert_eq!(n, results.tasks[0].items);
+                let mean = by
+                    .values()
+                    .map(|s| s.accuracy * s.items as f64)
+                    .sum::<f64>()
+                    / n as f64;
+                assert!((mean - vqa.vqa_accuracy.unwrap()).abs() < 1e-9, "{}", c.id);
+            }
+            // The val list carries no types and none were given.
+            assert!(m.tasks["shapes-vqa-val"].by_question_type.is_empty());
+            assert!(m.tasks["shapes-vqa-val"].vqa_accuracy.is_some());
+            assert!(m.tasks["shapes-captions"].bleu4.is_some());
+        }
+    }
     let report = std::fs::read_to_string(work.join("report.md")).unwrap();
-    for needle in ["### (a)", "### (b)", "### (c)", "**Verdict:"] {
+    for needle in [
+        "### (a)",
+        "### (b)",
+        "### (c)",
+        "**Verdict:",
+        "## Allocation: OWL vs uniform",
+        "| wanda | 50% | owl |",
+        "## Tasks",
+        "| shapes-vqa (VQA, 24 items) | shapes-vqa-val (VQA, 12 items) | shapes-captions (CIDEr, 6 items) |",
+        "first VQA task's, `shapes-vqa`",
+        "## Accuracy by question type",
+        "| how many |",
+    ] {
         assert!(report.contains(needle), "report.md lacks {needle}");
     }
     let pngs: Vec<_> = std::fs::read_dir(&work)
@@ -104,7 +168,7 @@ fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
     let (o, second) = run(&work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = String::from_utf8_lossy(&o.stderr);
-    assert!(log.contains("ran=0") && log.contains("reused=9"), "{log}");
+    assert!(log.contains("ran=0") && log.contains("reused=11"), "{log}");
     assert!(
         second < first,
         "rerun {second:.1} s vs first run {first:.1} s"

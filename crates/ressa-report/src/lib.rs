@@ -26,7 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use error::ReportError;
 pub use findings::{Findings, PrimaryMetric, Verdict};
-pub use results::{Cell, Group, Metrics, Ressa, Results, SCHEMA, ValidationError};
+pub use results::{
+    Cell, Group, Metrics, OwlParams, Ressa, Results, SCHEMA, Task, TaskMetrics, TypeScore,
+    ValidationError,
+};
 
 /// File name of the report.
 pub const REPORT_FILE: &str = "report.md";

@@ -10,7 +10,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// The value of [`Results::schema`] this crate reads and writes.
+/// The value of [`Results::schema`] this crate reads and writes. Later additions (`tasks`,
+/// `Metrics::tasks`, `Cell::owl`) are optional fields: files without them still read.
 pub const SCHEMA: &str = "ressa-experiment/1";
 
 /// A whole study: reference points, every cell, and stage timings.
@@ -34,10 +35,69 @@ pub struct Results {
     pub cells: Vec<Cell>,
     /// Wall-clock seconds per stage (`"calibration"`, `"eval"`, ...).
     pub timings: BTreeMap<String, f64>,
+    /// The evaluation tasks, in the config's order (empty in files written before tasks).
+    /// Each [`Metrics::tasks`] is keyed by these names. The top-level VQA accuracy is the
+    /// first VQA task's, CIDEr and BLEU-4 the first caption task's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Task>,
 }
 
-/// Scores of one model; `None` where not measured.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// One evaluation task of a study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    /// Unique name (`VQAv2`, `NoCaps`, ...).
+    pub name: String,
+    /// `vqa` or `caption`.
+    pub kind: String,
+    /// The annotation file scored.
+    pub file: String,
+    /// Items scored (the first N of the file).
+    pub items: usize,
+}
+
+/// Scores of one model on one task; `None` where the task does not measure it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskMetrics {
+    /// VQA accuracy (VQA tasks) in `[0, 1]`.
+    pub vqa_accuracy: Option<f64>,
+    /// Raw CIDEr-D (caption tasks).
+    pub cider: Option<f64>,
+    /// BLEU-4 in `[0, 1]` (caption tasks).
+    pub bleu4: Option<f64>,
+    /// VQA accuracy per question type (`question_type` of the annotations), when known.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_question_type: BTreeMap<String, TypeScore>,
+    /// VQA accuracy per answer type (`answer_type`: `yes/no`, `number`, `other`), when known.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_answer_type: BTreeMap<String, TypeScore>,
+}
+
+/// Accuracy over the questions of one type.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeScore {
+    /// VQA accuracy in `[0, 1]`.
+    pub accuracy: f64,
+    /// Questions of this type scored.
+    pub items: usize,
+}
+
+/// OWL hyper-parameters of a cell (`allocation = "owl"`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwlParams {
+    /// Outlier threshold multiplier `M`.
+    pub m: f64,
+    /// Spread `λ`: block sparsities range over target ± λ.
+    pub lambda: f64,
+}
+
+/// Scores of one model; `None` where not measured. The three headline numbers are the first
+/// VQA task's accuracy and the first caption task's CIDEr-D and BLEU-4 (the findings use them);
+/// `tasks` has every task's scores.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     /// VQA accuracy as a fraction in `[0, 1]`.
@@ -46,6 +106,9 @@ pub struct Metrics {
     pub cider: Option<f64>,
     /// BLEU-4 in `[0, 1]`.
     pub bleu4: Option<f64>,
+    /// Per task (keyed by [`Task::name`]); empty in files written before tasks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, TaskMetrics>,
 }
 
 /// Which experiment of the paper a cell belongs to.
@@ -94,6 +157,9 @@ pub struct Cell {
     pub qformer: f64,
     /// `uniform` or `owl`.
     pub allocation: String,
+    /// OWL's hyper-parameters, for `owl` cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owl: Option<OwlParams>,
     /// Scores after pruning.
     pub pruned: Metrics,
     /// The RESSA repair, when run.
@@ -349,7 +415,71 @@ impl Metrics {
         if let Some(x) = self.bleu4 {
             check_unit(&format!("{field}.bleu4"), x, true)?;
         }
+        for (name, t) in &self.tasks {
+            let f = format!("{field}.tasks.{name}");
+            if let Some(x) = t.vqa_accuracy {
+                check_unit(&format!("{f}.vqa_accuracy"), x, true)?;
+            }
+            if let Some(x) = t.cider {
+                check_nonneg(&format!("{f}.cider"), x)?;
+            }
+            if let Some(x) = t.bleu4 {
+                check_unit(&format!("{f}.bleu4"), x, true)?;
+            }
+            for (by, map) in [
+                ("by_question_type", &t.by_question_type),
+                ("by_answer_type", &t.by_answer_type),
+            ] {
+                for (ty, score) in map {
+                    check_unit(&format!("{f}.{by}.{ty}.accuracy"), score.accuracy, true)?;
+                    if score.items == 0 {
+                        return Err(invalid(format!("{f}.{by}.{ty}.items"), "is 0"));
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Checks that every task key names one of `tasks` (when the study lists tasks).
+    fn check_task_names(&self, field: &str, tasks: &[Task]) -> Result<(), ValidationError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        for name in self.tasks.keys() {
+            if !tasks.iter().any(|t| &t.name == name) {
+                return Err(invalid(
+                    format!("{field}.tasks"),
+                    format!("{name:?} is not one of the study's tasks"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The task kinds a study may list.
+pub const TASK_KINDS: [&str; 2] = ["vqa", "caption"];
+
+impl Results {
+    /// The first VQA task (the one the findings use), if the study lists tasks.
+    pub fn first_vqa_task(&self) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.kind == "vqa")
+    }
+
+    /// Every model's metrics with its JSON path: dense, chance, each cell pruned and repaired.
+    fn all_metrics(&self) -> Vec<(String, &Metrics)> {
+        let mut out = vec![
+            ("dense".to_string(), &self.dense),
+            ("chance".to_string(), &self.chance),
+        ];
+        for (i, c) in self.cells.iter().enumerate() {
+            out.push((format!("cells[{i}].pruned"), &c.pruned));
+            if let Some(r) = &c.ressa {
+                out.push((format!("cells[{i}].ressa.metrics"), &r.metrics));
+            }
+        }
+        out
     }
 }
 
@@ -359,6 +489,18 @@ impl Cell {
         check_name(&f("id"), &self.id)?;
         check_name(&f("method"), &self.method)?;
         check_name(&f("allocation"), &self.allocation)?;
+        if let Some(o) = &self.owl {
+            if self.allocation != "owl" {
+                return Err(invalid(
+                    f("owl"),
+                    format!("is set but allocation is {:?}", self.allocation),
+                ));
+            }
+            if !(o.m.is_finite() && o.m > 0.0) {
+                return Err(invalid(f("owl.m"), format!("{} is not > 0", o.m)));
+            }
+            check_unit(&f("owl.lambda"), o.lambda, false)?;
+        }
         if self.pattern().is_none() {
             return Err(invalid(
                 f("pattern"),
@@ -440,6 +582,25 @@ impl Results {
         }
         for (k, &x) in &self.timings {
             check_nonneg(&format!("timings.{k}"), x)?;
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            check_name(&format!("tasks[{i}].name"), &t.name)?;
+            if !TASK_KINDS.contains(&t.kind.as_str()) {
+                return Err(invalid(
+                    format!("tasks[{i}].kind"),
+                    format!("{:?} is not one of {}", t.kind, TASK_KINDS.join(", ")),
+                ));
+            }
+            if let Some(j) = names.insert(t.name.as_str(), i) {
+                return Err(invalid(
+                    format!("tasks[{i}].name"),
+                    format!("{:?} is also the name of tasks[{j}]", t.name),
+                ));
+            }
+        }
+        for (field, m) in self.all_metrics() {
+            m.check_task_names(&field, &self.tasks)?;
         }
         Ok(())
     }

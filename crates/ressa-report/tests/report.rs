@@ -14,6 +14,7 @@ fn vqa(x: f64) -> Metrics {
         vqa_accuracy: Some(x),
         cider: None,
         bleu4: None,
+        tasks: BTreeMap::new(),
     }
 }
 
@@ -27,6 +28,7 @@ fn cell(id: &str, group: Group, method: &str, pattern: &str, v: f64, l: f64, sco
         language: l,
         qformer: 0.0,
         allocation: "uniform".to_string(),
+        owl: None,
         pruned: vqa(score),
         ressa: None,
         seconds: 12.5,
@@ -154,6 +156,7 @@ fn paper_like() -> Results {
             vqa_accuracy: Some(DENSE),
             cider: Some(1.21),
             bleu4: Some(0.4),
+            tasks: BTreeMap::new(),
         },
         chance: vqa(0.05),
         cells,
@@ -161,6 +164,7 @@ fn paper_like() -> Results {
             ("calibration".to_string(), 10.0),
             ("eval".to_string(), 20.5),
         ]),
+        tasks: Vec::new(),
     }
 }
 
@@ -332,6 +336,7 @@ fn cider_is_the_fallback_metric() {
             vqa_accuracy: None,
             cider: m.vqa_accuracy.map(|x| x * 2.0),
             bleu4: None,
+            tasks: BTreeMap::new(),
         }
     };
     to_cider(&mut r.dense);
@@ -635,4 +640,221 @@ fn read_results_errors_name_the_file() {
     std::fs::write(&good, r.to_json()).unwrap();
     let e = read_results(&good).unwrap_err().to_string();
     assert!(e.starts_with("results: cells[0].pattern: \"dense\""), "{e}");
+}
+
+/// `paper_like` with three named tasks (VQAv2 with question types, GQA, NoCaps) in every
+/// model's metrics, and Wanda at 50 % and 70 % also with OWL (+5 points pruned, +1 repaired).
+fn with_tasks_and_owl() -> Results {
+    use ressa_report::{OwlParams, Task, TaskMetrics, TypeScore};
+    let mut r = paper_like();
+    let owl: Vec<Cell> = r
+        .cells
+        .iter()
+        .filter(|c| {
+            c.group == Group::Grid
+                && c.method == "wanda"
+                && c.pattern == "unstructured"
+                && (c.language == 0.5 || c.language == 0.7)
+        })
+        .map(|c| {
+            let mut o = c.clone();
+            o.id = format!("{}-owl", c.id);
+            o.allocation = "owl".into();
+            o.owl = Some(OwlParams {
+                m: 5.0,
+                lambda: 0.08,
+            });
+            o.pruned = vqa(c.pruned.vqa_accuracy.unwrap() + 0.05);
+            let rm = &mut o.ressa.as_mut().unwrap().metrics;
+            *rm = vqa(rm.vqa_accuracy.unwrap() + 0.01);
+            o
+        })
+        .collect();
+    assert_eq!(owl.len(), 2);
+    r.cells.extend(owl);
+    r.tasks = vec![
+        Task {
+            name: "VQAv2".into(),
+            kind: "vqa".into(),
+            file: "annotations/vqav2_test.json".into(),
+            items: 100,
+        },
+        Task {
+            name: "GQA".into(),
+            kind: "vqa".into(),
+            file: "annotations/gqa_testdev.json".into(),
+            items: 50,
+        },
+        Task {
+            name: "NoCaps".into(),
+            kind: "caption".into(),
+            file: "annotations/nocaps_val_eval.json".into(),
+            items: 20,
+        },
+    ];
+    let fill = |m: &mut Metrics| {
+        let x = m.vqa_accuracy.unwrap();
+        let types = BTreeMap::from([
+            (
+                "how many".to_string(),
+                TypeScore {
+                    accuracy: x * 0.4,
+                    items: 10,
+                },
+            ),
+            (
+                "what color is the".to_string(),
+                TypeScore {
+                    accuracy: x,
+                    items: 20,
+                },
+            ),
+        ]);
+        m.tasks = BTreeMap::from([
+            (
+                "VQAv2".to_string(),
+                TaskMetrics {
+                    vqa_accuracy: Some(x),
+                    by_question_type: types,
+                    ..Default::default()
+                },
+            ),
+            (
+                "GQA".to_string(),
+                TaskMetrics {
+                    vqa_accuracy: Some(x * 0.4),
+                    ..Default::default()
+                },
+            ),
+            (
+                "NoCaps".to_string(),
+                TaskMetrics {
+                    cider: Some(1.0),
+                    bleu4: Some(0.3),
+                    ..Default::default()
+                },
+            ),
+        ]);
+    };
+    fill(&mut r.dense);
+    r.chance.tasks.clear();
+    for c in &mut r.cells {
+        fill(&mut c.pruned);
+        if let Some(x) = c.ressa.as_mut() {
+            fill(&mut x.metrics);
+        }
+    }
+    r
+}
+
+#[test]
+fn owl_tasks_and_question_types_get_their_tables() {
+    let r = with_tasks_and_owl();
+    r.validate().unwrap();
+    assert_eq!(r.first_vqa_task().unwrap().name, "VQAv2");
+    // serde_json parses floats to the nearest value only without `float_roundtrip`: compare
+    // the structure and the shown values, not the last bit.
+    let back = Results::from_json(&r.to_json()).unwrap();
+    back.validate().unwrap();
+    assert_eq!(back.tasks, r.tasks);
+    assert_eq!(back.cells.last().unwrap().owl, r.cells.last().unwrap().owl);
+    assert_eq!(
+        back.dense.tasks["VQAv2"]
+            .by_question_type
+            .keys()
+            .collect::<Vec<_>>(),
+        ["how many", "what color is the"]
+    );
+    let json = serde_json::to_value(&r).unwrap();
+    let owl = &json["cells"][r.cells.len() - 1];
+    assert_eq!(owl["allocation"], "owl");
+    assert_eq!(owl["owl"]["lambda"], 0.08);
+    assert_eq!(
+        json["dense"]["tasks"]["VQAv2"]["by_question_type"]["how many"]["items"],
+        10
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_report(&r, dir.path()).unwrap();
+    let md = std::fs::read_to_string(&files.report).unwrap();
+    // OWL vs uniform: wanda 50 % pruned 45.0 → 50.0, RESSA 47.7 → 48.7.
+    assert!(md.contains("## Allocation: OWL vs uniform"), "{md}");
+    assert!(md.contains("M = 5, λ = 0.08"));
+    assert!(
+        md.contains("| wanda | 50% | uniform | 45.0 | 47.7 |  |  |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| wanda | 50% | owl | 50.0 | 48.7 | +5.0 | +1.0 |"),
+        "{md}"
+    );
+    assert!(md.contains("| wanda | 70% | owl | 9.6 |"), "{md}");
+    // One column per task; the findings' task named.
+    assert!(md.contains("first VQA task's, `VQAv2`"));
+    assert!(md.contains(
+        "| model | VQAv2 (VQA, 100 items) | GQA (VQA, 50 items) | NoCaps (CIDEr, 20 items) |"
+    ));
+    assert!(md.contains("| dense | 49.5 | 19.8 | 100.0 |"), "{md}");
+    assert!(md.contains("| wanda, owl 50% | 50.0 → 48.7 | 20.0 → 19.5 | 100.0 → 100.0 |"));
+    // By question type at 70 %, the highest unstructured setting: wanda 70 % pruned 4.6
+    // (× 0.4 = 1.8), repaired 31.5 (× 0.4 = 12.6).
+    assert!(md.contains("## Accuracy by question type"));
+    assert!(md.contains("every grid cell at 70%"));
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| question type | items | dense |"))
+        .unwrap();
+    assert!(header.contains("| wanda 70% |") && header.contains("| wanda, owl 70% |"));
+    assert!(!header.contains("50%"), "{header}");
+    let row = md.lines().find(|l| l.starts_with("| how many |")).unwrap();
+    assert!(row.starts_with("| how many | 10 | 19.8 |"), "{row}");
+    assert!(row.contains("| 1.8 → 12.6 |"), "{row}");
+
+    // Without tasks (older files) none of the task tables appear.
+    let mut old = paper_like();
+    old.cells.retain(|c| c.allocation == "uniform");
+    let md = std::fs::read_to_string(write_report(&old, dir.path()).unwrap().report).unwrap();
+    assert!(!md.contains("## Tasks") && !md.contains("## Accuracy by question type"));
+    assert!(!md.contains("## Allocation: OWL vs uniform"));
+}
+
+#[test]
+fn bad_tasks_and_owl_fields_are_rejected() {
+    let base = with_tasks_and_owl();
+    let mut r = base.clone();
+    r.cells[0]
+        .pruned
+        .tasks
+        .insert("OK-VQA".into(), Default::default());
+    assert_eq!(
+        r.validate().unwrap_err().to_string(),
+        "cells[0].pruned.tasks: \"OK-VQA\" is not one of the study's tasks"
+    );
+    let mut r = base.clone();
+    r.tasks[2].kind = "retrieval".into();
+    assert_eq!(
+        r.validate().unwrap_err().to_string(),
+        "tasks[2].kind: \"retrieval\" is not one of vqa, caption"
+    );
+    let mut r = base.clone();
+    r.tasks[1].name = "VQAv2".into();
+    assert!(
+        r.validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tasks[1].name: \"VQAv2\" is also the name of tasks[0]")
+    );
+    let mut r = base.clone();
+    r.cells[0].owl = r.cells.last().unwrap().owl;
+    assert_eq!(
+        r.validate().unwrap_err().to_string(),
+        "cells[0].owl: is set but allocation is \"uniform\""
+    );
+    let mut r = base;
+    let t = r.dense.tasks.get_mut("VQAv2").unwrap();
+    t.by_question_type.get_mut("how many").unwrap().accuracy = 1.5;
+    assert_eq!(
+        r.validate().unwrap_err().to_string(),
+        "dense.tasks.VQAv2.by_question_type.how many.accuracy: 1.5 is outside [0, 1]"
+    );
 }

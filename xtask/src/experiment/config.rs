@@ -19,8 +19,9 @@ pub struct ExperimentConfig {
     pub data: DataSource,
     #[serde(default)]
     pub calibration: Calibration,
-    #[serde(default)]
-    pub grid: Option<Grid>,
+    /// One `[grid]` table, or several `[[grid]]` tables (e.g. a second, smaller grid for OWL).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub grid: Vec<Grid>,
     #[serde(default)]
     pub split: Option<Split>,
     #[serde(default)]
@@ -73,20 +74,74 @@ impl Default for Calibration {
     }
 }
 
-/// Methods × settings, vision and language pruned alike.
+/// Methods × settings × allocations, vision and language pruned alike.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grid {
     pub methods: Vec<String>,
     /// "50%", "70%", "2:4", "4:8", …
     pub settings: Vec<String>,
+    /// "uniform" (every matrix at the tower's sparsity) and/or "owl" (OWL's per-block
+    /// sparsities). OWL cells are made for the unstructured settings only; N:M settings run
+    /// uniform only (a grid whose allocations and settings leave no cell is an error).
+    #[serde(default = "uniform_only")]
+    pub allocations: Vec<String>,
+    /// OWL's outlier threshold `M` (default 5, the OWL paper's).
+    #[serde(default = "owl_m")]
+    pub owl_m: f64,
+    /// OWL's spread `λ` (default 0.08, the OWL paper's).
+    #[serde(default = "owl_lambda")]
+    pub owl_lambda: f64,
     /// Run RESSA on every grid cell.
     #[serde(default = "yes")]
     pub ressa: bool,
 }
 
+/// The allocations a grid may list.
+pub const ALLOCATIONS: [&str; 2] = ["uniform", "owl"];
+
 fn yes() -> bool {
     true
+}
+
+fn uniform_only() -> Vec<String> {
+    vec!["uniform".into()]
+}
+
+fn owl_m() -> f64 {
+    ressa_prune::OwlConfig::default().m
+}
+
+fn owl_lambda() -> f64 {
+    ressa_prune::OwlConfig::default().lambda
+}
+
+/// A table or an array of tables, kept apart so serde's error names the bad field.
+fn one_or_many<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a table or an array of tables")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            map: A,
+        ) -> std::result::Result<Vec<T>, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|t| vec![t])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            seq: A,
+        ) -> std::result::Result<Vec<T>, A::Error> {
+            Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 /// Fixed-sum vision/language sweeps: for each sum, vision takes each value, language the rest.
@@ -109,13 +164,176 @@ pub struct Towers {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Eval {
-    /// Test questions scored (the first N).
+    /// Test questions scored per VQA task (the first N) unless the task says otherwise.
     pub vqa_items: usize,
-    /// Test images captioned (the first N; 0 = no captioning).
+    /// Test images captioned per caption task (the first N; 0 = no default caption task).
     pub caption_items: usize,
     pub batch_size: usize,
     pub max_answer_tokens: usize,
     pub max_caption_tokens: usize,
+    /// Named tasks (`[[eval.tasks]]`); empty = the data directory's own test split:
+    /// `vqa` (`annotations/vqa_test.json`, question types from
+    /// `annotations/vqa_test_annotations.json` when it exists) and, if `caption_items > 0`,
+    /// `caption` (`annotations/caption_test_eval.json`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Task>,
+}
+
+/// One evaluation task. Paths are relative to the data directory (or absolute).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    /// Unique, shown as the report's column (`VQAv2`, `GQA`, …).
+    pub name: String,
+    /// `vqa` or `caption`.
+    pub kind: String,
+    /// VQA: a list of {`question_id`, `question`, `image`, `answer`} — `answer` a list of human
+    /// answers (VQA accuracy) or one string (GQA: exact match); optional `question_type` /
+    /// `answer_type` per item. Caption: NoCaps eval format (`image`, `img_id`, `caption` list).
+    pub file: PathBuf,
+    /// VQA only: official VQAv2-style annotations (`{"annotations": [{question_id,
+    /// question_type, answer_type}]}`) giving each question's type.
+    #[serde(default)]
+    pub question_types: Option<PathBuf>,
+    /// The image root the file's `image` paths are relative to; default `images/`.
+    #[serde(default)]
+    pub images: Option<PathBuf>,
+    /// Items scored (the first N); default `vqa_items` or `caption_items`.
+    #[serde(default)]
+    pub items: Option<usize>,
+}
+
+/// A task kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    Vqa,
+    Caption,
+}
+
+impl TaskKind {
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        match s {
+            "vqa" => Some(TaskKind::Vqa),
+            "caption" => Some(TaskKind::Caption),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Vqa => "vqa",
+            TaskKind::Caption => "caption",
+        }
+    }
+}
+
+/// A task with its kind parsed, its paths resolved and its item count fixed; `key` names it
+/// in error messages (`eval.tasks[1]`, or `eval` for the default tasks).
+#[derive(Debug, Clone)]
+pub struct ResolvedTask {
+    pub key: String,
+    pub name: String,
+    pub kind: TaskKind,
+    pub file: PathBuf,
+    pub question_types: Option<PathBuf>,
+    pub images: PathBuf,
+    pub items: usize,
+}
+
+impl Eval {
+    /// The tasks to score, paths resolved against the data directory `data`.
+    pub fn resolved_tasks(&self, data: &Path) -> Result<Vec<ResolvedTask>> {
+        let ann = data.join("annotations");
+        if self.tasks.is_empty() {
+            let types = ann.join("vqa_test_annotations.json");
+            let mut out = vec![ResolvedTask {
+                key: "eval".into(),
+                name: "vqa".into(),
+                kind: TaskKind::Vqa,
+                file: ann.join("vqa_test.json"),
+                question_types: types.exists().then_some(types),
+                images: data.join("images"),
+                items: self.vqa_items,
+            }];
+            if self.caption_items > 0 {
+                out.push(ResolvedTask {
+                    key: "eval".into(),
+                    name: "caption".into(),
+                    kind: TaskKind::Caption,
+                    file: ann.join("caption_test_eval.json"),
+                    question_types: None,
+                    images: data.join("images"),
+                    items: self.caption_items,
+                });
+            }
+            return Ok(out);
+        }
+        let mut out: Vec<ResolvedTask> = Vec::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            let key = format!("eval.tasks[{i}]");
+            if t.name.trim().is_empty() {
+                bail!("{key}.name: is empty");
+            }
+            if let Some(j) = out.iter().position(|o| o.name == t.name) {
+                bail!(
+                    "{key}.name: {:?} is also the name of eval.tasks[{j}]",
+                    t.name
+                );
+            }
+            let kind = TaskKind::parse(&t.kind).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{key}.kind: {:?} is not one of \"vqa\", \"caption\"",
+                    t.kind
+                )
+            })?;
+            if kind == TaskKind::Caption && t.question_types.is_some() {
+                bail!("{key}.question_types: only VQA tasks have question types");
+            }
+            let items = t.items.unwrap_or(match kind {
+                TaskKind::Vqa => self.vqa_items,
+                TaskKind::Caption => self.caption_items,
+            });
+            if items == 0 {
+                bail!("{key}.items: 0 items (set `items` or eval.vqa_items / caption_items)");
+            }
+            out.push(ResolvedTask {
+                key: key.clone(),
+                name: t.name.clone(),
+                kind,
+                file: data.join(&t.file),
+                question_types: t.question_types.as_ref().map(|p| data.join(p)),
+                images: data.join(t.images.as_deref().unwrap_or(Path::new("images"))),
+                items,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl ResolvedTask {
+    /// Fails, naming the key, if a file of the task is missing.
+    pub fn check_files(&self) -> Result<()> {
+        let files = std::iter::once(("file", &self.file))
+            .chain(self.question_types.iter().map(|p| ("question_types", p)));
+        for (field, path) in files {
+            if !path.is_file() {
+                bail!(
+                    "{}.{field}: {} does not exist (expected a {} annotation file)",
+                    self.key,
+                    path.display(),
+                    self.kind.as_str()
+                );
+            }
+        }
+        if !self.images.is_dir() {
+            bail!(
+                "{}.images: {} is not a directory (expected the images the file names)",
+                self.key,
+                self.images.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for Eval {
@@ -126,6 +344,7 @@ impl Default for Eval {
             batch_size: 32,
             max_answer_tokens: 4,
             max_caption_tokens: 24,
+            tasks: Vec::new(),
         }
     }
 }
@@ -152,9 +371,37 @@ impl ExperimentConfig {
             (Some(_), None) | (None, Some(_)) => {}
             _ => bail!("data: give exactly one of `shapes` or `dir`"),
         }
-        if let Some(g) = &self.grid {
+        for (i, g) in self.grid.iter().enumerate() {
+            let key = if self.grid.len() == 1 {
+                "grid".to_string()
+            } else {
+                format!("grid[{i}]")
+            };
+            let mut unstructured = false;
             for s in &g.settings {
-                parse_setting(s).map_err(|e| anyhow::anyhow!("grid.settings: {e}"))?;
+                let (pattern, _) =
+                    parse_setting(s).map_err(|e| anyhow::anyhow!("{key}.settings: {e}"))?;
+                unstructured |= pattern == "unstructured";
+            }
+            if g.allocations.is_empty() {
+                bail!("{key}.allocations: is empty (expected e.g. [\"uniform\", \"owl\"])");
+            }
+            for a in &g.allocations {
+                if !ALLOCATIONS.contains(&a.as_str()) {
+                    bail!("{key}.allocations: {a:?} is not one of \"uniform\", \"owl\"");
+                }
+            }
+            if g.allocations.iter().all(|a| a == "owl") && !unstructured {
+                bail!(
+                    "{key}.allocations: \"owl\" applies to unstructured settings (e.g. \"50%\") \
+                     only, and {key}.settings has none"
+                );
+            }
+            if !(g.owl_m.is_finite() && g.owl_m > 0.0) {
+                bail!("{key}.owl_m: {} must be > 0", g.owl_m);
+            }
+            if !(0.0..1.0).contains(&g.owl_lambda) {
+                bail!("{key}.owl_lambda: {} must be in [0, 1)", g.owl_lambda);
             }
         }
         if let Some(s) = &self.split {
@@ -166,6 +413,15 @@ impl ExperimentConfig {
         }
         if let Some(r) = &self.ressa {
             r.validate().map_err(|e| anyhow::anyhow!("ressa.{e}"))?;
+        }
+        // Kinds, names and counts now; files now too when the data directory exists already
+        // (generated shapes data is checked once generated).
+        let data = self.data.dir.clone().unwrap_or_default();
+        let tasks = self.eval.resolved_tasks(&data)?;
+        if self.data.dir.is_some() {
+            for t in &tasks {
+                t.check_files()?;
+            }
         }
         Ok(())
     }
@@ -204,4 +460,221 @@ pub fn parse_setting(s: &str) -> Result<(String, f64)> {
         bail!("{s:?}: expected 0 < N < M");
     }
     Ok((format!("{n}:{m}"), n as f64 / m as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name)
+    }
+
+    /// A config over a data directory holding `files` (created empty).
+    fn with_data(files: &[&str], tail: &str) -> (tempfile::TempDir, Result<ExperimentConfig>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("images")).unwrap();
+        for f in files {
+            let p = data.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "[]").unwrap();
+        }
+        let text = format!(
+            "name = \"t\"\n[model]\ndir = \"m\"\n[data]\ndir = {:?}\n{tail}",
+            data.display().to_string()
+        );
+        let path = tmp.path().join("study.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = ExperimentConfig::from_file(&path);
+        (tmp, cfg)
+    }
+
+    const FOUR_TASKS: &str = r#"
+[[eval.tasks]]
+name = "VQAv2"
+kind = "vqa"
+file = "annotations/vqav2_test.json"
+question_types = "annotations/vqav2_test_annotations.json"
+[[eval.tasks]]
+name = "OK-VQA"
+kind = "vqa"
+file = "annotations/okvqa_test.json"
+items = 7
+[[eval.tasks]]
+name = "GQA"
+kind = "vqa"
+file = "annotations/gqa_testdev.json"
+images = "gqa_images"
+[[eval.tasks]]
+name = "NoCaps"
+kind = "caption"
+file = "annotations/nocaps_val_eval.json"
+"#;
+
+    const FOUR_FILES: [&str; 6] = [
+        "annotations/vqav2_test.json",
+        "annotations/vqav2_test_annotations.json",
+        "annotations/okvqa_test.json",
+        "annotations/gqa_testdev.json",
+        "annotations/nocaps_val_eval.json",
+        "gqa_images/.keep",
+    ];
+
+    #[test]
+    fn several_tasks_load_in_order_with_their_kinds_items_and_paths() {
+        let (tmp, cfg) = with_data(&FOUR_FILES, FOUR_TASKS);
+        let cfg = cfg.unwrap();
+        let data = tmp.path().join("data");
+        let tasks = cfg.eval.resolved_tasks(&data).unwrap();
+        let names: Vec<_> = tasks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["VQAv2", "OK-VQA", "GQA", "NoCaps"]);
+        let kinds: Vec<_> = tasks.iter().map(|t| t.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                TaskKind::Vqa,
+                TaskKind::Vqa,
+                TaskKind::Vqa,
+                TaskKind::Caption
+            ]
+        );
+        // Items: the task's own, else the default of its kind.
+        let items: Vec<_> = tasks.iter().map(|t| t.items).collect();
+        assert_eq!(items, [300, 7, 300, 60]);
+        assert_eq!(
+            tasks[0].question_types.as_deref(),
+            Some(
+                data.join("annotations/vqav2_test_annotations.json")
+                    .as_path()
+            )
+        );
+        assert_eq!(tasks[1].question_types, None);
+        assert_eq!(tasks[2].images, data.join("gqa_images"));
+        assert_eq!(tasks[3].images, data.join("images"));
+    }
+
+    #[test]
+    fn a_bad_task_is_a_one_line_error_naming_its_key() {
+        let cases: [(&[&str], &str, &str); 5] = [
+            // The OK-VQA file is missing.
+            (
+                &[
+                    "annotations/vqav2_test.json",
+                    "annotations/vqav2_test_annotations.json",
+                    "annotations/gqa_testdev.json",
+                    "annotations/nocaps_val_eval.json",
+                    "gqa_images/.keep",
+                ],
+                FOUR_TASKS,
+                "eval.tasks[1].file: ",
+            ),
+            (
+                &["annotations/a.json"],
+                "[[eval.tasks]]\nname = \"A\"\nkind = \"retrieval\"\nfile = \"annotations/a.json\"\n",
+                "eval.tasks[0].kind: \"retrieval\" is not one of \"vqa\", \"caption\"",
+            ),
+            (
+                &["annotations/a.json"],
+                "[[eval.tasks]]\nname = \"A\"\nkind = \"vqa\"\nfile = \"annotations/a.json\"\n\
+                 [[eval.tasks]]\nname = \"A\"\nkind = \"caption\"\nfile = \"annotations/a.json\"\n",
+                "eval.tasks[1].name: \"A\" is also the name of eval.tasks[0]",
+            ),
+            (
+                &["annotations/a.json"],
+                "[[eval.tasks]]\nname = \"A\"\nkind = \"vqa\"\nfile = \"annotations/a.json\"\n\
+                 question_types = \"annotations/missing.json\"\n",
+                "eval.tasks[0].question_types: ",
+            ),
+            (
+                &["annotations/a.json"],
+                "[[eval.tasks]]\nname = \"A\"\nkind = \"vqa\"\nfile = \"annotations/a.json\"\n\
+                 images = \"nowhere\"\n",
+                "eval.tasks[0].images: ",
+            ),
+        ];
+        for (files, tail, expected) in cases {
+            let (_tmp, cfg) = with_data(files, tail);
+            let msg = cfg.unwrap_err().to_string();
+            assert!(msg.contains(expected), "{msg:?} lacks {expected:?}");
+            assert!(msg.contains("study.toml: "), "{msg}");
+            assert!(!msg.contains('\n'), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_tasks_are_the_test_split() {
+        let eval = Eval::default();
+        let tasks = eval.resolved_tasks(Path::new("d")).unwrap();
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(tasks[0].file, Path::new("d/annotations/vqa_test.json"));
+        assert_eq!(
+            tasks[1].file,
+            Path::new("d/annotations/caption_test_eval.json")
+        );
+        let no_captions = Eval {
+            caption_items: 0,
+            ..Eval::default()
+        };
+        assert_eq!(no_captions.resolved_tasks(Path::new("d")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn allocations_are_checked_at_load() {
+        let grid = |alloc: &str, settings: &str| {
+            format!(
+                "[grid]\nmethods = [\"wanda\"]\nsettings = {settings}\nallocations = {alloc}\n\
+                 [eval]\ncaption_items = 0\n"
+            )
+        };
+        let files = ["annotations/vqa_test.json"];
+        let (_t, ok) = with_data(
+            &files,
+            &grid("[\"uniform\", \"owl\"]", "[\"50%\", \"2:4\"]"),
+        );
+        let ok = ok.unwrap();
+        assert_eq!(ok.grid[0].allocations, ["uniform", "owl"]);
+        assert_eq!((ok.grid[0].owl_m, ok.grid[0].owl_lambda), (5.0, 0.08));
+        for (g, expected) in [
+            (
+                grid("[\"owl\"]", "[\"2:4\", \"4:8\"]"),
+                "grid.allocations: \"owl\" applies to unstructured settings",
+            ),
+            (
+                grid("[\"owl\", \"lamp\"]", "[\"50%\"]"),
+                "grid.allocations: \"lamp\" is not one of \"uniform\", \"owl\"",
+            ),
+            (grid("[]", "[\"50%\"]"), "grid.allocations: is empty"),
+            (
+                format!(
+                    "{}[[grid]]\nmethods = [\"wanda\"]\nsettings = [\"50%\"]\nowl_m = 0\n",
+                    ""
+                ) + "[[grid]]\nmethods = [\"wanda\"]\nsettings = [\"50%\"]\n",
+                "grid[0].owl_m: 0 must be > 0",
+            ),
+        ] {
+            let (_t, cfg) = with_data(&files, &g);
+            let msg = cfg.unwrap_err().to_string();
+            assert!(msg.contains(expected), "{msg:?} lacks {expected:?}");
+            assert!(!msg.contains('\n'), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn the_repository_configs_load() {
+        let tiny = ExperimentConfig::from_file(&configs("shapes-tiny.toml")).unwrap();
+        assert_eq!(tiny.grid.len(), 2);
+        assert_eq!(tiny.grid[0].allocations, ["uniform"]);
+        assert_eq!(tiny.grid[1].allocations, ["owl"]);
+        assert!(tiny.eval.tasks.is_empty());
+        let ci = ExperimentConfig::from_file(&configs("shapes-ci.toml")).unwrap();
+        assert_eq!(ci.eval.tasks.len(), 3);
+        // The real study's data is not in the repository: its first task's file is missing.
+        let msg = ExperimentConfig::from_file(&configs("instructblip-flan-t5-xl.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("eval.tasks[0].file: "), "{msg}");
+    }
 }

@@ -26,11 +26,11 @@ use ressa_models::instructblip::{
 use ressa_models::nn::ids_tensor;
 use ressa_models::prunable::{BlockOptions, CalibrationSample};
 use ressa_models::{ModelConfig, Pretrained, VlmInputs};
-use ressa_prune::Method;
 use ressa_prune::calibrate::{
     Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
 };
-use ressa_report::results::{Cell, Group, Metrics, Ressa, Results};
+use ressa_prune::{Method, OwlConfig};
+use ressa_report::results::{Cell, Group, Metrics, OwlParams, Ressa, Results, Task};
 use ressa_sparse::SparsityPattern;
 use ressa_train::TrainEvent;
 use ressa_train::repair::{DataConfig, RepairConfig, read_examples, repair, train_data};
@@ -41,7 +41,8 @@ use config::{ExperimentConfig, parse_setting};
 use evaluate::{TestSet, evaluate};
 
 /// Bumped when scoring changes, so cached scores are not reused across versions.
-const EVAL_VERSION: &[u8] = b"eval-2";
+/// eval-3: per-task scores and per-question-type accuracy.
+const EVAL_VERSION: &[u8] = b"eval-3";
 
 type B = Flex;
 type AD = Autodiff<Flex>;
@@ -81,8 +82,9 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     b
 }
 
-/// One cell to run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One cell to run. Its JSON is part of the cell's cache key; `owl` is left out for uniform
+/// cells, so their keys are those of the runner before allocations existed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CellSpec {
     group: Group,
     method: String,
@@ -90,22 +92,42 @@ struct CellSpec {
     vision: f64,
     language: f64,
     ressa: bool,
+    /// OWL's per-block allocation; `None` = uniform.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owl: Option<OwlParams>,
 }
 
+/// Grid cells: methods × settings × allocations (OWL at unstructured settings only), then
+/// splits and one-tower cells. A cell listed by two grids runs once.
 fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
-    let mut out = Vec::new();
-    if let Some(g) = &cfg.grid {
+    let mut out: Vec<CellSpec> = Vec::new();
+    for g in &cfg.grid {
         for m in &g.methods {
             for s in &g.settings {
                 let (pattern, sparsity) = parse_setting(s)?;
-                out.push(CellSpec {
-                    group: Group::Grid,
-                    method: m.clone(),
-                    pattern,
-                    vision: sparsity,
-                    language: sparsity,
-                    ressa: g.ressa && cfg.ressa.is_some(),
-                });
+                for a in &g.allocations {
+                    let owl = match a.as_str() {
+                        "uniform" => None,
+                        "owl" if pattern == "unstructured" => Some(OwlParams {
+                            m: g.owl_m,
+                            lambda: g.owl_lambda,
+                        }),
+                        "owl" => continue,
+                        other => return Err(anyhow!("grid.allocations: unknown {other:?}")),
+                    };
+                    let spec = CellSpec {
+                        group: Group::Grid,
+                        method: m.clone(),
+                        pattern: pattern.clone(),
+                        vision: sparsity,
+                        language: sparsity,
+                        ressa: g.ressa && cfg.ressa.is_some(),
+                        owl,
+                    };
+                    if !out.contains(&spec) {
+                        out.push(spec);
+                    }
+                }
             }
         }
     }
@@ -123,6 +145,7 @@ fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
                     vision: v,
                     language: l,
                     ressa: false,
+                    owl: None,
                 });
             }
         }
@@ -137,6 +160,7 @@ fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
                     vision: v,
                     language: l,
                     ressa: false,
+                    owl: None,
                 });
             }
         }
@@ -359,7 +383,13 @@ fn run_cell(
             qformer: 0.0,
             language: spec.language,
         },
-        allocation: Allocation::Uniform,
+        allocation: match spec.owl {
+            None => Allocation::Uniform,
+            Some(p) => Allocation::Owl(OwlConfig {
+                m: p.m,
+                lambda: p.lambda,
+            }),
+        },
         propagation: Propagation::Pruned,
         wanda_group: None,
         dsnot: None,
@@ -422,7 +452,8 @@ fn run_cell(
         vision: spec.vision,
         language: spec.language,
         qformer: 0.0,
-        allocation: "uniform".into(),
+        allocation: if spec.owl.is_some() { "owl" } else { "uniform" }.into(),
+        owl: spec.owl,
         pruned: pruned_metrics,
         ressa,
         seconds: t.elapsed().as_secs_f64(),
@@ -443,12 +474,14 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
     let t = Instant::now();
     let (data_dir, data_key) = data(&cfg, &cache)?;
     timings.insert("data_s".to_string(), t.elapsed().as_secs_f64());
+    // The tasks are read before the dense model is trained: a bad task fails in seconds.
+    let test = TestSet::load(&data_dir, &cfg.eval)
+        .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
     let t = Instant::now();
     let (dense_dir, dense_key) = dense(&cfg, &data_dir, &data_key, &cache)?;
     timings.insert("dense_model_s".to_string(), t.elapsed().as_secs_f64());
 
     let device = Default::default();
-    let test = TestSet::load(&data_dir, &cfg.eval)?;
     let eval_key = hash(&[EVAL_VERSION, &json(&cfg.eval), data_key.as_bytes()]);
     let dense_metrics_path = cache.join(format!("dense-{dense_key}-eval-{eval_key}.json"));
     let t = Instant::now();
@@ -523,6 +556,16 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
         chance,
         cells: done,
         timings,
+        tasks: test
+            .tasks
+            .iter()
+            .map(|t| Task {
+                name: t.name.clone(),
+                kind: t.kind.as_str().into(),
+                file: t.file.display().to_string(),
+                items: t.len(),
+            })
+            .collect(),
     };
     results.validate().map_err(|e| anyhow!(e))?;
     write_atomic(
