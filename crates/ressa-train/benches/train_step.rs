@@ -37,7 +37,9 @@ fn step_on<B: Backend>(c: &mut Criterion, backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(root.join("config.json"), dir.path().join("config.json")).unwrap();
     write_random_checkpoint::<B>(&cfg, dir.path(), 0, 0.05, &device).unwrap();
-    let mut model = Pretrained::<Autodiff<B>>::load(dir.path(), &device).unwrap().model;
+    let mut model = Pretrained::<Autodiff<B>>::load(dir.path(), &device)
+        .unwrap()
+        .model;
     // 50 % unstructured masks on the vision and language towers.
     let mut masks = BTreeMap::new();
     for (si, stack) in model.stacks().iter().enumerate() {
