@@ -85,4 +85,8 @@ pub enum SparseError {
         m: usize,
         reason: &'static str,
     },
+    /// A GPU device, upload or kernel launch failed, or a size exceeds what the GPU kernels
+    /// address.
+    #[error("GPU kernels: {0}")]
+    Gpu(String),
 }

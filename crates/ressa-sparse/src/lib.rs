@@ -14,6 +14,9 @@
 //! - [`kernels`]: multi-threaded CPU products `y = x · W` for each format, and
 //!   [`SparseLinear`], which picks a format (or dense) by a measured
 //!   cost model.
+//! - `kernels::gpu` (feature `gpu`, with `wgpu` or `cuda`): CubeCL kernels for the packed
+//!   N:M and CSR formats (and a dense one of the same style) on a device, generic over
+//!   `cubecl::Runtime`.
 
 pub mod error;
 pub mod formats;

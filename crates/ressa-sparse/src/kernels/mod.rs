@@ -63,6 +63,8 @@
 pub mod bitmask;
 pub mod csr;
 pub mod dense;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod linear;
 pub mod nm;
 
