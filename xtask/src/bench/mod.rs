@@ -123,9 +123,14 @@ fn cargo_bench_args(
         }
         args.extend(["--bench".into(), s.bench.into()]);
         if gpu {
+            let b = backend.bench_name();
             let features: Vec<String> = GPU_FEATURE_PACKAGES
                 .iter()
-                .map(|p| format!("{p}/{}", backend.bench_name()))
+                .map(|p| match *p {
+                    // the GPU kernels' bench against burn's own matmul on the same device
+                    "ressa-sparse" => format!("{p}/burn-baseline-{b}"),
+                    _ => format!("{p}/{b}"),
+                })
                 .collect();
             args.extend(["--features".into(), features.join(",")]);
         }
@@ -469,7 +474,7 @@ mod tests {
             tail,
             [
                 "--features",
-                "ressa-sparse/cuda,ressa-models/cuda,ressa-train/cuda",
+                "ressa-sparse/burn-baseline-cuda,ressa-models/cuda,ressa-train/cuda",
                 "--",
                 "--quick",
                 "/cuda$"

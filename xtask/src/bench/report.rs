@@ -148,6 +148,7 @@ pub fn markdown(run: &BenchRun) -> String {
     models(&mut t, &mut s);
     pruners(&mut t, &mut s);
     kernels(&mut t, &mut s);
+    gpu_kernels(&mut t, &mut s);
     others(&t, &mut s);
     s
 }
@@ -327,6 +328,67 @@ fn kernels(t: &mut Tables<'_>, s: &mut String) {
     let _ = writeln!(s);
 }
 
+/// `benches/gpu_kernels.rs`: ids `gpu_kernels_<runtime>/<kernel>/<setting>/t<tokens>`.
+fn gpu_kernels(t: &mut Tables<'_>, s: &mut String) {
+    for runtime in ["cuda", "wgpu"] {
+        let group = format!("gpu_kernels_{runtime}");
+        if !t
+            .run
+            .ressa
+            .keys()
+            .any(|k| k.starts_with(&format!("{group}/")))
+        {
+            continue;
+        }
+        let _ = writeln!(s, "## GPU kernels ({runtime}), 2048 × 5120 weight\n");
+        let _ = writeln!(
+            s,
+            "`crates/ressa-sparse/benches/gpu_kernels.rs`: burn's `matmul` on the masked dense \
+             weight (the baseline: dense with zeros), the dense CubeCL kernel of the same style, \
+             and the packed CSR and N:M CubeCL kernels (`crates/ressa-sparse/src/kernels/gpu.rs`). \
+             Speed-up = burn dense / best packed kernel.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| sparsity | tokens | burn dense | CubeCL dense | CSR | N:M | speed-up |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let settings = [
+            ("u50", "50 %"),
+            ("u70", "70 %"),
+            ("u90", "90 %"),
+            ("2:4", "2:4"),
+        ];
+        for (setting, label) in settings {
+            for tokens in KERNEL_TOKENS {
+                let id = |k: &str| format!("{group}/{k}/{setting}/t{tokens}");
+                let burn = t.get(&id("dense_burn"));
+                let cubecl = t.get(&id("dense_cubecl"));
+                let csr = t.get(&id("csr"));
+                let nm = t.get(&id("nm"));
+                if burn.is_none() && cubecl.is_none() && csr.is_none() && nm.is_none() {
+                    continue;
+                }
+                let best = [csr, nm]
+                    .into_iter()
+                    .flatten()
+                    .map(|m| m.median_ns)
+                    .min_by(f64::total_cmp);
+                let _ = writeln!(
+                    s,
+                    "| {label} | {tokens} | {} | {} | {} | {} | {} |",
+                    fmt_m(burn),
+                    fmt_m(cubecl),
+                    fmt_m(csr),
+                    fmt_m(nm),
+                    fmt_ratio(best.zip(burn).map(|(b, d)| d.median_ns / b))
+                );
+            }
+        }
+        let _ = writeln!(s);
+    }
+}
+
 fn others(t: &Tables<'_>, s: &mut String) {
     let rest: Vec<(&String, &Measurement)> = t
         .run
@@ -386,6 +448,8 @@ mod tests {
         ressa.insert("sparse_unstructured_70/csr/1".into(), measured(2.0));
         ressa.insert("sparse_unstructured_70/auto_csr/1".into(), measured(2.5));
         ressa.insert("gpu_kernels_cuda/nm/2:4/t1".into(), measured(0.01));
+        ressa.insert("gpu_kernels_cuda/dense_burn/2:4/t1".into(), measured(0.03));
+        ressa.insert("gpu_kernels_cuda/odd_kernel/2:4/t1".into(), measured(0.5));
         let mut times_ms = BTreeMap::new();
         times_ms.insert("instructblip_bench_small_forward_b2".into(), 500.0);
         times_ms.insert("generate_bench_small_b1_16tok".into(), 400.0);
@@ -445,12 +509,19 @@ mod tests {
             "{md}"
         );
         // a setting without sparse measurements has no row and no verdict
-        assert!(!md.contains("| 2:4 |") && !md.contains("- 2:4"), "{md}");
-        // the GPU id is not in a table, so it is listed
+        assert!(!md.contains("| 2:4 | 1 | 6.00") && !md.contains("- 2:4"), "{md}");
+        // GPU kernels: burn 0.03 ms / N:M 0.01 ms
+        assert!(md.contains("## GPU kernels (cuda)"), "{md}");
         assert!(
-            md.contains("| `gpu_kernels_cuda/nm/2:4/t1` | 0.010 |"),
+            md.contains("| 2:4 | 1 | 0.030 | — | — | 0.010 | 3.00× |"),
             "{md}"
         );
+        // an id in no table is listed
+        assert!(
+            md.contains("| `gpu_kernels_cuda/odd_kernel/2:4/t1` | 0.500 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| `gpu_kernels_cuda/nm/2:4/t1`"), "{md}");
         assert!(!md.contains("| `dense_2048x5120/loop/1`"), "{md}");
         assert!(md.contains("| CPU | Test CPU (2 cores visible) |"), "{md}");
     }
