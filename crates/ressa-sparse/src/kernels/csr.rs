@@ -28,14 +28,6 @@ impl BlockKernel for CsrWeight {
         let d_in = self.d_in();
         let blen = out.len() / tiles;
         let (rp, vals) = (self.row_ptr(), self.values());
-        let chunk = input_chunk::<T>();
-        if T > 1 && d_in > chunk {
-            match self.indices() {
-                CsrIndices::U16(ix) => self.block_by_inputs(j0, xp, tiles, out, ix, chunk),
-                CsrIndices::U32(ix) => self.block_by_inputs(j0, xp, tiles, out, ix, chunk),
-            }
-            return;
-        }
         for jj in 0..blen {
             let (a, b) = (rp[j0 + jj], rp[j0 + jj + 1]);
             let v = &vals[a..b];
@@ -53,57 +45,6 @@ impl BlockKernel for CsrWeight {
         }
     }
 }
-
-impl CsrWeight {
-    /// [`BlockKernel::block`] with the inputs split into chunks of `chunk`: every output of the
-    /// block takes its kept entries of one chunk before the next chunk, so the packed `x` rows
-    /// of the chunk stay in L1 while the block's weights stream past. Each output's indices
-    /// are increasing, so a chunk's entries are a contiguous run found by a binary search.
-    #[inline(always)]
-    fn block_by_inputs<const T: usize, I: Idx>(
-        &self,
-        j0: usize,
-        xp: &[[f32; T]],
-        tiles: usize,
-        out: &mut [[f32; T]],
-        idx: &[I],
-        chunk: usize,
-    ) {
-        let d_in = self.d_in();
-        let blen = out.len() / tiles;
-        let (rp, vals) = (self.row_ptr(), self.values());
-        // next unread entry of each output of the block
-        let mut next: Vec<usize> = rp[j0..j0 + blen].to_vec();
-        for c1 in (chunk..d_in + chunk).step_by(chunk) {
-            let c1 = c1.min(d_in);
-            for (jj, a) in next.iter_mut().enumerate() {
-                let end = rp[j0 + jj + 1];
-                let b = *a + idx[*a..end].partition_point(|i| i.ix() < c1);
-                let (v, ix) = (&vals[*a..b], &idx[*a..b]);
-                *a = b;
-                for tile in 0..tiles {
-                    let xt = &xp[tile * d_in..][..d_in];
-                    let o = &mut out[tile * blen + jj];
-                    let r = row::<T, I>(v, ix, xt);
-                    for t in 0..T {
-                        o[t] += r[t];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Inputs per chunk of [`CsrWeight::block_by_inputs`]: the packed `x` rows of a chunk take
-/// [`L1_X_BYTES`] (`chunk · T · 4` bytes).
-#[inline(always)]
-fn input_chunk<const T: usize>() -> usize {
-    (L1_X_BYTES / (4 * T)).max(64)
-}
-
-/// Bytes of packed `x` kept hot per chunk: half of a 48 KiB L1d, the rest for the streamed
-/// weights and the accumulators.
-const L1_X_BYTES: usize = 24 << 10;
 
 /// Accumulator count per tile width: enough independent chains to cover the add latency
 /// without running out of registers (measured best: 8, 4, 4, 4, 2 for T = 1 … 16).
