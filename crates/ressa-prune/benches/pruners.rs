@@ -8,8 +8,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ressa_prune::{
-    DsnotConfig, DsnotPruner, MagnitudeConfig, MagnitudePruner, PruneSpec, Pruner,
-    SparseGptConfig, SparseGptPruner, WandaConfig, WandaPruner, Weights,
+    DsnotConfig, DsnotPruner, MagnitudeConfig, MagnitudePruner, PruneSpec, Pruner, SparseGptConfig,
+    SparseGptPruner, WandaConfig, WandaPruner, Weights,
 };
 
 const D_IN: usize = 2048;

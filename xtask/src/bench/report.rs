@@ -509,7 +509,10 @@ mod tests {
             "{md}"
         );
         // a setting without sparse measurements has no row and no verdict
-        assert!(!md.contains("| 2:4 | 1 | 6.00") && !md.contains("- 2:4"), "{md}");
+        assert!(
+            !md.contains("| 2:4 | 1 | 6.00") && !md.contains("- 2:4"),
+            "{md}"
+        );
         // GPU kernels: burn 0.03 ms / N:M 0.01 ms
         assert!(md.contains("## GPU kernels (cuda)"), "{md}");
         assert!(
