@@ -12,6 +12,8 @@
 //!
 //! `cargo bench -p ressa-sparse --bench kernels`
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -19,7 +21,6 @@ use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use ressa_sparse::formats::{
     BitmaskWeight, CsrWeight, NmWeight, SparseFormat, ValueDtype, serialize_bitmask,
@@ -30,37 +31,7 @@ use ressa_sparse::kernels::{
 };
 use ressa_sparse::{Mask, SparsityPattern};
 
-const D_IN: usize = 2048;
-const D_OUT: usize = 5120;
-const TOKENS: [usize; 4] = [1, 4, 8, 64];
-
-/// Random `[D_IN, D_OUT]` weight and a random mask of the pattern, applied.
-fn weight(rng: &mut StdRng, pattern: SparsityPattern, sparsity: f64) -> (Vec<f32>, Mask) {
-    let keep: Vec<bool> = match pattern {
-        SparsityPattern::Unstructured => (0..D_IN * D_OUT)
-            .map(|_| rng.random::<f64>() >= sparsity)
-            .collect(),
-        SparsityPattern::NM { n, m } => {
-            let mut keep = vec![true; D_IN * D_OUT];
-            let mut pos: Vec<usize> = (0..m).collect();
-            for j in 0..D_OUT {
-                for g in 0..D_IN / m {
-                    pos.shuffle(rng);
-                    for &p in &pos[..n] {
-                        keep[(g * m + p) * D_OUT + j] = false;
-                    }
-                }
-            }
-            keep
-        }
-    };
-    let mask = Mask::from_bools(D_IN, D_OUT, &keep).unwrap();
-    let mut w: Vec<f32> = (0..D_IN * D_OUT)
-        .map(|_| rng.random::<f32>() - 0.5)
-        .collect();
-    mask.apply(&mut w).unwrap();
-    (w, mask)
-}
+use common::{D_IN, D_OUT, TOKENS, weight};
 
 fn configure(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     g.sample_size(10)
