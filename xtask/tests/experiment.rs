@@ -174,3 +174,53 @@ fn a_reduced_study_writes_results_report_and_plots_and_reuses_its_cache() {
         "rerun {second:.1} s vs first run {first:.1} s"
     );
 }
+
+/// A decoder-only (LLaMA) model directory fails in one line naming its config, before any cell.
+#[test]
+fn a_decoder_only_model_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/models/instructblip-llama-gqa");
+    let config = tmp.path().join("llama.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "llama"
+[model]
+dir = "{}"
+[data.shapes]
+seed = 0
+train = 8
+val = 4
+test = 4
+image_size = 32
+[eval]
+vqa_items = 2
+caption_items = 2
+batch_size = 2
+max_answer_tokens = 2
+max_caption_tokens = 4
+"#,
+            model.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment"])
+        .arg(&config)
+        .arg("--work-dir")
+        .arg(tmp.path().join("work"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("Error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("instructblip-llama-gqa/config.json: text_config")
+            && errors[0].contains("T5 language models only"),
+        "{stderr}"
+    );
+}

@@ -309,17 +309,21 @@ fn answers<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<String>> {
     let dir = &model.dir;
-    let processor = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::from_file_for(
+        &dir.join("preprocessor_config.json"),
+        model.config.vision.image_size,
+    )?;
     let tok = Arc::new(TextTokenizer::from_file(&dir.join("tokenizer.json"))?);
     let qtok = Arc::new(
         TextTokenizer::from_file(&dir.join("qformer_tokenizer/tokenizer.json"))?
             .with_truncation(model.config.qformer.max_position_embeddings, true)?,
     );
-    let t5 = model
-        .config
-        .text
-        .as_t5()
-        .ok_or_else(|| anyhow!("the experiment runner evaluates T5 models only"))?;
+    let t5 = model.config.text.as_t5().ok_or_else(|| {
+        anyhow!(
+            "{}: text_config: the experiment runner evaluates T5 language models only",
+            dir.join("config.json").display()
+        )
+    })?;
     let tokens = SpecialTokens {
         decoder_start: t5.decoder_start_token(),
         eos: t5.eos_token(),

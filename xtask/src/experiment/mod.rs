@@ -316,14 +316,18 @@ fn calibration(dense: &Pretrained<B>, data: &Path, n: usize) -> Result<Vec<Calib
     let device = Default::default();
     let ann = data.join("annotations/vqa_train.json");
     let examples = read_examples(&ann, &data.join("images"), "").map_err(|e| anyhow!(e))?;
-    let processor = ImageProcessorConfig::from_file(&dense.dir.join("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::from_file_for(
+        &dense.dir.join("preprocessor_config.json"),
+        dense.config.vision.image_size,
+    )?;
     let tok = TextTokenizer::from_file(&dense.dir.join("tokenizer.json"))?;
     let qtok = TextTokenizer::from_file(&dense.dir.join("qformer_tokenizer/tokenizer.json"))?;
-    let t5 = dense
-        .config
-        .text
-        .as_t5()
-        .ok_or_else(|| anyhow!("T5 models only"))?;
+    let t5 = dense.config.text.as_t5().ok_or_else(|| {
+        anyhow!(
+            "{}: text_config: the experiment runner calibrates T5 language models only",
+            dense.dir.join("config.json").display()
+        )
+    })?;
     let (h, w) = processor.output_size();
     let mut out = Vec::new();
     for ex in examples.iter().take(n) {
