@@ -268,6 +268,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut torch = BTreeMap::new();
     let mut torch_note = None;
+    let mut torch_failures = Vec::new();
     if args.no_torch {
         torch_note = Some("not run (--no-torch)".to_string());
     } else if let Err(why) = torch_available(&args.python) {
@@ -288,7 +289,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     continue;
                 }
                 tracing::info!("PyTorch ({device}): {script}");
-                let out = run_torch_script(&args.python, &root.join(script), threads, device)?;
+                // A failing script (e.g. no CUDA in that PyTorch) costs its rows, not the run.
+                let out = match run_torch_script(&args.python, &root.join(script), threads, device)
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        tracing::warn!("PyTorch numbers skipped: {why}");
+                        torch_failures.push(why);
+                        continue;
+                    }
+                };
                 let entry = torch.entry(device.to_string()).or_insert_with(|| TorchRun {
                     version: out.torch.clone(),
                     threads: out.threads,
@@ -300,6 +311,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    if !torch_failures.is_empty() {
+        torch_note = Some(torch_failures.join("; "));
+    }
     let run = BenchRun {
         machine: machine(&root),
         backends,

@@ -116,23 +116,24 @@ pub fn markdown(run: &BenchRun) -> String {
     let _ = writeln!(s, "| burn | 0.21.0 |");
     let backends: Vec<&str> = run.backends.iter().map(|b| b.bench_name()).collect();
     let _ = writeln!(s, "| backends | {} |", backends.join(", "));
-    match (run.torch.is_empty(), &run.torch_note) {
-        (false, _) => {
-            for (device, tr) in &run.torch {
-                let _ = writeln!(
-                    s,
-                    "| PyTorch ({device}) | {}, {} threads |",
-                    tr.version, tr.threads
-                );
-            }
+    for (device, tr) in &run.torch {
+        let _ = writeln!(
+            s,
+            "| PyTorch ({device}) | {}, {} threads |",
+            tr.version, tr.threads
+        );
+    }
+    match (&run.torch_note, run.torch.is_empty()) {
+        (Some(note), true) => {
+            let _ = writeln!(s, "| PyTorch | {} |", note.replace('|', "\\|"));
         }
-        (true, note) => {
-            let _ = writeln!(
-                s,
-                "| PyTorch | {} |",
-                note.as_deref().unwrap_or("not measured")
-            );
+        (Some(note), false) => {
+            let _ = writeln!(s, "| PyTorch, missing | {} |", note.replace('|', "\\|"));
         }
+        (None, true) => {
+            let _ = writeln!(s, "| PyTorch | not measured |");
+        }
+        (None, false) => {}
     }
     let _ = writeln!(
         s,
@@ -540,5 +541,15 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| flex | 200 | — | — |"), "{md}");
+
+        // one script failed, the others measured: both are said
+        let mut r = run();
+        r.torch_note = Some("scripts/bench_train_torch.py failed: no CUDA".into());
+        let md = markdown(&r);
+        assert!(md.contains("| PyTorch (cpu) | 2.15.0, 2 threads |"), "{md}");
+        assert!(
+            md.contains("| PyTorch, missing | scripts/bench_train_torch.py failed: no CUDA |"),
+            "{md}"
+        );
     }
 }
