@@ -525,9 +525,18 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// An `nn.Linear` stored as `{name}.weight` [d_out, d_in] (+ `{name}.bias`), transposed to
     /// burn's [d_in, d_out].
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
+        // burn layout [d_in, d_out], laid out contiguously once here: with the transposed view
+        // of the PyTorch tensor, Flex's `linear` re-laid the weight out on every call (a
+        // 2048×5120 layer at 64 tokens: 65 ms instead of 22 ms).
         let weight = self
             .tensor(&format!("{name}.weight"), [d_out, d_in])?
             .transpose();
+        // (a dry loader's placeholders have other shapes and stay as they are)
+        let weight = if weight.dims() == [d_in, d_out] {
+            weight.reshape([d_in * d_out]).reshape([d_in, d_out])
+        } else {
+            weight
+        };
         let bias = if bias {
             Some(self.param(&format!("{name}.bias"), [d_out])?)
         } else {
