@@ -6,7 +6,8 @@
 //!   preprocessor config of another model directory.
 //! - `bench [--backend cpu|cuda|wgpu]... [--quick] [--filter REGEX] [--python PY] [--no-torch]`:
 //!   the criterion benches of every crate per backend plus the PyTorch scripts for the same
-//!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json`.
+//!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json` (`--render JSON` rewrites the
+//!   markdown from a saved run without measuring).
 //! - `experiment CONFIG.toml`: a whole pruning study (data, dense model, pruning grid, RESSA,
 //!   evaluation), cached by content hash, with `results.json`, `report.md` and plots.
 //! - `shapes --out DIR [--seed N] [--train N --val N --test N] [--image-size N]
@@ -53,6 +54,9 @@ enum Task {
         /// The report (the raw numbers go beside it as .json).
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
+        /// Measure nothing: write the report again from a run's JSON (e.g. docs/benchmarks.json).
+        #[arg(long)]
+        render: Option<PathBuf>,
     },
     /// Run a pruning study described by a TOML file (e.g. configs/shapes-tiny.toml).
     Experiment {
@@ -129,12 +133,18 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().task {
         Task::Bench {
+            out,
+            render: Some(json),
+            ..
+        } => bench::render(&json, &out),
+        Task::Bench {
             backends,
             quick,
             filter,
             python,
             no_torch,
             out,
+            render: None,
         } => bench::run(bench::BenchArgs {
             backends,
             quick,

@@ -202,6 +202,17 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
+/// Writes the markdown report of a run saved as JSON (`docs/benchmarks.json`) again, without
+/// measuring: for a change of the report's layout.
+pub fn render(json: &Path, out: &Path) -> Result<()> {
+    let bytes = std::fs::read(json).with_context(|| format!("{}: cannot read", json.display()))?;
+    let run: BenchRun = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a `cargo xtask bench` run", json.display()))?;
+    write_atomically(out, report::markdown(&run).as_bytes())?;
+    println!("wrote {} from {}", out.display(), json.display());
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let root = workspace_root()?;
     let start = Instant::now();

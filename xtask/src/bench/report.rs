@@ -268,7 +268,9 @@ fn kernels(t: &mut Tables<'_>, s: &mut String) {
             if csr.is_none() && bitmask.is_none() && nm.is_none() && auto.is_none() {
                 continue; // not measured (a filtered run)
             }
-            let best = [csr, bitmask, nm, auto]
+            // SparseLinear counts as sparse only where it picked a sparse kernel
+            let auto_sparse = auto.filter(|_| auto_kind.as_deref() != Some("dense"));
+            let best = [csr, bitmask, nm, auto_sparse]
                 .into_iter()
                 .flatten()
                 .map(|m| m.median_ns)
@@ -448,6 +450,9 @@ mod tests {
         ressa.insert("dense_2048x5120/loop/1".into(), measured(4.0));
         ressa.insert("sparse_unstructured_70/csr/1".into(), measured(2.0));
         ressa.insert("sparse_unstructured_70/auto_csr/1".into(), measured(2.5));
+        // a dense pick is no sparse kernel, however fast it measured
+        ressa.insert("sparse_unstructured_90/csr/1".into(), measured(3.0));
+        ressa.insert("sparse_unstructured_90/auto_dense/1".into(), measured(0.5));
         ressa.insert("gpu_kernels_cuda/nm/2:4/t1".into(), measured(0.01));
         ressa.insert("gpu_kernels_cuda/dense_burn/2:4/t1".into(), measured(0.03));
         ressa.insert("gpu_kernels_cuda/odd_kernel/2:4/t1".into(), measured(0.5));
@@ -507,6 +512,10 @@ mod tests {
             md.contains(
                 "- 70 %, 1 token: 3.00× vs Flex dense (met), 1.50× vs the fastest host dense (met)."
             ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 90 % | 1 | 6.00 | 3.00 | 3.00 | — | — | 0.500 (dense) | 2.00× | 1.00× | 1.50 | — |"),
             "{md}"
         );
         // a setting without sparse measurements has no row and no verdict
