@@ -35,29 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Run the benchmarks and write docs/benchmarks.md (ratios measured in one run).
-    Bench {
-        /// Backends to measure (repeatable; default cpu). GPU backends build with that feature.
-        #[arg(long = "backend", value_enum)]
-        backends: Vec<bench::Backend>,
-        /// criterion `--quick`: fewer samples, a rough run in minutes.
-        #[arg(long)]
-        quick: bool,
-        /// Only benchmarks whose id matches this regex (criterion's filter).
-        #[arg(long)]
-        filter: Option<String>,
-        /// Python with torch and transformers for the PyTorch side.
-        #[arg(long, default_value = "python3")]
-        python: String,
-        /// Skip the PyTorch side.
-        #[arg(long)]
-        no_torch: bool,
-        /// The report (the raw numbers go beside it as .json).
-        #[arg(long, default_value = "docs/benchmarks.md")]
-        out: PathBuf,
-        /// Measure nothing: write the report again from a run's JSON (e.g. docs/benchmarks.json).
-        #[arg(long)]
-        render: Option<PathBuf>,
-    },
+    Bench(bench::BenchArgs),
     /// Run a pruning study described by a TOML file (e.g. configs/shapes-tiny.toml).
     Experiment {
         /// The study's TOML file.
@@ -132,27 +110,7 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().task {
-        Task::Bench {
-            out,
-            render: Some(json),
-            ..
-        } => bench::render(&json, &out),
-        Task::Bench {
-            backends,
-            quick,
-            filter,
-            python,
-            no_torch,
-            out,
-            render: None,
-        } => bench::run(bench::BenchArgs {
-            backends,
-            quick,
-            filter,
-            python,
-            no_torch,
-            out,
-        }),
+        Task::Bench(args) => bench::run(args),
         Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),
         Task::RandomCheckpoint {
             config,

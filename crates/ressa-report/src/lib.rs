@@ -120,7 +120,7 @@ pub fn write_report(results: &Results, out_dir: &Path) -> Result<ReportFiles, Re
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let io = |source| ReportError::Io {
         path: path.to_path_buf(),

@@ -193,18 +193,35 @@ pub struct BenchRun {
     pub wall_s: f64,
 }
 
+/// `cargo xtask bench` options.
+#[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Backends to measure (repeatable; default cpu). GPU backends build with that feature.
+    #[arg(long = "backend", value_enum)]
     pub backends: Vec<Backend>,
+    /// criterion `--quick`: fewer samples, a rough run in minutes.
+    #[arg(long)]
     pub quick: bool,
+    /// Only benchmarks whose id matches this regex (criterion's filter).
+    #[arg(long)]
     pub filter: Option<String>,
+    /// Python with torch and transformers for the PyTorch side.
+    #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Skip the PyTorch side.
+    #[arg(long)]
     pub no_torch: bool,
+    /// The report (the raw numbers go beside it as .json).
+    #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: PathBuf,
+    /// Measure nothing: write the report again from a run's JSON (e.g. docs/benchmarks.json).
+    #[arg(long)]
+    pub render: Option<PathBuf>,
 }
 
 /// Writes the markdown report of a run saved as JSON (`docs/benchmarks.json`) again, without
 /// measuring: for a change of the report's layout.
-pub fn render(json: &Path, out: &Path) -> Result<()> {
+fn render(json: &Path, out: &Path) -> Result<()> {
     let bytes = std::fs::read(json).with_context(|| format!("{}: cannot read", json.display()))?;
     let run: BenchRun = serde_json::from_slice(&bytes)
         .with_context(|| format!("{}: not a `cargo xtask bench` run", json.display()))?;
@@ -214,6 +231,9 @@ pub fn render(json: &Path, out: &Path) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(json) = &args.render {
+        return render(json, &args.out);
+    }
     let root = workspace_root()?;
     let start = Instant::now();
     let mut backends = args.backends.clone();
@@ -456,20 +476,13 @@ fn machine(root: &Path) -> Machine {
     }
 }
 
-/// Writes `path` through a temporary sibling and a rename.
+/// Writes `path` (creating its directory) through `ressa_report::write_atomic`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{}: no parent directory", path.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("out".into(), |n| n.to_string_lossy())
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))
+    Ok(ressa_report::write_atomic(path, bytes)?)
 }
 
 #[cfg(test)]
