@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ressa_data::shapes::{self, ShapesConfig};
-use ressa_models::ModelConfig;
-use ressa_models::instructblip::write_random_checkpoint;
+use ressa_models::pretrained::write_random_checkpoint;
+use ressa_models::{FamilyVisitor, VisionLanguageModel, visit_family};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -100,6 +100,44 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Random weights for a config of any registered family.
+struct RandomCheckpoint<'a> {
+    config: &'a Path,
+    out: &'a Path,
+    like: Option<&'a Path>,
+    seed: u64,
+    scale: f32,
+}
+
+impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
+    type Output = Result<()>;
+    fn visit<M: VisionLanguageModel<burn::backend::Flex>>(self, config: M::Config) -> Result<()> {
+        let out = self.out;
+        if out.exists() {
+            bail!("{}: exists", out.display());
+        }
+        std::fs::create_dir_all(out)?;
+        std::fs::copy(self.config, out.join("config.json")).context("copying config.json")?;
+        if let Some(like) = self.like {
+            for f in ["tokenizer.json", "preprocessor_config.json"] {
+                std::fs::copy(like.join(f), out.join(f))
+                    .with_context(|| like.join(f).display().to_string())?;
+            }
+            if like.join("qformer_tokenizer").is_dir() {
+                copy_dir(
+                    &like.join("qformer_tokenizer"),
+                    &out.join("qformer_tokenizer"),
+                )?;
+            }
+        }
+        let device = Default::default();
+        write_random_checkpoint::<burn::backend::Flex, M>(
+            &config, out, self.seed, self.scale, &device,
+        )?;
+        Ok(())
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -119,26 +157,17 @@ fn main() -> Result<()> {
             seed,
             scale,
         } => {
-            let cfg = ModelConfig::from_file(&config)?;
-            if out.exists() {
-                bail!("{}: exists", out.display());
-            }
-            std::fs::create_dir_all(&out)?;
-            std::fs::copy(&config, out.join("config.json")).context("copying config.json")?;
-            if let Some(like) = like {
-                for f in ["tokenizer.json", "preprocessor_config.json"] {
-                    std::fs::copy(like.join(f), out.join(f))
-                        .with_context(|| like.join(f).display().to_string())?;
-                }
-                if like.join("qformer_tokenizer").is_dir() {
-                    copy_dir(
-                        &like.join("qformer_tokenizer"),
-                        &out.join("qformer_tokenizer"),
-                    )?;
-                }
-            }
-            let device = Default::default();
-            write_random_checkpoint::<burn::backend::Flex>(&cfg, &out, seed, scale, &device)?;
+            // The config is parsed (and its family found) before anything is written.
+            visit_family::<burn::backend::Flex, _>(
+                &config,
+                RandomCheckpoint {
+                    config: &config,
+                    out: &out,
+                    like: like.as_deref(),
+                    seed,
+                    scale,
+                },
+            )??;
             println!("wrote {}", out.display());
             Ok(())
         }

@@ -97,3 +97,42 @@ macro_rules! with_backend {
         }
     }};
 }
+
+/// A command's work on one model, generic over the backend and the model family.
+pub trait ModelJob {
+    fn run<B: burn::prelude::Backend, M: ressa_models::VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> anyhow::Result<()>;
+}
+
+struct Visit<'d, B: burn::prelude::Backend, J> {
+    job: J,
+    device: &'d B::Device,
+}
+
+impl<B: burn::prelude::Backend, J: ModelJob> ressa_models::FamilyVisitor<B> for Visit<'_, B, J> {
+    type Output = anyhow::Result<()>;
+    fn visit<M: ressa_models::VisionLanguageModel<B>>(self, config: M::Config) -> Self::Output {
+        self.job.run::<B, M>(config, self.device)
+    }
+}
+
+/// Runs `job` on the backend `kind` with the family `model_dir/config.json` names.
+pub fn run_model_job<J: ModelJob>(
+    kind: BackendKind,
+    model_dir: &std::path::Path,
+    job: J,
+) -> anyhow::Result<()> {
+    let config = model_dir.join("config.json");
+    crate::with_backend!(kind, |device: B| {
+        ressa_models::visit_family::<B, _>(
+            &config,
+            Visit::<B, J> {
+                job,
+                device: &device,
+            },
+        )?
+    })
+}

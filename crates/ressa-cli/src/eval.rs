@@ -30,30 +30,22 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ressa_data::image::ImageProcessorConfig;
 use ressa_data::lavis::{self, Id};
-use ressa_data::loader::{
-    BadImages, Example, ImageTransform, Loader, LoaderConfig, TextEncoder, Texts,
-};
+use ressa_data::loader::{BadImages, Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::prompts;
-use ressa_data::text::{Batch as TokenBatch, TextTokenizer};
 use ressa_eval::Task;
 use ressa_eval::formats::{self, CaptionPrediction, CocoCaptions, VqaPrediction};
-use ressa_models::generate::{GenerationConfig, SpecialTokens, answer_tokens, generate, input_len};
+use ressa_models::generate::{GenerationConfig, generate};
 use ressa_models::sparse_kernels::KernelRows;
-use ressa_models::{ModelConfig, Pretrained, VlmInputs};
+use ressa_models::{LanguageModel, Pretrained, Processor, VisionLanguageModel};
 
-use crate::backend::BackendKind;
-use crate::with_backend;
-
-/// LAVIS' `max_txt_len`: the Q-Former tokenizer truncates the prompt to this many tokens.
-const QFORMER_MAX_TXT_LEN: usize = 128;
+use crate::backend::{BackendKind, ModelJob, run_model_job};
+use crate::output::{refuse_alias, refuse_overwrite};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -130,32 +122,9 @@ struct Entry {
     prompt: String,
 }
 
-/// Decoding settings after task defaults.
-struct Decoding {
-    generation: GenerationConfig,
-    prompt: String,
-}
-
-/// Task defaults; `decoder_only`: the language model is LLaMA-family (LAVIS' `min_len` is not
-/// shifted by a decoder start token).
-fn decoding(args: &Args, decoder_only: bool) -> Result<Decoding> {
+/// The prompt template after task defaults, checked against the task.
+fn prompt_template(args: &Args) -> Result<String> {
     let vqa = is_vqa(args.task);
-    let min_len = if vqa { 1 } else { 8 };
-    let generation = GenerationConfig {
-        num_beams: args.beams.unwrap_or(5),
-        max_new_tokens: args.max_new_tokens.unwrap_or(if vqa { 10 } else { 30 }),
-        min_new_tokens: args.min_new_tokens.unwrap_or(if decoder_only {
-            min_len
-        } else {
-            min_len - 1
-        }),
-        length_penalty: args.length_penalty.unwrap_or(if vqa { -1.0 } else { 1.0 }),
-        early_stopping: false,
-        repetition_penalty: args.repetition_penalty,
-    };
-    if generation.num_beams == 0 || generation.max_new_tokens == 0 {
-        bail!("--beams and --max-new-tokens must be at least 1");
-    }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -173,7 +142,33 @@ fn decoding(args: &Args, decoder_only: bool) -> Result<Decoding> {
     if !vqa && holes != 0 {
         bail!("--prompt: a captioning prompt has no question to fill in; remove the `{{}}`");
     }
-    Ok(Decoding { generation, prompt })
+    Ok(prompt)
+}
+
+/// Decoding settings after task defaults; `encoder_decoder`: LAVIS' `min_len` counts the
+/// decoder start token (T5), not for a decoder-only model.
+fn generation(args: &Args, encoder_decoder: bool) -> Result<GenerationConfig> {
+    let vqa = is_vqa(args.task);
+    let min_len = if vqa { 1 } else { 8 };
+    let max_new_tokens = args.max_new_tokens.unwrap_or(if vqa { 10 } else { 30 });
+    let generation = GenerationConfig {
+        num_beams: args.beams.unwrap_or(5),
+        max_new_tokens,
+        // The default minimum never exceeds a given maximum.
+        min_new_tokens: args.min_new_tokens.unwrap_or(
+            if encoder_decoder {
+                min_len - 1
+            } else {
+                min_len
+            }
+            .min(max_new_tokens),
+        ),
+        length_penalty: args.length_penalty.unwrap_or(if vqa { -1.0 } else { 1.0 }),
+        early_stopping: false,
+        repetition_penalty: args.repetition_penalty,
+    };
+    generation.validate()?;
+    Ok(generation)
 }
 
 fn read_entries(args: &Args, template: &str) -> Result<Vec<Entry>> {
@@ -252,17 +247,27 @@ fn to_eval_id(id: &Id) -> ressa_eval::Id {
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    // The model error's message already carries its cause; `{e}` keeps the line single.
     if args.sparse_kernels {
         kind.check_sparse_kernels()?;
     }
-    let config =
-        ModelConfig::from_file(&args.model.join("config.json")).map_err(|e| anyhow!("{e}"))?;
-    let dec = decoding(&args, config.text.is_decoder_only())?;
+    // Settings that do not need the model, checked before anything is read.
+    generation(&args, true)?;
+    let template = prompt_template(&args)?;
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
     }
-    let entries = read_entries(&args, &dec.prompt)?;
+    refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("annotation list", &args.annotations),
+        ("image directory", &args.images),
+    ];
+    inputs.extend(
+        args.ground_truth
+            .iter()
+            .map(|p| ("ground-truth file", p.as_path())),
+    );
+    refuse_overwrite("--out", &args.out, &inputs)?;
+    let entries = read_entries(&args, &template)?;
     let missing: Vec<&Entry> = entries.iter().filter(|e| !e.image.is_file()).collect();
     if let Some(first) = missing.first()
         && !args.skip_bad_images
@@ -280,24 +285,20 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     let gt = ground_truth(&args)?;
     // Fail now, not after the generation, if the output cannot be written.
     let out = OutputFile::create(&args.out)?;
-    tracing::info!(
-        task = %args.task,
-        items = entries.len(),
-        beams = dec.generation.num_beams,
-        max_new_tokens = dec.generation.max_new_tokens,
-        min_new_tokens = dec.generation.min_new_tokens,
-        length_penalty = dec.generation.length_penalty,
-        prompt = %dec.prompt,
-        "evaluating"
-    );
     if args.task == Task::Okvqa {
         tracing::warn!(
             "OK-VQA predictions are not lemmatised (the reference lemmatises NOUN/VERB tokens with spaCy)"
         );
     }
-    let (predictions, skipped) = with_backend!(kind, |device: B| predict::<B>(
-        &args, &dec, &entries, &device
-    ))?;
+    let dir = args.model.clone();
+    let mut job = Job {
+        args: &args,
+        template: &template,
+        entries: &entries,
+        predictions: None,
+    };
+    run_model_job(kind, &dir, &mut job)?;
+    let (predictions, skipped) = job.predictions.take().expect("the job predicted");
 
     let kept: Vec<(&Entry, &String)> = entries
         .iter()
@@ -336,62 +337,68 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     Ok(())
 }
 
+struct Job<'a> {
+    args: &'a Args,
+    template: &'a str,
+    entries: &'a [Entry],
+    predictions: Option<(Vec<Option<String>>, usize)>,
+}
+
+impl ModelJob for &mut Job<'_> {
+    fn run<B: Backend, M: VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> Result<()> {
+        let pretrained = Pretrained::<B, M>::load_with(&self.args.model, config, device)?;
+        self.predictions = Some(predict(
+            self.args,
+            self.template,
+            pretrained,
+            self.entries,
+            device,
+        )?);
+        Ok(())
+    }
+}
+
 /// Generates for every entry; `None` where the image was skipped. Returns the skip count.
-fn predict<B: Backend>(
+fn predict<B: Backend, M: VisionLanguageModel<B>>(
     args: &Args,
-    dec: &Decoding,
+    template: &str,
+    mut pretrained: Pretrained<B, M>,
     entries: &[Entry],
     device: &B::Device,
 ) -> Result<(Vec<Option<String>>, usize)> {
-    // The model error's message already carries its cause; `{e}` keeps the line single.
-    let mut pretrained = Pretrained::<B>::load(&args.model, device).map_err(|e| anyhow!("{e}"))?;
-    let decoder_only = pretrained.model.language_model.is_decoder_only();
-    let processor = ImageProcessorConfig::from_file_for(
-        &args.model.join("preprocessor_config.json"),
-        pretrained.config.vision.image_size,
-    )?;
-    let tokens = SpecialTokens::from_config(&pretrained.config.text);
-    let tokenizer = Arc::new(TextTokenizer::from_file(
-        &args.model.join("tokenizer.json"),
-    )?);
-    let qformer = if pretrained.model.qformer.reads_text() {
-        let max = QFORMER_MAX_TXT_LEN.min(pretrained.config.qformer.max_position_embeddings);
-        let qtok =
-            TextTokenizer::from_file(&args.model.join("qformer_tokenizer").join("tokenizer.json"))?
-                .with_truncation(max, true)?;
-        let pad = qtok.pad_id().unwrap_or(0);
-        Some(TextEncoder {
-            tokenizer: Arc::new(qtok),
-            pad,
-        })
-    } else {
-        None
-    };
+    let generation = generation(args, pretrained.model.language_model().is_encoder_decoder())?;
+    tracing::info!(
+        task = %args.task,
+        items = entries.len(),
+        beams = generation.num_beams,
+        max_new_tokens = generation.max_new_tokens,
+        min_new_tokens = generation.min_new_tokens,
+        length_penalty = generation.length_penalty,
+        prompt = %template,
+        "evaluating"
+    );
+    let processor = Processor::for_model(&args.model, &pretrained.model)?;
     if args.sparse_kernels {
         // kernels are chosen for a full batch and the mean prompt length of the first items
         let sample = &entries[..entries.len().min(64)];
         let mut prompt_tokens = 0;
         for e in sample {
-            prompt_tokens += tokenizer.encode(&e.prompt)?.len();
+            prompt_tokens += processor.tokenizer.encode(&e.prompt)?.len();
         }
         let batch = args.batch_size.min(entries.len()).max(1);
         crate::generate::use_sparse_kernels(
             &mut pretrained.model,
             KernelRows {
                 images: batch,
-                decode: batch * dec.generation.num_beams,
+                decode: batch * generation.num_beams,
                 prompt: prompt_tokens.div_ceil(sample.len().max(1)),
             },
         )?;
     }
-    let texts = Texts {
-        input: Some(TextEncoder {
-            tokenizer: Arc::clone(&tokenizer),
-            pad: tokens.pad,
-        }),
-        qformer,
-        output: None,
-    };
     let examples: Vec<Example> = entries
         .iter()
         .map(|e| Example {
@@ -402,8 +409,8 @@ fn predict<B: Backend>(
         .collect();
     let loader = Loader::new(
         examples,
-        ImageTransform::Eval(processor),
-        texts,
+        ImageTransform::Eval(processor.image.clone()),
+        processor.texts(false),
         LoaderConfig {
             batch_size: args.batch_size,
             prefetch: 2,
@@ -430,35 +437,13 @@ fn predict<B: Backend>(
     for batch in loader.by_ref() {
         let batch = batch?;
         let b = batch.len();
-        let (h, w) = batch.image_size;
-        let pixel_values =
-            Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values, [b, 3, h, w]), device);
-        let input = batch
-            .input
-            .clone()
-            .expect("the loader tokenizes the prompt");
-        // The loader pads on the right; a decoder-only model continues the prompt, so its
-        // padding goes to the left.
-        let input = if decoder_only {
-            input.left_padded()
-        } else {
-            input
-        };
-        let qformer_text = batch
-            .qformer
-            .as_ref()
-            .map(|q| (ids_tensor::<B>(q, device), mask_tensor::<B>(q, device)));
-        let inputs = VlmInputs {
-            pixel_values,
-            qformer_text,
-            input_ids: ids_tensor::<B>(&input, device),
-            attention_mask: mask_tensor::<B>(&input, device),
-        };
-        let out = generate(&pretrained.model, &inputs, &dec.generation, tokens);
-        let prefix = input_len(&pretrained.model, &inputs);
-        for (seq, &i) in out.iter().zip(&batch.indices) {
-            let text = tokenizer
-                .decode(&answer_tokens(seq, prefix, tokens))
+        // Padded on the language model's side (a decoder-only model continues the prompt:
+        // left).
+        let inputs = processor.batch_inputs::<B>(&batch, device)?;
+        let out = generate(&pretrained.model, &inputs, &generation)?;
+        for (r, &i) in batch.indices.iter().enumerate() {
+            let text = processor
+                .decode(&out.answer(r))
                 .context("decoding the generated tokens")?;
             predictions[i] = Some(text.trim().to_string());
         }
@@ -489,17 +474,6 @@ fn predict<B: Backend>(
     Ok((predictions, skipped.len()))
 }
 
-fn ids_tensor<B: Backend>(t: &TokenBatch, device: &B::Device) -> Tensor<B, 2, Int> {
-    ressa_models::nn::ids_tensor::<B>(&t.ids, device)
-}
-
-fn mask_tensor<B: Backend>(t: &TokenBatch, device: &B::Device) -> Tensor<B, 2> {
-    let b = t.mask.len();
-    let l = t.mask.first().map_or(0, Vec::len);
-    let flat: Vec<f32> = t.mask.iter().flatten().map(|&m| m as f32).collect();
-    Tensor::from_data(TensorData::new(flat, [b, l]), device)
-}
-
 /// Ground truth read before generating, so a wrong file fails fast.
 enum GroundTruth {
     Vqa {
@@ -518,7 +492,7 @@ enum GroundTruth {
 }
 
 fn eval_err(e: ressa_eval::EvalError) -> anyhow::Error {
-    anyhow!("{e}")
+    e.into()
 }
 
 fn ground_truth(args: &Args) -> Result<Option<GroundTruth>> {

@@ -21,14 +21,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use clap::ValueEnum;
-use ressa_models::ModelConfig;
+use ressa_models::prunable::prunable_linears;
 use ressa_models::weights::{SINGLE_FILE, WeightStore, dtype_name};
 use ressa_sparse::formats::{BitmaskConfig, BitmaskWeight};
 use ressa_sparse::mask::Mask;
 use safetensors::Dtype;
 
-use crate::backend::BackendKind;
-use crate::with_backend;
+use ressa_models::{Pretrained, VisionLanguageModel};
+
+use crate::backend::{BackendKind, ModelJob, run_model_job};
+use crate::output::refuse_alias;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -51,7 +53,29 @@ pub struct Args {
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    with_backend!(kind, |device: B| export::<B>(&args, &device))
+    refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
+    export(kind, &args)
+}
+
+/// The HF keys of the prunable linears' weights (the family's structure decides).
+struct PrunableKeys<'a> {
+    dir: &'a Path,
+    keys: &'a mut Vec<String>,
+}
+
+impl ModelJob for PrunableKeys<'_> {
+    fn run<B: Backend, M: VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> Result<()> {
+        let pretrained = Pretrained::<B, M>::load_with(self.dir, config, device)?;
+        *self.keys = prunable_linears(&pretrained.model)
+            .into_iter()
+            .map(|(_, l)| format!("{}.weight", l.key))
+            .collect();
+        Ok(())
+    }
 }
 
 /// What one output tensor is made of.
@@ -77,11 +101,9 @@ struct Spec {
     entry: Entry,
 }
 
-fn export<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+fn export(kind: BackendKind, args: &Args) -> Result<()> {
     let start = std::time::Instant::now();
     let store = WeightStore::open_dir(&args.model)?;
-    let config_path = args.model.join("config.json");
-    let cfg = ModelConfig::from_file(&config_path)?;
     let masks = read_masks(&args.model, &store)?;
     let mut keys: Vec<String> = store.keys().cloned().collect();
     keys.sort();
@@ -98,7 +120,16 @@ fn export<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
                 }
             }
             None => {
-                for key in ressa_models::prunable::prunable_weight_keys::<B>(&cfg, device)? {
+                let mut prunable = Vec::new();
+                run_model_job(
+                    kind,
+                    &args.model,
+                    PrunableKeys {
+                        dir: &args.model,
+                        keys: &mut prunable,
+                    },
+                )?;
+                for key in prunable {
                     let (shape, _) = store
                         .info(&key)
                         .ok_or_else(|| anyhow!("{}: no tensor {key}", args.model.display()))?;
@@ -168,10 +199,10 @@ fn export<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
 
-    ressa_models::instructblip::write_dir_atomically(&args.out, |tmp: &Path| -> Result<()> {
-        ressa_models::instructblip::copy_non_weight_files(&args.model, tmp)?;
+    ressa_models::pretrained::write_dir_atomically(&args.out, |tmp: &Path| -> Result<()> {
+        ressa_models::pretrained::copy_non_weight_files(&args.model, tmp)?;
         let config = tmp.join("config.json");
-        ressa_models::instructblip::drop_sparsity_annotation(&config)?;
+        ressa_models::pretrained::drop_sparsity_annotation(&config)?;
         if !targets.is_empty() {
             annotate(&config, &args.model, &store, &kept)?;
         }

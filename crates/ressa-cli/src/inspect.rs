@@ -7,10 +7,11 @@ use std::io::Write;
 
 use anyhow::Result;
 use burn::prelude::*;
-use ressa_models::Pretrained;
+use ressa_models::pretrained::model_tensors;
+use ressa_models::prunable::prunable_linears;
+use ressa_models::{Pretrained, VisionLanguageModel};
 
-use crate::backend::BackendKind;
-use crate::with_backend;
+use crate::backend::{BackendKind, ModelJob, run_model_job};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,16 +24,37 @@ pub struct Args {
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    with_backend!(kind, |device: B| run_on::<B>(&args, &device))
+    let dir = args.model.clone();
+    run_model_job(kind, &dir, args)
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let pretrained = Pretrained::<B>::load(&args.model, device)?;
+impl ModelJob for Args {
+    fn run<B: Backend, M: VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> Result<()> {
+        let pretrained = Pretrained::<B, M>::load_with(&self.model, config, device)?;
+        let arch = ressa_models::family::describe(&self.model.join("config.json"))?;
+        report(&pretrained, arch, self.json)
+    }
+}
+
+fn report<B: Backend, M: VisionLanguageModel<B>>(
+    pretrained: &Pretrained<B, M>,
+    arch: &str,
+    json: bool,
+) -> Result<()> {
+    let prunable: BTreeMap<String, &'static str> = prunable_linears(&pretrained.model)
+        .into_iter()
+        .map(|(tower, l)| (format!("{}.weight", l.key), tower.name()))
+        .collect();
     let mut towers: BTreeMap<String, usize> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut linears = Vec::new();
-    for (name, t) in pretrained.model.export() {
-        let n: usize = t.shape().iter().product();
+    for (name, t) in model_tensors(&pretrained.model, &pretrained.layout, &pretrained.dir)? {
+        let shape = t.shape();
+        let n: usize = shape.iter().product();
         *towers
             .entry(name.split('.').next().unwrap_or("").to_string())
             .or_default() += n;
@@ -43,20 +65,19 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             .map(|d| format!("{d:?}"))
             .unwrap_or("F32".into());
         *dtypes.entry(dtype).or_default() += n;
-        if name.ends_with(".weight") && t.shape().len() == 2 && is_linear(&name) {
+        if let Some(tower) = prunable.get(&name) {
             let zeros = t.to_f32().iter().filter(|v| **v == 0.0).count();
-            linears.push((name, t.shape(), zeros as f64 / n as f64));
+            linears.push((name, *tower, shape, zeros as f64 / n.max(1) as f64));
         }
     }
-    let arch = format!("{:?}", pretrained.config.architecture);
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if json {
         let json = serde_json::json!({
             "architecture": arch,
             "parameters": towers,
             "total": towers.values().sum::<usize>(),
             "dtypes": dtypes,
-            "linears": linears.iter().map(|(n, s, z)| serde_json::json!({"name": n, "shape": s, "sparsity": z})).collect::<Vec<_>>(),
+            "linears": linears.iter().map(|(n, t, s, z)| serde_json::json!({"name": n, "tower": t, "shape": s, "sparsity": z})).collect::<Vec<_>>(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
         return Ok(());
@@ -76,17 +97,12 @@ fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     for (d, n) in &dtypes {
         writeln!(out, "  {d:<24} {n:>14}")?;
     }
-    writeln!(out, "linear weights (sparsity = fraction of exact zeros):")?;
-    for (name, shape, s) in &linears {
+    writeln!(
+        out,
+        "prunable linear weights (sparsity = fraction of exact zeros):"
+    )?;
+    for (name, _, shape, s) in &linears {
         writeln!(out, "  {name:<72} {:>14} {s:>8.4}", format!("{shape:?}"))?;
     }
     Ok(())
-}
-
-/// Linear weights: every 2-D `.weight` except embedding tables.
-fn is_linear(name: &str) -> bool {
-    !(name.contains("embeddings")
-        || name.contains("shared")
-        || name.contains("relative_attention_bias")
-        || name.contains("embed_tokens"))
 }

@@ -6,7 +6,7 @@
 //!   sequence `[query outputs ; prompt]` as `transformers`' InstructBLIP forward returns them
 //!   (its `input_ids` holding `image_token_index` Q times before the prompt): positions
 //!   `0..Q` are the queries, `Q..Q+L` the prompt tokens, position `t` predicts token `t + 1`.
-//!   `decoder_input_ids` is not read.
+//!   `decoder_input_ids`, when given, continue the sequence (logits [B, Q + L + Ld, vocab]).
 //!
 //! `attention_mask` / `qformer_attention_mask` (1 token, 0 padding) are optional (all ones when
 //! absent); a decoder-only prompt is padded on the left.
@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::{Pretrained, VisionLanguageModel, VlmInputs};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::BackendKind;
-use crate::with_backend;
+use crate::backend::{BackendKind, ModelJob, run_model_job};
+use crate::output::{refuse_alias, write_file_atomically};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,19 +27,28 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Inputs: `pixel_values` f32 [B,3,H,W], `input_ids` i64 [B,L] (the prompt alone, without
-    /// image placeholders), `decoder_input_ids` i64 [B,Ld] (T5 only), `qformer_input_ids` i64
-    /// [B,Lq] for InstructBLIP, and optionally `attention_mask` i64 [B,L] and
-    /// `qformer_attention_mask` i64 [B,Lq].
+    /// image placeholders), `decoder_input_ids` i64 [B,Ld] (T5; a continuation for a
+    /// decoder-only model), `qformer_input_ids` i64 [B,Lq] for InstructBLIP, and optionally
+    /// `attention_mask` i64 [B,L] and `qformer_attention_mask` i64 [B,Lq].
     #[arg(long)]
     inputs: PathBuf,
-    /// Output safetensors with `logits` f32: [B,Ld,vocab] (T5) or [B,Q+L,vocab] over
-    /// [queries ; prompt] (decoder-only).
+    /// Output safetensors with `logits` f32: [B,Ld,vocab] (T5) or [B,Q+L(+Ld),vocab] over
+    /// [queries ; prompt (; continuation)] (decoder-only).
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    with_backend!(kind, |device: B| run_on::<B>(&args, &device))
+    refuse_alias(
+        "--out",
+        &args.out,
+        &[
+            ("model directory", &args.model),
+            ("inputs file", &args.inputs),
+        ],
+    )?;
+    let dir = args.model.clone();
+    run_model_job(kind, &dir, args)
 }
 
 struct Input {
@@ -115,127 +124,98 @@ fn read_mask(
     Ok(Some(m.i64.iter().map(|&x| x as f32).collect()))
 }
 
-fn run_on<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let pretrained = Pretrained::<B>::load(&args.model, device)?;
-    let model = &pretrained.model;
-    let decoder_only = model.language_model.is_decoder_only();
-    let bytes = std::fs::read(&args.inputs).with_context(|| args.inputs.display().to_string())?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow!(
-            "{}: not a valid safetensors file: {e:?}",
-            args.inputs.display()
-        )
-    })?;
-    let p = &args.inputs;
-    let pixels = read(&st, p, "pixel_values", Dtype::F32, 4)?;
-    let input_ids = read(&st, p, "input_ids", Dtype::I64, 2)?;
-    let decoder = if decoder_only {
-        if st.names().contains(&"decoder_input_ids") {
-            tracing::warn!(
-                "the model is decoder-only: `decoder_input_ids` is ignored, the logits cover [queries ; input_ids]"
-            );
+impl ModelJob for Args {
+    fn run<B: Backend, M: VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> Result<()> {
+        let bytes =
+            std::fs::read(&self.inputs).with_context(|| self.inputs.display().to_string())?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file: {e:?}",
+                self.inputs.display()
+            )
+        })?;
+        let pretrained = Pretrained::<B, M>::load_with(&self.model, config, device)?;
+        let model = &pretrained.model;
+        let spec = model.input_spec();
+        let p = &self.inputs;
+        let pixels = read(&st, p, "pixel_values", Dtype::F32, 4)?;
+        let input_ids = read(&st, p, "input_ids", Dtype::I64, 2)?;
+        let decoder = if st.names().contains(&"decoder_input_ids") {
+            Some(read(&st, p, "decoder_input_ids", Dtype::I64, 2)?)
+        } else {
+            None
+        };
+        let qformer_ids = if spec.qformer_text.is_some() {
+            Some(read(&st, p, "qformer_input_ids", Dtype::I64, 2)?)
+        } else {
+            None
+        };
+        let b = pixels.shape[0];
+        for (name, t) in [("input_ids", &input_ids)]
+            .into_iter()
+            .chain(decoder.as_ref().map(|d| ("decoder_input_ids", d)))
+            .chain(qformer_ids.as_ref().map(|q| ("qformer_input_ids", q)))
+        {
+            if t.shape[0] != b {
+                bail!(
+                    "{}: `{name}` has batch {}, pixel_values has {b}",
+                    p.display(),
+                    t.shape[0]
+                );
+            }
         }
-        None
-    } else {
-        Some(read(&st, p, "decoder_input_ids", Dtype::I64, 2)?)
-    };
-    let qformer_ids = if model.qformer.reads_text() {
-        Some(read(&st, p, "qformer_input_ids", Dtype::I64, 2)?)
-    } else {
-        None
-    };
-    let b = pixels.shape[0];
-    let vocab = pretrained.config.text.vocab_size() as i64;
-    for (name, t) in [("input_ids", &input_ids)]
-        .into_iter()
-        .chain(decoder.as_ref().map(|d| ("decoder_input_ids", d)))
-    {
-        if t.shape[0] != b {
+        if let Some((t, _)) = spec.image_tokens
+            && input_ids.i64.contains(&(t as i64))
+        {
             bail!(
-                "{}: `{name}` has batch {}, pixel_values has {b}",
-                p.display(),
-                t.shape[0]
-            );
-        }
-        if let Some(bad) = t.i64.iter().find(|&&x| x < 0 || x >= vocab) {
-            bail!(
-                "{}: `{name}` holds token id {bad}, outside the vocabulary of {vocab}",
+                "{}: `input_ids` holds the image token {t}: give the prompt alone, the image features are put before it",
                 p.display()
             );
         }
-    }
-    if let Some(q) = &qformer_ids
-        && q.shape[0] != b
-    {
-        bail!(
-            "{}: `qformer_input_ids` has batch {}, pixel_values has {b}",
-            p.display(),
-            q.shape[0]
+        let mask = |values: Option<Vec<f32>>, shape: &[usize]| -> Tensor<B, 2> {
+            let shape = [shape[0], shape[1]];
+            match values {
+                Some(v) => Tensor::from_data(TensorData::new(v, shape), device),
+                None => Tensor::ones(shape, device),
+            }
+        };
+        let attention_mask = mask(
+            read_mask(&st, p, "attention_mask", &input_ids, "input_ids")?,
+            &input_ids.shape,
         );
+        let int =
+            |t: Input| Tensor::<B, 2, Int>::from_data(TensorData::new(t.i64, t.shape), device);
+        let qformer_text = match qformer_ids {
+            Some(q) => {
+                let m = read_mask(&st, p, "qformer_attention_mask", &q, "qformer_input_ids")?;
+                let m = mask(m, &q.shape);
+                Some((int(q), m))
+            }
+            None => None,
+        };
+        let inputs = VlmInputs {
+            pixel_values: Tensor::from_data(TensorData::new(pixels.f32, pixels.shape), device),
+            qformer_text,
+            input_ids: int(input_ids),
+            attention_mask,
+        };
+        let logits = ressa_models::vlm::logits(model, &inputs, decoder.map(int))
+            .with_context(|| p.display().to_string())?;
+        let shape = logits.dims().to_vec();
+        let values = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape, &bytes)?;
+        let file = safetensors::serialize([("logits", view)], None)?;
+        write_file_atomically(&self.out, &file)?;
+        tracing::info!(out = %self.out.display(), "wrote logits");
+        Ok(())
     }
-    if let Some(t) = model.image_token_index
-        && input_ids.i64.contains(&(t as i64))
-    {
-        bail!(
-            "{}: `input_ids` holds image_token_index {t}: give the prompt alone, the query outputs are put before it",
-            p.display()
-        );
-    }
-    let (h, w) = (pixels.shape[2], pixels.shape[3]);
-    let vc = &pretrained.config.vision;
-    if pixels.shape[1] != 3 || h != vc.image_size || w != vc.image_size {
-        bail!(
-            "{}: `pixel_values` has shape {:?}, expected [B, 3, {}, {}]",
-            p.display(),
-            pixels.shape,
-            vc.image_size,
-            vc.image_size
-        );
-    }
-    let mask = |values: Option<Vec<f32>>, shape: &[usize]| -> Tensor<B, 2> {
-        let shape = [shape[0], shape[1]];
-        match values {
-            Some(v) => Tensor::from_data(TensorData::new(v, shape), device),
-            None => Tensor::ones(shape, device),
-        }
-    };
-    let attention_mask = mask(
-        read_mask(&st, p, "attention_mask", &input_ids, "input_ids")?,
-        &input_ids.shape,
-    );
-    let int = |t: Input| Tensor::<B, 2, Int>::from_data(TensorData::new(t.i64, t.shape), device);
-    let qformer_text = match qformer_ids {
-        Some(q) => {
-            let m = read_mask(&st, p, "qformer_attention_mask", &q, "qformer_input_ids")?;
-            let m = mask(m, &q.shape);
-            Some((int(q), m))
-        }
-        None => None,
-    };
-    let inputs = VlmInputs {
-        pixel_values: Tensor::from_data(TensorData::new(pixels.f32, pixels.shape), device),
-        qformer_text,
-        input_ids: int(input_ids),
-        attention_mask,
-    };
-    let logits = match decoder {
-        Some(decoder) => model.forward(&inputs, int(decoder)),
-        None => model
-            .decoder_only_logits(&inputs)
-            .expect("a decoder-only model"),
-    };
-    let shape = logits.dims().to_vec();
-    let values = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| anyhow!("{e:?}"))?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(Dtype::F32, shape, &bytes)?;
-    let tmp = args.out.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file([("logits", view)], None, &tmp)
-        .with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, &args.out).with_context(|| args.out.display().to_string())?;
-    tracing::info!(out = %args.out.display(), "wrote logits");
-    Ok(())
 }

@@ -6,6 +6,7 @@ mod export;
 mod generate;
 mod inspect;
 mod logits;
+mod output;
 mod prune;
 mod repair;
 mod score;

@@ -1,4 +1,5 @@
-//! `ressa prune`: layer-wise post-training pruning of an HF InstructBLIP / BLIP-2 directory.
+//! `ressa prune`: layer-wise post-training pruning of an HF model directory (any registered
+//! family).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,21 +9,18 @@ use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use ressa_data::calibration::{Sampler, prefix_examples};
-use ressa_data::image::{ImageProcessorConfig, load_rgb};
 use ressa_data::lavis::read_caption_list;
-use ressa_data::text::TextTokenizer;
-use ressa_models::instructblip::save_model_dir_with;
-use ressa_models::nn::ids_tensor;
-use ressa_models::prunable::{BlockOptions, CalibrationSample, Prunable, Tower};
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::pretrained::save_model_dir_with;
+use ressa_models::prunable::{BlockOptions, CalibrationSample, Tower};
+use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_prune::calibrate::{
     Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune_with,
 };
 use ressa_prune::{ComparisonGroup, Method, OwlConfig};
 use ressa_sparse::SparsityPattern;
 
-use crate::backend::BackendKind;
-use crate::with_backend;
+use crate::backend::{BackendKind, ModelJob, run_model_job};
+use crate::output::{refuse_alias, refuse_overwrite};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -116,11 +114,13 @@ fn settings(args: &Args) -> Result<CalibrationConfig> {
     let tower = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
         let v = check_ratio(name, v.unwrap_or(default))?;
         // With N:M a tower is either pruned N:M or dense.
-        Ok(if nm && v > 0.0 {
-            pattern_sparsity(pattern)
-        } else {
-            v
-        })
+        let nm_sparsity = pattern_sparsity(pattern);
+        if nm && v > 0.0 && (v - nm_sparsity).abs() > 1e-9 {
+            bail!(
+                "--{name} {v}: the pattern {pattern} prunes exactly {nm_sparsity}; give {nm_sparsity}, 0 (dense) or leave it out"
+            );
+        }
+        Ok(v)
     };
     let sparsity = TowerSparsity {
         vision: tower("vision", args.vision, base)?,
@@ -182,14 +182,38 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
             args.out.display()
         );
     }
-    with_backend!(kind, |device: B| run_on::<B>(&args, &cfg, &device))
+    refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
+    if let Some(c) = &args.calibration {
+        refuse_overwrite("--out", &args.out, &[("calibration list", c)])?;
+    }
+    if let Some(i) = &args.images {
+        refuse_overwrite("--out", &args.out, &[("image directory", i)])?;
+    }
+    let dir = args.model.clone();
+    run_model_job(kind, &dir, Job { args, cfg })
 }
 
-/// Calibration samples: caption prefix → Q-Former and T5 encoder text, the rest → decoder
-/// targets (teacher forced), one image each, batch 1 (natural lengths, as the reference).
-fn samples<B: Backend>(
+struct Job {
+    args: Args,
+    cfg: CalibrationConfig,
+}
+
+impl ModelJob for Job {
+    fn run<B: Backend, M: VisionLanguageModel<B>>(
+        self,
+        config: M::Config,
+        device: &B::Device,
+    ) -> Result<()> {
+        run_on::<B, M>(&self.args, &self.cfg, config, device)
+    }
+}
+
+/// Calibration samples: caption prefix → the prompt (language model and Q-Former), the rest →
+/// the target teacher-forced after it; one image each, batch 1 (natural lengths, as the
+/// reference).
+fn samples<B: Backend, M: VisionLanguageModel<B>>(
     args: &Args,
-    pretrained: &Pretrained<B>,
+    pretrained: &Pretrained<B, M>,
     device: &B::Device,
 ) -> Result<(Vec<CalibrationSample<B>>, usize)> {
     let (Some(annotations), Some(images)) = (&args.calibration, &args.images) else {
@@ -216,74 +240,32 @@ fn samples<B: Backend>(
             annotations.display()
         );
     }
-    let dir = &pretrained.dir;
-    let processor = ImageProcessorConfig::from_file_for(
-        &dir.join("preprocessor_config.json"),
-        pretrained.config.vision.image_size,
-    )?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
-    let qformer_tokenizer = if pretrained.model.qformer.reads_text() {
-        Some(TextTokenizer::from_file(
-            &dir.join("qformer_tokenizer").join("tokenizer.json"),
-        )?)
-    } else {
-        None
-    };
-    let text = &pretrained.config.text;
-    let (h, w) = processor.output_size();
+    let processor = Processor::for_model(&pretrained.dir, &pretrained.model)?;
     let mut out = Vec::with_capacity(set.examples.len());
     for ex in &set.examples {
-        let pixels = processor.preprocess(&load_rgb(&ex.image)?);
-        let mut prompt = tokenizer.encode(&ex.text_input)?;
-        let target = tokenizer.encode(ex.text_output.as_deref().unwrap_or(""))?;
-        let decoder = match (text.as_t5(), text.as_llama()) {
-            // Teacher forcing: decoder input = [start] + target[..-1].
-            (Some(t5), _) => {
-                let mut decoder = vec![t5.decoder_start_token()];
-                decoder.extend(&target[..target.len().saturating_sub(1)]);
-                decoder
-            }
-            // Decoder-only: one sequence [prompt ; target] (the target without the BOS the
-            // tokenizer adds to every text); the decoder ids are unused.
-            (None, Some(llama)) => {
-                let skip = usize::from(
-                    llama.bos_token_id.is_some() && target.first() == llama.bos_token_id.as_ref(),
-                );
-                prompt.extend(&target[skip..]);
-                vec![0]
-            }
-            _ => unreachable!("a language model is T5 or LLaMA"),
-        };
-        let qformer_text = match &qformer_tokenizer {
-            Some(t) => {
-                let ids = t.encode(&ex.text_input)?;
-                let n = ids
-                    .len()
-                    .min(pretrained.config.qformer.max_position_embeddings);
-                Some((
-                    ids_tensor::<B>(&[ids[..n].to_vec()], device),
-                    Tensor::ones([1, n], device),
-                ))
-            }
-            None => None,
-        };
-        let n = prompt.len();
-        out.push(CalibrationSample {
-            inputs: VlmInputs {
-                pixel_values: Tensor::from_data(TensorData::new(pixels, [1, 3, h, w]), device),
-                qformer_text,
-                input_ids: ids_tensor::<B>(&[prompt], device),
-                attention_mask: Tensor::ones([1, n], device),
-            },
-            decoder_input_ids: ids_tensor::<B>(&[decoder], device),
-        });
+        out.push(
+            processor
+                .calibration_sample(
+                    &pretrained.model,
+                    &ex.image,
+                    &ex.text_input,
+                    ex.text_output.as_deref().unwrap_or(""),
+                    device,
+                )
+                .with_context(|| format!("calibration sample {}", ex.image.display()))?,
+        );
     }
     Ok((out, set.skipped.len()))
 }
 
-fn run_on<B: Backend>(args: &Args, cfg: &CalibrationConfig, device: &B::Device) -> Result<()> {
+fn run_on<B: Backend, M: VisionLanguageModel<B>>(
+    args: &Args,
+    cfg: &CalibrationConfig,
+    config: M::Config,
+    device: &B::Device,
+) -> Result<()> {
     let start = Instant::now();
-    let mut pretrained = Pretrained::<B>::load(&args.model, device)?;
+    let mut pretrained = Pretrained::<B, M>::load_with(&args.model, config, device)?;
     let needs_data =
         cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
     let (calibration, skipped) = if needs_data || args.calibration.is_some() {

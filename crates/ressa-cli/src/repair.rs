@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ressa_train::repair::{DataConfig, RepairConfig, repair};
 use ressa_train::{KlReduction, TrainEvent};
 
 use crate::backend::BackendKind;
+use crate::output::{refuse_alias, refuse_overwrite};
 use crate::with_backend;
 
 #[derive(clap::Args)]
@@ -74,7 +75,7 @@ pub struct Args {
 
 fn config(args: Args) -> Result<(RepairConfig, bool)> {
     let mut cfg = match &args.config {
-        Some(path) => RepairConfig::from_toml(path).map_err(|e| anyhow!(e))?,
+        Some(path) => RepairConfig::from_toml(path)?,
         None => {
             let need = |v: &Option<PathBuf>, flag: &str| {
                 v.clone()
@@ -158,17 +159,28 @@ fn config(args: Args) -> Result<(RepairConfig, bool)> {
     if args.no_augment {
         t.augment = false;
     }
-    t.validate().map_err(|e| anyhow!("train.{e}"))?;
+    t.validate().context("train")?;
     Ok((cfg, args.resume))
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     let (cfg, resume) = config(args)?;
+    let mut models: Vec<(&str, &std::path::Path)> = vec![("pruned model directory", &cfg.pruned)];
+    if let Some(d) = &cfg.dense {
+        models.push(("dense model directory", d));
+    }
+    refuse_alias("--out", &cfg.out, &models)?;
+    let mut data: Vec<(&str, &std::path::Path)> = vec![
+        ("training list", &cfg.data.train),
+        ("image directory", &cfg.data.images),
+    ];
+    if let Some(v) = &cfg.data.val {
+        data.push(("validation list", v));
+    }
+    refuse_overwrite("--out", &cfg.out, &data)?;
     if !resume
         && cfg.checkpoint_dir().exists()
-        && !ressa_train::checkpoint::list(&cfg.checkpoint_dir())
-            .map_err(|e| anyhow!(e))?
-            .is_empty()
+        && !ressa_train::checkpoint::list(&cfg.checkpoint_dir())?.is_empty()
     {
         bail!(
             "{}: checkpoints of an earlier run exist; pass --resume to continue it or remove them",
@@ -232,8 +244,7 @@ fn run_on<B: burn::tensor::backend::AutodiffBackend>(
         TrainEvent::Checkpoint { step, path } => {
             tracing::debug!(step, path = %path.display(), "checkpoint")
         }
-    })
-    .map_err(|e| anyhow!(e))?;
+    })?;
     bar.finish_and_clear();
     tracing::info!(
         out = %cfg.out.display(),

@@ -131,6 +131,16 @@ impl TextTokenizer {
             .find_map(|t| self.inner.token_to_id(t))
     }
 
+    /// Ids the tokenizer can produce: its vocabulary with the added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of `token`, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The file the tokenizer was read from.
     pub fn path(&self) -> &Path {
         &self.path

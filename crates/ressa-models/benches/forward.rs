@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::prelude::*;
 use criterion::{Criterion, criterion_group, criterion_main};
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate};
-use ressa_models::instructblip::{LanguageModel, write_random_checkpoint};
-use ressa_models::{ModelConfig, Pretrained, VlmInputs};
+use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::pretrained::write_random_checkpoint;
+use ressa_models::vlm::logits;
+use ressa_models::{InstructBlipConfig, InstructBlipT5, Pretrained, T5Config, VlmInputs};
+
+type Config = InstructBlipConfig<T5Config>;
 
 fn bench(c: &mut Criterion) {
     on_backend::<Flex>(c, "flex");
@@ -38,13 +41,13 @@ fn configs_dir() -> PathBuf {
 fn random_model<B: Backend>(
     config: &serde_json::Value,
     device: &B::Device,
-) -> (ModelConfig, Pretrained<B>, tempfile::TempDir) {
+) -> (Config, Pretrained<B, InstructBlipT5<B>>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let cfg = ModelConfig::from_file(&path).unwrap();
-    write_random_checkpoint::<B>(&cfg, dir.path(), 0, 0.05, device).unwrap();
-    let model = Pretrained::<B>::load(dir.path(), device).unwrap();
+    let cfg = Config::from_file(&path).unwrap();
+    write_random_checkpoint::<B, InstructBlipT5<B>>(&cfg, dir.path(), 0, 0.05, device).unwrap();
+    let model = Pretrained::load(dir.path(), device).unwrap();
     (cfg, model, dir)
 }
 
@@ -65,10 +68,10 @@ fn ids<B: Backend>(b: usize, l: usize, vocab: usize, device: &B::Device) -> Tens
     ressa_models::nn::ids_tensor::<B>(&rows, device)
 }
 
-fn inputs<B: Backend>(cfg: &ModelConfig, b: usize, device: &B::Device) -> VlmInputs<B> {
+fn inputs<B: Backend>(cfg: &Config, b: usize, device: &B::Device) -> VlmInputs<B> {
     let (lq, lp) = (12, 24);
     let size = cfg.vision.image_size;
-    let vocab = cfg.text.as_t5().unwrap().vocab_size;
+    let vocab = cfg.text.vocab_size;
     // The image placeholder id sits at the top of the toy vocabularies; stay below it.
     let text_vocab = cfg.raw.image_token_index.map_or(vocab, |i| i as usize);
     VlmInputs {
@@ -92,12 +95,18 @@ fn on_backend<B: Backend>(c: &mut Criterion, backend: &str) {
         let (cfg, model, _dir) = random_model::<B>(&read_config(model_name), &device);
         let model = model.model;
         let inputs = inputs::<B>(&cfg, 2, &device);
-        let vocab = cfg.text.as_t5().unwrap().vocab_size;
+        let vocab = cfg.text.vocab_size;
         let decoder = ids(2, 16, vocab, &device);
         let id = model_name.replace('-', "_");
         c.bench_function(
             &format!("instructblip_{id}_forward_b2/{backend}"),
-            |bench| bench.iter(|| model.forward(&inputs, decoder.clone()).into_data()),
+            |bench| {
+                bench.iter(|| {
+                    logits(&model, &inputs, Some(decoder.clone()))
+                        .unwrap()
+                        .into_data()
+                })
+            },
         );
         if model_name == "bench-small" {
             let inputs = inputs_b1(&inputs);
@@ -106,13 +115,12 @@ fn on_backend<B: Backend>(c: &mut Criterion, backend: &str) {
                 min_new_tokens: 16,
                 ..Default::default()
             };
-            let tokens = SpecialTokens::from_config(&cfg.text);
             c.bench_function(
                 &format!("generate_bench_small_b1_16tok/{backend}"),
                 |bench| {
                     bench.iter(|| {
-                        let out = generate(&model, &inputs, &gen_cfg, tokens);
-                        assert_eq!(out[0].len(), 17, "16 new tokens after the start token");
+                        let out = generate(&model, &inputs, &gen_cfg).unwrap();
+                        assert_eq!(out.rows[0].len(), 17, "16 new tokens after the start token");
                         out
                     })
                 },
@@ -127,9 +135,7 @@ fn on_backend<B: Backend>(c: &mut Criterion, backend: &str) {
     text["num_decoder_layers"] = 1.into();
     text["vocab_size"] = 512.into();
     let (_, model, _dir) = random_model::<B>(&xl, &device);
-    let LanguageModel::T5(t5) = &model.model.language_model else {
-        unreachable!("a T5 config")
-    };
+    let t5 = &model.model.language_model;
     let x = Tensor::<B, 3>::random(
         [1, 64, 2048],
         burn::tensor::Distribution::Normal(0.0, 1.0),

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -296,62 +297,143 @@ impl LlamaConfig {
     }
 }
 
-/// The language model's `text_config`.
-#[derive(Debug, Clone)]
-pub enum TextConfig {
-    /// Encoder-decoder (FlanT5).
-    T5(T5Config),
-    /// Decoder-only (LLaMA / Vicuna).
-    Llama(LlamaConfig),
-}
-
-impl TextConfig {
-    pub fn as_t5(&self) -> Option<&T5Config> {
-        match self {
-            TextConfig::T5(t) => Some(t),
-            TextConfig::Llama(_) => None,
-        }
-    }
-
-    pub fn as_llama(&self) -> Option<&LlamaConfig> {
-        match self {
-            TextConfig::Llama(l) => Some(l),
-            TextConfig::T5(_) => None,
-        }
-    }
-
-    pub fn is_decoder_only(&self) -> bool {
-        matches!(self, TextConfig::Llama(_))
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            TextConfig::T5(t) => t.vocab_size,
-            TextConfig::Llama(l) => l.vocab_size,
-        }
-    }
-
-    /// Width of the language model's input embeddings (the projection's output).
-    pub fn hidden_size(&self) -> usize {
-        match self {
-            TextConfig::T5(t) => t.d_model,
-            TextConfig::Llama(l) => l.hidden_size,
-        }
+/// What the composites need from a language model's `text_config`.
+pub trait LmConfig: DeserializeOwned + Clone + std::fmt::Debug + Send + Sync {
+    /// The `text_config.model_type` values it reads.
+    const MODEL_TYPES: &'static [&'static str];
+    /// Checks the fields (one-line errors naming `text_config.<field>`).
+    fn validate(&self, path: &Path) -> Result<()>;
+    /// Width of the input embeddings (the projection's output).
+    fn hidden_size(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// The standard deviation `transformers` initialises a weight with, by its HF leaf name
+    /// (the module owning `.weight`); `None`: the composite's `initializer_range`.
+    fn init_std(&self, _leaf: &str) -> Option<f32> {
+        None
     }
 }
 
-/// The T5 view of the text config for code written before decoder-only models existed.
-/// Panics on a LLaMA config: such code must match on [`TextConfig`] instead.
-impl std::ops::Deref for TextConfig {
-    type Target = T5Config;
+fn check(ok: bool, path: &Path, field: &str, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::config(path, field, msg()))
+    }
+}
 
-    fn deref(&self) -> &T5Config {
-        match self {
-            TextConfig::T5(t) => t,
-            TextConfig::Llama(_) => {
-                panic!("this code path supports T5 language models only; the model is LLaMA")
-            }
-        }
+impl LmConfig for T5Config {
+    const MODEL_TYPES: &'static [&'static str] = &["t5"];
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let t = self;
+        let act = t.activation_name();
+        check(
+            Activation::from_hf(&act).is_some(),
+            path,
+            "text_config.dense_act_fn",
+            || format!("unknown activation `{act}`"),
+        )?;
+        let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
+        check(
+            parts.len() == 1 || (parts.len() == 2 && parts[0] == "gated"),
+            path,
+            "text_config.feed_forward_proj",
+            || format!("`{}` is neither `ACT` nor `gated-ACT`", t.feed_forward_proj),
+        )?;
+        check(
+            t.relative_attention_num_buckets >= 4,
+            path,
+            "text_config.relative_attention_num_buckets",
+            || "must be at least 4".into(),
+        )?;
+        check(
+            t.num_heads > 0 && t.d_kv > 0 && t.d_model > 0 && t.vocab_size > 0,
+            path,
+            "text_config",
+            || "d_model, d_kv, num_heads and vocab_size must be at least 1".into(),
+        )
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.d_model
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// `T5PreTrainedModel._init_weights`: embeddings N(0, 1), `q` N(0, (d_model·d_kv)^-½),
+    /// `o` N(0, (heads·d_kv)^-½), `wo` N(0, d_ff^-½), the rest (k, v, wi*, relative bias,
+    /// lm_head) N(0, d_model^-½).
+    fn init_std(&self, leaf: &str) -> Option<f32> {
+        let (d, kv, h, ff) = (
+            self.d_model as f32,
+            self.d_kv as f32,
+            self.num_heads as f32,
+            self.d_ff as f32,
+        );
+        Some(match leaf {
+            "shared" | "embed_tokens" => 1.0,
+            "q" => (d * kv).powf(-0.5),
+            "o" => (h * kv).powf(-0.5),
+            "wo" => ff.powf(-0.5),
+            _ => d.powf(-0.5),
+        })
+    }
+}
+
+impl LmConfig for LlamaConfig {
+    const MODEL_TYPES: &'static [&'static str] = &["llama"];
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let l = self;
+        check(
+            Activation::from_hf(&l.hidden_act).is_some(),
+            path,
+            "text_config.hidden_act",
+            || format!("unknown activation `{}`", l.hidden_act),
+        )?;
+        check(
+            l.num_attention_heads > 0
+                && l.kv_heads() > 0
+                && l.num_attention_heads.is_multiple_of(l.kv_heads()),
+            path,
+            "text_config.num_key_value_heads",
+            || {
+                format!(
+                    "{} key/value heads do not divide {} attention heads",
+                    l.kv_heads(),
+                    l.num_attention_heads
+                )
+            },
+        )?;
+        check(
+            l.head_size() > 0 && l.head_size().is_multiple_of(2),
+            path,
+            "text_config.head_dim",
+            || format!("{} is not a positive even number", l.head_size()),
+        )?;
+        let rope = l.rope_type();
+        check(
+            rope == "default",
+            path,
+            "text_config.rope_parameters",
+            || format!("rope_type `{rope}` is not supported (only `default`)"),
+        )?;
+        check(
+            l.vocab_size > 0 && l.max_position_embeddings > 0,
+            path,
+            "text_config",
+            || "vocab_size and max_position_embeddings must be at least 1".into(),
+        )
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 }
 
@@ -385,18 +467,38 @@ fn default_num_query_tokens() -> usize {
     32
 }
 
-/// A parsed, validated configuration.
+/// A parsed, validated InstructBLIP / BLIP-2 configuration over the language model's
+/// `text_config` type `T`.
 #[derive(Debug, Clone)]
-pub struct ModelConfig {
+pub struct InstructBlipConfig<T> {
     pub architecture: Architecture,
     pub vision: VisionConfig,
     pub qformer: QFormerConfig,
-    pub text: TextConfig,
+    pub text: T,
     pub num_query_tokens: usize,
     pub raw: BlipConfig,
 }
 
-impl ModelConfig {
+/// `model_type` and `text_config.model_type` of a `config.json` (T5 when the text config
+/// names none, as `transformers`' InstructBLIP defaults).
+pub fn peek_model_types(text: &str, path: &Path) -> Result<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|error| ModelError::Json {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let top = v
+        .get("model_type")
+        .and_then(|m| m.as_str())
+        .ok_or_else(|| ModelError::config(path, "model_type", "missing (expected a string)"))?;
+    let text_type = v
+        .get("text_config")
+        .and_then(|t| t.get("model_type"))
+        .and_then(|m| m.as_str())
+        .unwrap_or(if top == "llava" { "llama" } else { "t5" });
+    Ok((top.to_string(), text_type.to_string()))
+}
+
+impl<T: LmConfig> InstructBlipConfig<T> {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
@@ -419,30 +521,17 @@ impl ModelConfig {
                 ));
             }
         };
-        let model_type = raw
-            .text_config
-            .get("model_type")
-            .and_then(|m| m.as_str())
-            .unwrap_or("t5")
-            .to_string();
-        let text_err =
-            |e: serde_json::Error| ModelError::config(path, "text_config", e.to_string());
-        let text_cfg = match model_type.as_str() {
-            "t5" => {
-                TextConfig::T5(serde_json::from_value(raw.text_config.clone()).map_err(text_err)?)
-            }
-            "llama" => TextConfig::Llama(
-                serde_json::from_value(raw.text_config.clone()).map_err(text_err)?,
-            ),
-            other => {
-                return Err(ModelError::config(
-                    path,
-                    "text_config.model_type",
-                    format!("unsupported language model `{other}`, expected `t5` or `llama`"),
-                ));
-            }
-        };
-        let cfg = ModelConfig {
+        let (_, model_type) = peek_model_types(text, path)?;
+        if !T::MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(ModelError::config(
+                path,
+                "text_config.model_type",
+                format!("`{model_type}`, expected {}", T::MODEL_TYPES.join(" or ")),
+            ));
+        }
+        let text_cfg: T = serde_json::from_value(raw.text_config.clone())
+            .map_err(|e| ModelError::config(path, "text_config", e.to_string()))?;
+        let cfg = Self {
             architecture,
             vision: raw.vision_config.clone(),
             qformer: raw.qformer_config.clone(),
@@ -463,119 +552,86 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let check = |ok: bool, field: &str, msg: String| {
-            if ok {
-                Ok(())
-            } else {
-                Err(ModelError::config(path, field, msg))
-            }
-        };
+        validate_vision(&self.vision, path)?;
         let v = &self.vision;
-        check(
-            v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
-            "vision_config.num_attention_heads",
-            format!(
-                "{} heads do not divide hidden_size {}",
-                v.num_attention_heads, v.hidden_size
-            ),
-        )?;
-        check(
-            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
-            "vision_config.patch_size",
-            format!(
-                "{} does not divide image_size {}",
-                v.patch_size, v.image_size
-            ),
-        )?;
-        check(
-            Activation::from_hf(&v.hidden_act).is_some(),
-            "vision_config.hidden_act",
-            format!("unknown activation `{}`", v.hidden_act),
-        )?;
         let q = &self.qformer;
         check(
             q.num_attention_heads > 0 && q.hidden_size.is_multiple_of(q.num_attention_heads),
+            path,
             "qformer_config.num_attention_heads",
-            format!(
-                "{} heads do not divide hidden_size {}",
-                q.num_attention_heads, q.hidden_size
-            ),
+            || {
+                format!(
+                    "{} heads do not divide hidden_size {}",
+                    q.num_attention_heads, q.hidden_size
+                )
+            },
         )?;
         check(
             q.cross_attention_frequency > 0,
+            path,
             "qformer_config.cross_attention_frequency",
-            "must be at least 1".into(),
+            || "must be at least 1".into(),
         )?;
         check(
             Activation::from_hf(&q.hidden_act).is_some(),
+            path,
             "qformer_config.hidden_act",
-            format!("unknown activation `{}`", q.hidden_act),
+            || format!("unknown activation `{}`", q.hidden_act),
         )?;
         check(
             q.encoder_hidden_size == v.hidden_size,
+            path,
             "qformer_config.encoder_hidden_size",
-            format!(
-                "{} differs from vision hidden_size {}",
-                q.encoder_hidden_size, v.hidden_size
-            ),
+            || {
+                format!(
+                    "{} differs from vision hidden_size {}",
+                    q.encoder_hidden_size, v.hidden_size
+                )
+            },
         )?;
-        match &self.text {
-            TextConfig::T5(t) => {
-                let act = t.activation_name();
-                check(
-                    Activation::from_hf(&act).is_some(),
-                    "text_config.dense_act_fn",
-                    format!("unknown activation `{act}`"),
-                )?;
-                let parts: Vec<&str> = t.feed_forward_proj.split('-').collect();
-                check(
-                    parts.len() == 1 || (parts.len() == 2 && parts[0] == "gated"),
-                    "text_config.feed_forward_proj",
-                    format!("`{}` is neither `ACT` nor `gated-ACT`", t.feed_forward_proj),
-                )?;
-                check(
-                    t.relative_attention_num_buckets >= 4,
-                    "text_config.relative_attention_num_buckets",
-                    "must be at least 4".into(),
-                )?;
-            }
-            TextConfig::Llama(l) => {
-                check(
-                    Activation::from_hf(&l.hidden_act).is_some(),
-                    "text_config.hidden_act",
-                    format!("unknown activation `{}`", l.hidden_act),
-                )?;
-                check(
-                    l.num_attention_heads > 0
-                        && l.kv_heads() > 0
-                        && l.num_attention_heads.is_multiple_of(l.kv_heads()),
-                    "text_config.num_key_value_heads",
-                    format!(
-                        "{} key/value heads do not divide {} attention heads",
-                        l.kv_heads(),
-                        l.num_attention_heads
-                    ),
-                )?;
-                check(
-                    l.head_size() > 0 && l.head_size().is_multiple_of(2),
-                    "text_config.head_dim",
-                    format!("{} is not a positive even number", l.head_size()),
-                )?;
-                let rope = l.rope_type();
-                check(
-                    rope == "default",
-                    "text_config.rope_parameters",
-                    format!("rope_type `{rope}` is not supported (only `default`)"),
-                )?;
-            }
-        }
         check(
-            self.num_query_tokens > 0,
-            "num_query_tokens",
-            "must be at least 1".into(),
+            q.vocab_size > 0 && q.max_position_embeddings > 0,
+            path,
+            "qformer_config",
+            || "vocab_size and max_position_embeddings must be at least 1".into(),
         )?;
-        Ok(())
+        self.text.validate(path)?;
+        check(self.num_query_tokens > 0, path, "num_query_tokens", || {
+            "must be at least 1".into()
+        })
     }
+}
+
+/// Checks a ViT config (heads, patches, activation), naming `vision_config.<field>`.
+pub fn validate_vision(v: &VisionConfig, path: &Path) -> Result<()> {
+    check(
+        v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
+        path,
+        "vision_config.num_attention_heads",
+        || {
+            format!(
+                "{} heads do not divide hidden_size {}",
+                v.num_attention_heads, v.hidden_size
+            )
+        },
+    )?;
+    check(
+        v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
+        path,
+        "vision_config.patch_size",
+        || {
+            format!(
+                "{} does not divide image_size {}",
+                v.patch_size, v.image_size
+            )
+        },
+    )?;
+    check(
+        Activation::from_hf(&v.hidden_act).is_some(),
+        path,
+        "vision_config.hidden_act",
+        || format!("unknown activation `{}`", v.hidden_act),
+    )
 }
 
 #[cfg(test)]
@@ -599,17 +655,25 @@ mod tests {
 
     #[test]
     fn llama_text_config_reads_theta_and_heads() {
-        let cfg = ModelConfig::from_json(
+        let cfg = InstructBlipConfig::<LlamaConfig>::from_json(
             r#"{"model_type": "instructblip", "text_config": {"model_type": "llama",
                "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
                "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}}"#,
             Path::new("config.json"),
         )
         .unwrap();
-        let l = cfg.text.as_llama().unwrap();
+        let l = &cfg.text;
         assert_eq!((l.kv_heads(), l.head_size(), l.theta()), (2, 8, 500000.0));
-        assert!(cfg.text.is_decoder_only() && !l.ties_embeddings());
-        let err = ModelConfig::from_json(
+        assert!(!l.ties_embeddings());
+        // a LLaMA text config is not a T5 one
+        let err = InstructBlipConfig::<T5Config>::from_json(
+            r#"{"model_type": "instructblip", "text_config": {"model_type": "llama"}}"#,
+            Path::new("config.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("text_config.model_type"), "{err}");
+        let err = InstructBlipConfig::<LlamaConfig>::from_json(
             r#"{"model_type": "instructblip", "text_config": {"model_type": "llama",
                "num_attention_heads": 8, "num_key_value_heads": 3}}"#,
             Path::new("config.json"),
@@ -621,7 +685,7 @@ mod tests {
 
     #[test]
     fn unknown_model_type_names_the_field() {
-        let err = ModelConfig::from_json(
+        let err = InstructBlipConfig::<T5Config>::from_json(
             r#"{"model_type": "llava", "text_config": {}}"#,
             Path::new("x/config.json"),
         )

@@ -6,16 +6,16 @@
 //! T5 rows start with the decoder start token. Decoder-only rows start, as `transformers`
 //! returns them, with the whole input: `image_token_index` once per query, then the (left
 //! padded) prompt, then the generated tokens; generation positions are `cumsum(mask) − 1`.
-//! [`input_len`] says where the generated part of a row starts and [`answer_tokens`] cuts the
+//! [`Generated::input_len`] says where the generated part of a row starts and [`answer_tokens`] cuts the
 //! answer out of a row (up to the first eos).
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
-use crate::config::TextConfig;
-use crate::instructblip::{InstructBlip, LanguageModel, VlmInputs};
-use crate::llama::{LlamaCache, mask_positions};
-use crate::t5::DecoderCache;
+use crate::error::{ModelError, Result};
+use crate::lm::LanguageModel;
+pub use crate::lm::SpecialTokens;
+use crate::vlm::{VisionLanguageModel, VlmInputs};
 
 /// Decoding settings (HF `GenerationConfig` names).
 #[derive(Debug, Clone)]
@@ -46,54 +46,54 @@ impl Default for GenerationConfig {
     }
 }
 
-/// Special tokens of the language model.
-#[derive(Debug, Clone, Copy)]
-pub struct SpecialTokens {
-    pub decoder_start: u32,
-    pub eos: u32,
-    pub pad: u32,
+impl GenerationConfig {
+    /// Checks the settings: at least one beam and one new token, no more minimum than maximum
+    /// tokens, a positive finite repetition penalty, a finite length penalty.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Input(m));
+        if self.num_beams == 0 || self.max_new_tokens == 0 {
+            return bad("num_beams and max_new_tokens must be at least 1".into());
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return bad(format!(
+                "min_new_tokens {} exceeds max_new_tokens {}",
+                self.min_new_tokens, self.max_new_tokens
+            ));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty {}: expected a positive finite number",
+                self.repetition_penalty
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return bad(format!(
+                "length_penalty {}: expected a finite number",
+                self.length_penalty
+            ));
+        }
+        Ok(())
+    }
 }
 
-impl SpecialTokens {
-    /// The language model's special tokens from its config: T5's decoder start, eos and pad; a
-    /// decoder-only model's bos (in `decoder_start`, unused by its generation), eos and pad (eos
-    /// when the config has none, as `generate` falls back).
-    pub fn from_config(text: &TextConfig) -> Self {
-        match text {
-            TextConfig::T5(t) => Self {
-                decoder_start: t.decoder_start_token(),
-                eos: t.eos_token(),
-                pad: t.pad_token(),
-            },
-            TextConfig::Llama(l) => Self {
-                decoder_start: l.bos_token(),
-                eos: l.eos_token(),
-                pad: l.pad_token(),
-            },
-        }
+/// What [`generate`] returns: one row per batch item, as `transformers` returns them, and how
+/// many leading tokens of every row are input rather than generated (T5: the decoder start
+/// token; a decoder-only model: its image placeholders and the padded prompt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub rows: Vec<Vec<u32>>,
+    pub input_len: usize,
+    pub tokens: SpecialTokens,
+}
+
+impl Generated {
+    /// The answer of row `i`: what follows the input, up to the first eos, padding dropped.
+    pub fn answer(&self, i: usize) -> Vec<u32> {
+        answer_tokens(&self.rows[i], self.input_len, self.tokens)
     }
 }
 
 const NEG: f32 = -1.0e9;
-
-/// The image placeholders a decoder-only row starts with: `image_token_index` once per query
-/// (none when the config names no placeholder id).
-fn image_prefix<B: Backend>(model: &InstructBlip<B>) -> Vec<u32> {
-    match model.image_token_index {
-        Some(t) => vec![t; model.query_tokens.dims()[1]],
-        None => Vec::new(),
-    }
-}
-
-/// How many leading tokens of every row [`generate`] returns for `inputs` are input rather than
-/// generated: T5's decoder start token (1); for a decoder-only model the image placeholders
-/// plus the (padded) prompt width, `Q + L`.
-pub fn input_len<B: Backend>(model: &InstructBlip<B>, inputs: &VlmInputs<B>) -> usize {
-    match &model.language_model {
-        LanguageModel::T5(_) => 1,
-        LanguageModel::Llama(_) => image_prefix(model).len() + inputs.input_ids.dims()[1],
-    }
-}
 
 /// The answer in a row returned by [`generate`]: the tokens after its first `input_len`
 /// (see [`input_len`]), up to the first eos, padding dropped.
@@ -115,187 +115,56 @@ fn penalize_repeats(row: &mut [f32], seq: &[u32], penalty: f32) {
     seen.sort_unstable();
     seen.dedup();
     for t in seen {
-        let v = &mut row[t as usize];
-        *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+        if let Some(v) = row.get_mut(t as usize) {
+            *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+        }
     }
 }
 
-/// Generates token ids for every batch item. Each row starts with the decoder start token and is
-/// padded with `pad` to the longest row, as `transformers` returns them.
-pub fn generate<B: Backend>(
-    model: &InstructBlip<B>,
+/// Generates token ids for every batch item (greedy or beam search), after checking the
+/// settings and the inputs.
+pub fn generate<B: Backend, M: VisionLanguageModel<B>>(
+    model: &M,
     inputs: &VlmInputs<B>,
     cfg: &GenerationConfig,
-    tokens: SpecialTokens,
-) -> Vec<Vec<u32>> {
-    if cfg.num_beams <= 1 {
-        greedy(model, inputs, cfg, tokens)
+) -> Result<Generated> {
+    cfg.validate()?;
+    let lm = model.language_model();
+    let tokens = lm.special_tokens();
+    let input = model.lm_input(inputs)?;
+    if let Some(window) = lm.context_window() {
+        let l = input.embeds.dims()[1];
+        if l + cfg.max_new_tokens > window {
+            return Err(ModelError::Input(format!(
+                "the input has {l} positions and max_new_tokens is {}: more than the language model's context window of {window}",
+                cfg.max_new_tokens
+            )));
+        }
+    }
+    let expand = cfg.num_beams.max(1);
+    let start = lm.start(input, expand)?;
+    let input_len = start.input_len;
+    let rows = if cfg.num_beams <= 1 {
+        greedy(lm, start.state, start.rows, cfg, tokens)
     } else {
-        beam_search(model, inputs, cfg, tokens)
-    }
+        beam_search(lm, start.state, start.rows, cfg, tokens)
+    };
+    Ok(Generated {
+        rows,
+        input_len,
+        tokens,
+    })
 }
 
-/// The language model's decoding state for a batch of rows.
-enum Session<B: Backend> {
-    T5 {
-        encoder: Tensor<B, 3>,
-        mask: Tensor<B, 2>,
-        cache: DecoderCache<B>,
-    },
-    Llama {
-        /// The input embeddings, consumed by the first step.
-        prefix: Option<Tensor<B, 3>>,
-        /// Attention mask rows over cached positions (host).
-        mask: Vec<Vec<u32>>,
-        cache: LlamaCache<B>,
-    },
-}
-
-/// A decoding session over `expand` copies of each batch row, and each row's starting tokens
-/// (its `prompt_len` tokens).
-fn start<B: Backend>(
-    model: &InstructBlip<B>,
-    inputs: &VlmInputs<B>,
-    expand: usize,
-    tokens: SpecialTokens,
-) -> (Session<B>, Vec<Vec<u32>>) {
-    let enc = model.encode(inputs);
-    let batch = enc.hidden.dims()[0];
-    let device = enc.hidden.device();
-    let rows: Vec<i64> = (0..batch)
-        .flat_map(|b| std::iter::repeat_n(b as i64, expand))
-        .collect();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * expand]), &device);
-    match &model.language_model {
-        LanguageModel::T5(_) => (
-            Session::T5 {
-                encoder: enc.hidden.select(0, rows.clone()),
-                mask: enc.mask.select(0, rows),
-                cache: model.new_cache(),
-            },
-            vec![vec![tokens.decoder_start]; batch * expand],
-        ),
-        LanguageModel::Llama(llama) => {
-            let host_u32 = |t: Tensor<B, 2, Int>| -> Vec<Vec<u32>> {
-                let [_, l] = t.dims();
-                let v: Vec<i64> = t
-                    .into_data()
-                    .convert::<i64>()
-                    .into_vec::<i64>()
-                    .expect("ids");
-                v.chunks(l.max(1))
-                    .map(|r| r.iter().map(|&x| x as u32).collect())
-                    .collect()
-            };
-            let mask = host_u32(enc.mask.clone().round().int());
-            let prompt = host_u32(inputs.input_ids.clone());
-            let mut seqs = Vec::with_capacity(batch * expand);
-            let mut masks = Vec::with_capacity(batch * expand);
-            for (p, m) in prompt.iter().zip(&mask) {
-                let mut seq = image_prefix(model);
-                seq.extend(p);
-                for _ in 0..expand {
-                    seqs.push(seq.clone());
-                    masks.push(m.clone());
-                }
-            }
-            (
-                Session::Llama {
-                    prefix: Some(enc.hidden.select(0, rows)),
-                    mask: masks,
-                    cache: llama.new_cache(),
-                },
-                seqs,
-            )
-        }
-    }
-}
-
-impl<B: Backend> Session<B> {
-    /// Keeps rows `rows` (beam reordering).
-    fn select_rows(&mut self, rows: &[usize]) {
-        let device = match self {
-            Session::T5 { encoder, .. } => encoder.device(),
-            Session::Llama { cache, .. } => match cache.layers.first() {
-                Some(Some((k, _))) => k.device(),
-                _ => return,
-            },
-        };
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
-        match self {
-            Session::T5 { cache, .. } => cache.select_rows(idx),
-            Session::Llama { mask, cache, .. } => {
-                cache.select_rows(idx);
-                *mask = rows.iter().map(|&r| mask[r].clone()).collect();
-            }
-        }
-    }
-}
-
-/// One step on the last tokens [rows] → log-probs or logits [rows, vocab] on the host. A
-/// decoder-only session's first step runs the whole input instead.
-fn step<B: Backend>(
-    model: &InstructBlip<B>,
-    session: &mut Session<B>,
+/// One step on the last tokens [rows] → log-probs or logits [rows, vocab] on the host.
+fn step<B: Backend, L: LanguageModel<B>>(
+    lm: &L,
+    state: &mut L::Decoding,
     last: &[u32],
     log_probs: bool,
 ) -> (Vec<f32>, usize) {
-    let logits = match (&model.language_model, session) {
-        (
-            LanguageModel::T5(t5),
-            Session::T5 {
-                encoder,
-                mask,
-                cache,
-            },
-        ) => {
-            let device = encoder.device();
-            let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
-            let ids =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [last.len(), 1]), &device);
-            t5.decode_logits(ids, encoder, mask.clone(), Some(cache))
-        }
-        (
-            LanguageModel::Llama(llama),
-            Session::Llama {
-                prefix,
-                mask,
-                cache,
-            },
-        ) => {
-            let x = match prefix.take() {
-                Some(x) => x,
-                None => {
-                    for m in mask.iter_mut() {
-                        m.push(1);
-                    }
-                    let device = llama.embed_tokens.device();
-                    let ids: Vec<i64> = last.iter().map(|&t| t as i64).collect();
-                    let ids = Tensor::<B, 2, Int>::from_data(
-                        TensorData::new(ids, [last.len(), 1]),
-                        &device,
-                    );
-                    llama.embed(ids)
-                }
-            };
-            let [rows, l, _] = x.dims();
-            let device = x.device();
-            let positions: Vec<Vec<usize>> = mask_positions(mask)
-                .into_iter()
-                .map(|p| p[p.len() - l..].to_vec())
-                .collect();
-            let lk = mask[0].len();
-            let flat: Vec<f32> = mask.iter().flatten().map(|&m| m as f32).collect();
-            let mask_t = Tensor::<B, 2>::from_data(TensorData::new(flat, [rows, lk]), &device);
-            let hidden = llama.forward(x, mask_t, &positions, Some(cache));
-            let d = hidden.dims()[2];
-            llama.lm_logits(hidden.slice([0..rows, l - 1..l, 0..d]))
-        }
-        _ => unreachable!("session and language model kinds match"),
-    };
-    let [rows, _, vocab] = logits.dims();
-    let logits = logits.reshape([rows, vocab]);
+    let logits = lm.step(state, last);
+    let vocab = logits.dims()[1];
     let out = if log_probs {
         log_softmax(logits, 1)
     } else {
@@ -310,23 +179,25 @@ fn step<B: Backend>(
     )
 }
 
-fn greedy<B: Backend>(
-    model: &InstructBlip<B>,
-    inputs: &VlmInputs<B>,
+fn greedy<B: Backend, L: LanguageModel<B>>(
+    lm: &L,
+    mut session: L::Decoding,
+    mut seqs: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
     tokens: SpecialTokens,
 ) -> Vec<Vec<u32>> {
-    let (mut session, mut seqs) = start(model, inputs, 1, tokens);
     let batch = seqs.len();
     let mut unfinished = vec![true; batch];
     for new in 0..cfg.max_new_tokens {
         let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap()).collect();
-        let (mut logits, vocab) = step(model, &mut session, &last, false);
+        let (mut logits, vocab) = step(lm, &mut session, &last, false);
         for b in 0..batch {
             let row = &mut logits[b * vocab..(b + 1) * vocab];
             penalize_repeats(row, &seqs[b], cfg.repetition_penalty);
-            if new < cfg.min_new_tokens {
-                row[tokens.eos as usize] = f32::NEG_INFINITY;
+            if new < cfg.min_new_tokens
+                && let Some(v) = row.get_mut(tokens.eos as usize)
+            {
+                *v = f32::NEG_INFINITY;
             }
             // First maximum, as torch.argmax.
             let mut best = 0;
@@ -376,15 +247,15 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-fn beam_search<B: Backend>(
-    model: &InstructBlip<B>,
-    inputs: &VlmInputs<B>,
+fn beam_search<B: Backend, L: LanguageModel<B>>(
+    lm: &L,
+    mut session: L::Decoding,
+    starts: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
     tokens: SpecialTokens,
 ) -> Vec<Vec<u32>> {
     let beams = cfg.num_beams;
     // Each batch row repeated `beams` times (HF `_expand_inputs_for_generation`).
-    let (mut session, starts) = start(model, inputs, beams, tokens);
     let batch = starts.len() / beams;
 
     let prompt_len = starts[0].len();
@@ -407,7 +278,7 @@ fn beam_search<B: Backend>(
             .iter()
             .flat_map(|s| s.running.iter().map(|r| *r.last().unwrap()))
             .collect();
-        let (mut log_probs, vocab) = step(model, &mut session, &last, true);
+        let (mut log_probs, vocab) = step(lm, &mut session, &last, true);
         for (r, seq) in states.iter().flat_map(|s| s.running.iter()).enumerate() {
             penalize_repeats(
                 &mut log_probs[r * vocab..(r + 1) * vocab],
@@ -415,7 +286,7 @@ fn beam_search<B: Backend>(
                 cfg.repetition_penalty,
             );
         }
-        if cur_len - prompt_len < cfg.min_new_tokens {
+        if cur_len - prompt_len < cfg.min_new_tokens && (tokens.eos as usize) < vocab {
             for r in 0..batch * beams {
                 log_probs[r * vocab + tokens.eos as usize] = f32::NEG_INFINITY;
             }
@@ -501,7 +372,7 @@ fn beam_search<B: Backend>(
             s.running_scores = next.iter().map(|&k| running_vals[k]).collect();
             reorder.extend(next.iter().map(|&k| b * beams + cand_beam[k]));
         }
-        session.select_rows(&reorder);
+        lm.reorder(&mut session, &reorder);
         cur_len += 1;
 
         // Early-stop heuristic (early_stopping=False): can a running beam still beat the worst

@@ -35,6 +35,10 @@ pub struct Linear<B: Backend> {
     /// parameter, not persistent.
     #[module(skip)]
     pub packed: Option<PackedWeight>,
+    /// The HF module name (`….q`; the weight is `{key}.weight`), set at load. Calibration taps,
+    /// masks and reports name the layer by it.
+    #[module(skip)]
+    pub key: Arc<str>,
 }
 
 const RELEASED: &str =
@@ -75,6 +79,7 @@ impl<B: Backend> From<burn::nn::Linear<B>> for Linear<B> {
             bias: l.bias,
             adapter: None,
             packed: None,
+            key: "".into(),
         }
     }
 }
@@ -87,7 +92,22 @@ impl<B: Backend> Linear<B> {
             bias: bias.map(Param::from_tensor),
             adapter: None,
             packed: None,
+            key: "".into(),
         }
+    }
+
+    /// The same layer named `key` (its HF module name).
+    pub fn with_key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.key = key.into();
+        self
+    }
+
+    /// Replaces `W` (e.g. by its pruned values), keeping the parameter's id, so the layer keeps
+    /// its place in checkpoints and its HF key; drops a packed copy.
+    pub fn set_weight(&mut self, weight: Tensor<B, 2>) {
+        self.packed = None;
+        let require_grad = self.weight.val().is_require_grad();
+        self.weight = Param::initialized(self.weight.id, weight).set_require_grad(require_grad);
     }
 
     /// `[d_in, d_out]`.

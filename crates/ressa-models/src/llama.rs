@@ -8,13 +8,16 @@ use burn::module::Param;
 use burn::prelude::*;
 
 use crate::config::{Activation, LlamaConfig};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::lm::{LanguageModel, LmInput, LmSample, Padding, SpecialTokens, Start, TeacherForced};
 use crate::nn::{
-    Tap, activate, attention, causal_bias, embed, key_padding_bias, merge_heads, no_tap,
-    split_heads,
+    Tap, activate, attention, causal_bias, embed, ids_tensor, index_tensor, key_padding_bias,
+    merge_heads, no_tap, rows_index, split_heads,
 };
-use crate::t5::RmsNorm;
-use crate::weights::{ExportTensor, Exporter, Loader};
+use crate::prunable::{BlockOptions, Prunable, StackInfo, Tower, mismatch, stack_name};
+use crate::sparse_kernels::KernelRows;
+use crate::t5::{RmsNorm, aligned_targets};
+use crate::weights::Loader;
 
 /// Rotary tables for one batch: cos and sin [B, 1, L, head_dim] (`cat(freqs, freqs)` layout).
 #[derive(Debug, Clone)]
@@ -104,13 +107,6 @@ impl<B: Backend> LlamaAttention<B> {
             .expand([b, kv, rep, l, dh])
             .reshape([b, kv * rep, l, dh])
     }
-
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.linear("q_proj", &self.q_proj);
-        ex.linear("k_proj", &self.k_proj);
-        ex.linear("v_proj", &self.v_proj);
-        ex.linear("o_proj", &self.o_proj);
-    }
 }
 
 /// `mlp`: down_proj(act(gate_proj x) ⊙ up_proj x).
@@ -135,16 +131,10 @@ impl<B: Backend> LlamaMlp<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
-        tap(&["mlp.gate_proj", "mlp.up_proj"], &x);
+        tap(&[&self.gate_proj, &self.up_proj], &x);
         let h = activate(self.gate_proj.forward(x.clone()), self.act) * self.up_proj.forward(x);
-        tap(&["mlp.down_proj"], &h);
+        tap(&[&self.down_proj], &h);
         self.down_proj.forward(h)
-    }
-
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.linear("gate_proj", &self.gate_proj);
-        ex.linear("up_proj", &self.up_proj);
-        ex.linear("down_proj", &self.down_proj);
     }
 }
 
@@ -208,10 +198,7 @@ impl<B: Backend> LlamaLayer<B> {
     ) -> Tensor<B, 3> {
         let a = &self.self_attn;
         let h = self.input_layernorm.forward(x.clone());
-        tap(
-            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            &h,
-        );
+        tap(&[&a.q_proj, &a.k_proj, &a.v_proj], &h);
         let q = rope.apply(split_heads(a.q_proj.forward(h.clone()), a.num_heads));
         let mut k = rope.apply(split_heads(a.k_proj.forward(h.clone()), a.num_kv_heads));
         let mut v = split_heads(a.v_proj.forward(h), a.num_kv_heads);
@@ -230,37 +217,36 @@ impl<B: Backend> LlamaLayer<B> {
             Some(scale),
             Some(bias),
         ));
-        tap(&["self_attn.o_proj"], &ctx);
+        tap(&[&a.o_proj], &ctx);
         let x = x + a.o_proj.forward(ctx);
         let h = self.post_attention_layernorm.forward(x.clone());
         x + self.mlp.forward(h, tap)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("self_attn", |ex| self.self_attn.export(ex));
-        ex.scope("mlp", |ex| self.mlp.export(ex));
-        ex.add(
-            "input_layernorm.weight",
-            ExportTensor::D1(self.input_layernorm.weight.val()),
-        );
-        ex.add(
-            "post_attention_layernorm.weight",
-            ExportTensor::D1(self.post_attention_layernorm.weight.val()),
-        );
+    /// Prunable linears: q/k/v/o_proj, gate/up/down_proj.
+    pub fn linears(&self) -> Vec<&Linear<B>> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        vec![
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
     }
 
-    /// Prunable linears with HF names relative to the layer.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let a = &mut self.self_attn;
-        let m = &mut self.mlp;
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
         vec![
-            ("self_attn.q_proj".into(), &mut a.q_proj),
-            ("self_attn.k_proj".into(), &mut a.k_proj),
-            ("self_attn.v_proj".into(), &mut a.v_proj),
-            ("self_attn.o_proj".into(), &mut a.o_proj),
-            ("mlp.gate_proj".into(), &mut m.gate_proj),
-            ("mlp.up_proj".into(), &mut m.up_proj),
-            ("mlp.down_proj".into(), &mut m.down_proj),
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
         ]
     }
 }
@@ -275,34 +261,15 @@ pub struct Llama<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     pub head_dim: usize,
     pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    #[module(skip)]
+    pub tokens: SpecialTokens,
+    /// The tokenizer's bos, which leads every text (it is dropped from targets).
+    #[module(skip)]
+    pub bos: Option<u32>,
 }
 
 impl<B: Backend> Llama<B> {
-    pub fn load(cfg: &LlamaConfig, vb: &Loader<B>) -> Result<Self> {
-        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let m = vb.pp("model");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LlamaLayer::load(cfg, &m.pp(format!("layers.{i}"))))
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = if vb.contains_or("lm_head.weight", !cfg.ties_embeddings()) {
-            Some(vb.linear("lm_head", d, v, false)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            embed_tokens: m.param("embed_tokens.weight", [v, d])?,
-            layers,
-            norm: RmsNorm::load(&m, "norm", d, cfg.rms_norm_eps)?,
-            lm_head,
-            head_dim: cfg.head_size(),
-            rope_theta: cfg.theta(),
-        })
-    }
-
-    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embed(self.embed_tokens.val(), ids)
-    }
-
     pub fn new_cache(&self) -> LlamaCache<B> {
         LlamaCache::new(self.layers.len())
     }
@@ -358,20 +325,360 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    pub fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("model", |ex| {
-            ex.add(
-                "embed_tokens.weight",
-                ExportTensor::D2(self.embed_tokens.val()),
-            );
-            for (i, l) in self.layers.iter().enumerate() {
-                ex.scope(format!("layers.{i}"), |ex| l.export(ex));
-            }
-            ex.add("norm.weight", ExportTensor::D1(self.norm.weight.val()));
-        });
-        if let Some(h) = &self.lm_head {
-            ex.linear("lm_head", h);
+    /// The teacher-forced sequence `[input's attended positions ; target]` of every row, right
+    /// padded (as LAVIS concatenates input and output tokens): embeddings [B, S, D], mask
+    /// [B, S], and each row's count of input positions. Without targets, the input as is.
+    fn sequence(
+        &self,
+        input: &LmInput<B>,
+        targets: &[Vec<u32>],
+    ) -> (Tensor<B, 3>, Tensor<B, 2>, Vec<usize>) {
+        let [b, l, d] = input.embeds.dims();
+        let device = input.embeds.device();
+        if targets.iter().all(Vec::is_empty) {
+            // Nothing to append: the input as it is (what `logits` runs).
+            return (input.embeds.clone(), input.mask.clone(), vec![l; b]);
         }
+        // One table: the input positions, then every target token, then the pad embedding.
+        let flat_targets: Vec<u32> = targets.iter().flatten().copied().collect();
+        let mut extra = flat_targets.clone();
+        extra.push(self.tokens.pad);
+        let extra_emb = embed(self.embed_tokens.val(), ids_tensor::<B>(&[extra], &device))
+            .reshape([flat_targets.len() + 1, d]);
+        let table = Tensor::cat(vec![input.embeds.clone().reshape([b * l, d]), extra_emb], 0);
+        let pad_row = b * l + flat_targets.len();
+        let mut rows: Vec<Vec<usize>> = Vec::with_capacity(b);
+        let mut starts = Vec::with_capacity(b);
+        let mut next_target = b * l;
+        for (r, target) in targets.iter().enumerate() {
+            let mut row: Vec<usize> = input.host_mask[r]
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m != 0)
+                .map(|(p, _)| r * l + p)
+                .collect();
+            starts.push(row.len());
+            row.extend(next_target..next_target + target.len());
+            next_target += target.len();
+            rows.push(row);
+        }
+        let s = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut idx = Vec::with_capacity(b * s);
+        let mut mask = Vec::with_capacity(b * s);
+        for row in &rows {
+            idx.extend(row);
+            mask.extend(std::iter::repeat_n(1.0f32, row.len()));
+            idx.extend(std::iter::repeat_n(pad_row, s - row.len()));
+            mask.extend(std::iter::repeat_n(0.0f32, s - row.len()));
+        }
+        let x = table
+            .select(0, index_tensor(&idx, &device))
+            .reshape([b, s, d]);
+        let mask = Tensor::from_data(TensorData::new(mask, [b, s]), &device);
+        (x, mask, starts)
+    }
+}
+
+/// The decoder-only decoding state.
+pub struct LlamaDecoding<B: Backend> {
+    /// The input embeddings, consumed by the first step.
+    prefix: Option<Tensor<B, 3>>,
+    /// Attention mask rows over cached positions (host).
+    mask: Vec<Vec<u32>>,
+    cache: LlamaCache<B>,
+}
+
+impl<B: Backend> LanguageModel<B> for Llama<B> {
+    type Config = LlamaConfig;
+    type Decoding = LlamaDecoding<B>;
+
+    fn load(cfg: &LlamaConfig, vb: &Loader<B>) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let m = vb.pp("model");
+        let embed_tokens = m.param("embed_tokens.weight", [v, d])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LlamaLayer::load(cfg, &m.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        // An untied head must be stored; a tied one may be stored anyway (then it is used).
+        let lm_head = if !cfg.ties_embeddings() || vb.contains_or("lm_head.weight", false) {
+            Some(vb.linear("lm_head", d, v, false)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&m, "norm", d, cfg.rms_norm_eps)?,
+            lm_head,
+            head_dim: cfg.head_size(),
+            rope_theta: cfg.theta(),
+            max_position_embeddings: cfg.max_position_embeddings,
+            tokens: SpecialTokens {
+                decoder_start: cfg.bos_token(),
+                eos: cfg.eos_token(),
+                pad: cfg.pad_token(),
+            },
+            bos: cfg.bos_token_id,
+        })
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.embed_tokens.dims()[1]
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    fn special_tokens(&self) -> SpecialTokens {
+        self.tokens
+    }
+
+    fn padding(&self) -> Padding {
+        Padding::Left
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        false
+    }
+
+    fn context_window(&self) -> Option<usize> {
+        Some(self.max_position_embeddings)
+    }
+
+    fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embed(self.embed_tokens.val(), ids)
+    }
+
+    fn target_ids(&self, tokenized: &[u32]) -> Vec<u32> {
+        let mut t: Vec<u32> = match (self.bos, tokenized.first()) {
+            (Some(bos), Some(&first)) if first == bos => tokenized[1..].to_vec(),
+            _ => tokenized.to_vec(),
+        };
+        if t.last() != Some(&self.tokens.eos) {
+            t.push(self.tokens.eos);
+        }
+        t
+    }
+
+    fn teacher_forced(&self, input: LmInput<B>, targets: &[Vec<u32>]) -> Result<TeacherForced<B>> {
+        let device = input.embeds.device();
+        let (x, mask, starts) = self.sequence(&input, targets);
+        let [b, s, d] = x.dims();
+        let hidden = self.forward(x, mask, &arange_positions(b, s), None);
+        // Target token t of row r sits at `starts[r] + t`, predicted by the position before it.
+        let (tgt, tmask, tokens) = aligned_targets::<B>(targets, &device);
+        let t = tgt.dims()[1];
+        let mut idx = Vec::with_capacity(b * t);
+        for (r, target) in targets.iter().enumerate() {
+            for i in 0..t {
+                let p = if i < target.len() {
+                    (starts[r] + i).saturating_sub(1)
+                } else {
+                    0
+                };
+                idx.push(r * s + p);
+            }
+        }
+        let picked = hidden
+            .reshape([b * s, d])
+            .select(0, index_tensor(&idx, &device))
+            .reshape([b, t, d]);
+        Ok(TeacherForced {
+            logits: self.lm_logits(picked),
+            targets: tgt,
+            mask: tmask,
+            tokens,
+        })
+    }
+
+    fn logits(
+        &self,
+        input: LmInput<B>,
+        continuation: Option<Tensor<B, 2, Int>>,
+    ) -> Result<Tensor<B, 3>> {
+        let (x, mask) = match continuation {
+            None => (input.embeds, input.mask),
+            Some(ids) => {
+                let [b, l] = ids.dims();
+                let device = ids.device();
+                (
+                    Tensor::cat(vec![input.embeds, self.embed(ids)], 1),
+                    Tensor::cat(vec![input.mask, Tensor::ones([b, l], &device)], 1),
+                )
+            }
+        };
+        let [b, l, _] = x.dims();
+        self.check_positions(l)?;
+        let hidden = self.forward(x, mask, &arange_positions(b, l), None);
+        Ok(self.lm_logits(hidden))
+    }
+
+    fn start(&self, input: LmInput<B>, expand: usize) -> Result<Start<LlamaDecoding<B>>> {
+        let [batch, l, _] = input.embeds.dims();
+        self.check_positions(l)?;
+        let device = input.embeds.device();
+        let rows = rows_index::<B>(batch, expand, &device);
+        let mut seqs = Vec::with_capacity(batch * expand);
+        let mut masks = Vec::with_capacity(batch * expand);
+        for (ids, m) in input.ids.iter().zip(&input.host_mask) {
+            for _ in 0..expand {
+                seqs.push(ids.clone());
+                masks.push(m.clone());
+            }
+        }
+        Ok(Start {
+            state: LlamaDecoding {
+                prefix: Some(input.embeds.select(0, rows)),
+                mask: masks,
+                cache: self.new_cache(),
+            },
+            input_len: seqs.first().map_or(0, Vec::len),
+            rows: seqs,
+        })
+    }
+
+    fn step(&self, state: &mut LlamaDecoding<B>, last: &[u32]) -> Tensor<B, 2> {
+        let x = match state.prefix.take() {
+            Some(x) => x,
+            None => {
+                for m in state.mask.iter_mut() {
+                    m.push(1);
+                }
+                let device = self.embed_tokens.device();
+                let ids: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
+                self.embed(ids_tensor::<B>(&ids, &device))
+            }
+        };
+        let [rows, l, _] = x.dims();
+        let device = x.device();
+        let positions: Vec<Vec<usize>> = mask_positions(&state.mask)
+            .into_iter()
+            .map(|p| p[p.len() - l..].to_vec())
+            .collect();
+        let lk = state.mask[0].len();
+        let flat: Vec<f32> = state.mask.iter().flatten().map(|&m| m as f32).collect();
+        let mask_t = Tensor::<B, 2>::from_data(TensorData::new(flat, [rows, lk]), &device);
+        let hidden = self.forward(x, mask_t, &positions, Some(&mut state.cache));
+        let d = hidden.dims()[2];
+        let logits = self.lm_logits(hidden.slice([0..rows, l - 1..l, 0..d]));
+        let vocab = logits.dims()[2];
+        logits.reshape([rows, vocab])
+    }
+
+    fn reorder(&self, state: &mut LlamaDecoding<B>, rows: &[usize]) {
+        let device = self.embed_tokens.device();
+        state.cache.select_rows(index_tensor(rows, &device));
+        state.mask = rows.iter().map(|&r| state.mask[r].clone()).collect();
+    }
+
+    fn kernel_rows(&self, _: LlamaStack, rows: &KernelRows, _: usize) -> usize {
+        rows.decode
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Refuses a sequence longer than the rotary positions the model was trained for.
+    pub fn check_positions(&self, len: usize) -> Result<()> {
+        if len > self.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "the sequence has {len} positions, more than the language model's max_position_embeddings {}",
+                self.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The decoder-only model's one stack, `model.layers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LlamaStack;
+
+/// A LLaMA layer's calibration input: hidden state, causal + padding bias and the rotary
+/// tables of positions `0..L`.
+#[derive(Debug, Clone)]
+pub struct LlamaBlockInput<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub bias: Tensor<B, 4>,
+    pub rope: Rope<B>,
+}
+
+impl<B: Backend> Prunable<B> for Llama<B> {
+    type Sample = LmSample<B>;
+    type Stack = LlamaStack;
+    type BlockInput = LlamaBlockInput<B>;
+    type Context = LlamaBlockInput<B>;
+
+    fn stacks(&self) -> Vec<StackInfo<LlamaStack>> {
+        let name = stack_name(self.layers.first().map(|l| &*l.self_attn.q_proj.key));
+        vec![StackInfo {
+            id: LlamaStack,
+            tower: Tower::Language,
+            name,
+            blocks: self.layers.len(),
+        }]
+    }
+
+    /// The teacher-forced sequence `[input ; target]`, positions `0..L`.
+    fn context(&self, sample: &LmSample<B>) -> Result<LlamaBlockInput<B>> {
+        let (x, mask, _) = self.sequence(&sample.input, &sample.row_targets());
+        let [b, l, _] = x.dims();
+        self.check_positions(l)?;
+        let device = x.device();
+        Ok(LlamaBlockInput {
+            bias: self.attention_bias(mask, l, 0),
+            rope: self.rope(&arange_positions(b, l), &device),
+            x,
+        })
+    }
+
+    fn stack_input(&self, _: LlamaStack, ctx: &LlamaBlockInput<B>) -> Result<LlamaBlockInput<B>> {
+        Ok(ctx.clone())
+    }
+
+    fn run_block(
+        &self,
+        stack: LlamaStack,
+        block: usize,
+        input: &LlamaBlockInput<B>,
+        _: BlockOptions,
+        tap: Tap<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let layer = self.layers.get(block).ok_or_else(|| mismatch(stack))?;
+        Ok(layer.forward(input.x.clone(), input.bias.clone(), &input.rope, None, tap))
+    }
+
+    fn with_hidden(
+        &self,
+        mut input: LlamaBlockInput<B>,
+        hidden: Tensor<B, 3>,
+    ) -> LlamaBlockInput<B> {
+        input.x = hidden;
+        input
+    }
+
+    fn end_stack(
+        &self,
+        _: LlamaStack,
+        _: Tensor<B, 3>,
+        _: &mut LlamaBlockInput<B>,
+        _: BlockOptions,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_linears(&self, _: LlamaStack, block: usize) -> Vec<&Linear<B>> {
+        self.layers
+            .get(block)
+            .map(|l| l.linears())
+            .unwrap_or_default()
+    }
+
+    fn block_linears_mut(&mut self, _: LlamaStack, block: usize) -> Vec<&mut Linear<B>> {
+        self.layers
+            .get_mut(block)
+            .map(|l| l.linears_mut())
+            .unwrap_or_default()
     }
 }
 

@@ -5,13 +5,15 @@ use burn::prelude::*;
 use burn::tensor::activation;
 
 use crate::config::Activation;
+use crate::linear::Linear;
 
-/// Receives the input of one or more linears (their HF names relative to the block) during a
-/// calibration forward: burn has no forward hooks, so blocks report their linear inputs.
-pub type Tap<'a, B> = &'a mut dyn FnMut(&[&str], &Tensor<B, 3>);
+/// Receives the input of one or more linears (which share it) during a calibration forward:
+/// burn has no forward hooks, so blocks report their linears' inputs. A linear names itself
+/// ([`Linear::key`]), so no name is written twice.
+pub type Tap<'a, B> = &'a mut dyn FnMut(&[&Linear<B>], &Tensor<B, 3>);
 
 /// A tap that ignores everything (plain inference).
-pub fn no_tap<B: Backend>(_: &[&str], _: &Tensor<B, 3>) {}
+pub fn no_tap<B: Backend>(_: &[&Linear<B>], _: &Tensor<B, 3>) {}
 
 /// Additive value for masked attention positions (HF uses `finfo(f32).min`; any value that
 /// drives `exp` to 0 gives the same softmax).
@@ -100,4 +102,48 @@ pub fn ids_tensor<B: Backend>(ids: &[Vec<u32>], device: &B::Device) -> Tensor<B,
         .flat_map(|r| r.iter().map(|&x| x as i64))
         .collect();
     Tensor::from_data(TensorData::new(flat, [b, l]), device)
+}
+
+/// Host row indices → an Int tensor [N].
+pub fn index_tensor<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    Tensor::from_data(TensorData::new(idx, [rows.len()]), device)
+}
+
+/// Each of `batch` rows repeated `expand` times (HF `_expand_inputs_for_generation`).
+pub fn rows_index<B: Backend>(
+    batch: usize,
+    expand: usize,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let rows: Vec<usize> = (0..batch)
+        .flat_map(|b| std::iter::repeat_n(b, expand))
+        .collect();
+    index_tensor(&rows, device)
+}
+
+/// A float tensor's values on the host (row-major).
+pub fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// An Int tensor [B, L] on the host as rows of ids.
+pub fn host_ids<B: Backend>(t: Tensor<B, 2, Int>) -> Vec<Vec<u32>> {
+    let [_, l] = t.dims();
+    let v: Vec<i64> = t
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("ids");
+    v.chunks(l.max(1))
+        .map(|r| r.iter().map(|&x| x.max(0) as u32).collect())
+        .collect()
+}
+
+/// A 1/0 mask [B, L] on the host.
+pub fn host_mask<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<u32>> {
+    host_ids(t.round().int())
 }

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::nn::{
     Tap, activate, attention, embed, key_padding_bias, merge_heads, no_tap, split_heads,
 };
-use crate::weights::{ExportTensor, Exporter, Loader};
+use crate::weights::Loader;
 
 /// `{attention,crossattention}.attention.{query,key,value}` + `.output.{dense,LayerNorm}`.
 #[derive(Module, Debug)]
@@ -40,31 +40,24 @@ impl<B: Backend> QFormerAttention<B> {
         })
     }
 
-    /// LN(x + dense(attn(x, kv))); `kv` is `None` for self-attention. `prefix` names the
-    /// module (`attention` / `crossattention`) for `tap`.
+    /// LN(x + dense(attn(x, kv))); `kv` is `None` for self-attention.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         kv: Option<Tensor<B, 3>>,
         bias: Option<Tensor<B, 4>>,
-        prefix: &str,
         tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let h = self.num_heads;
         let dh = x.dims()[2] / h;
-        let (nq, nk, nv) = (
-            format!("{prefix}.attention.query"),
-            format!("{prefix}.attention.key"),
-            format!("{prefix}.attention.value"),
-        );
         let kv = match kv {
             Some(kv) => {
-                tap(&[&nq], &x);
-                tap(&[&nk, &nv], &kv);
+                tap(&[&self.query], &x);
+                tap(&[&self.key, &self.value], &kv);
                 kv
             }
             None => {
-                tap(&[&nq, &nk, &nv], &x);
+                tap(&[&self.query, &self.key, &self.value], &x);
                 x.clone()
             }
         };
@@ -72,16 +65,21 @@ impl<B: Backend> QFormerAttention<B> {
         let k = split_heads(self.key.forward(kv.clone()), h);
         let v = split_heads(self.value.forward(kv), h);
         let ctx = merge_heads(attention(q, k, v, Some((dh as f64).powf(-0.5)), bias));
-        tap(&[&format!("{prefix}.output.dense")], &ctx);
+        tap(&[&self.dense], &ctx);
         self.layer_norm.forward(self.dense.forward(ctx) + x)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.linear("attention.query", &self.query);
-        ex.linear("attention.key", &self.key);
-        ex.linear("attention.value", &self.value);
-        ex.linear("output.dense", &self.dense);
-        ex.layer_norm("output.LayerNorm", &self.layer_norm);
+    fn linears(&self) -> [&Linear<B>; 4] {
+        [&self.query, &self.key, &self.value, &self.dense]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear<B>; 4] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.dense,
+        ]
     }
 }
 
@@ -110,18 +108,11 @@ impl<B: Backend> QFormerFfn<B> {
         })
     }
 
-    /// `suffix` is `""` (text positions) or `"_query"`, for `tap`.
-    pub fn forward(&self, x: Tensor<B, 3>, suffix: &str, tap: Tap<B>) -> Tensor<B, 3> {
-        tap(&[&format!("intermediate{suffix}.dense")], &x);
+    pub fn forward(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
+        tap(&[&self.intermediate], &x);
         let h = activate(self.intermediate.forward(x.clone()), self.act);
-        tap(&[&format!("output{suffix}.dense")], &h);
+        tap(&[&self.output], &h);
         self.layer_norm.forward(self.output.forward(h) + x)
-    }
-
-    fn export(&self, suffix: &str, ex: &mut Exporter<B>) {
-        ex.linear(&format!("intermediate{suffix}.dense"), &self.intermediate);
-        ex.linear(&format!("output{suffix}.dense"), &self.output);
-        ex.layer_norm(&format!("output{suffix}.LayerNorm"), &self.layer_norm);
     }
 }
 
@@ -169,12 +160,12 @@ impl<B: Backend> QFormerLayer<B> {
         tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
-        let att = self.attention.forward(x, None, self_bias, "attention", tap);
+        let att = self.attention.forward(x, None, self_bias, tap);
         let mut queries = att.clone().slice([0..b, 0..num_queries, 0..d]);
         if let Some(cross) = &self.crossattention {
-            queries = cross.forward(queries, Some(image), None, "crossattention", tap);
+            queries = cross.forward(queries, Some(image), None, tap);
         }
-        let queries = self.ffn_query.forward(queries, "_query", tap);
+        let queries = self.ffn_query.forward(queries, tap);
         if l == num_queries {
             return queries;
         }
@@ -183,43 +174,32 @@ impl<B: Backend> QFormerLayer<B> {
             .ffn_text
             .as_ref()
             .expect("text input needs the text FFN (checked at load)");
-        Tensor::cat(vec![queries, ffn.forward(text, "", tap)], 1)
+        Tensor::cat(vec![queries, ffn.forward(text, tap)], 1)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("attention", |ex| self.attention.export(ex));
+    /// Prunable linears: self- and cross-attention query/key/value/output.dense, the text and
+    /// query FFNs.
+    pub fn linears(&self) -> Vec<&Linear<B>> {
+        let mut out: Vec<&Linear<B>> = self.attention.linears().into();
         if let Some(c) = &self.crossattention {
-            ex.scope("crossattention", |ex| c.export(ex));
+            out.extend(c.linears());
         }
         if let Some(f) = &self.ffn_text {
-            f.export("", ex);
+            out.extend([&f.intermediate, &f.output]);
         }
-        self.ffn_query.export("_query", ex);
+        out.extend([&self.ffn_query.intermediate, &self.ffn_query.output]);
+        out
     }
 
-    /// Prunable linears with HF names relative to the layer.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out: Vec<(String, &mut Linear<B>)> = Vec::new();
-        let a = &mut self.attention;
-        out.push(("attention.attention.query".into(), &mut a.query));
-        out.push(("attention.attention.key".into(), &mut a.key));
-        out.push(("attention.attention.value".into(), &mut a.value));
-        out.push(("attention.output.dense".into(), &mut a.dense));
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let mut out: Vec<&mut Linear<B>> = self.attention.linears_mut().into();
         if let Some(c) = &mut self.crossattention {
-            out.push(("crossattention.attention.query".into(), &mut c.query));
-            out.push(("crossattention.attention.key".into(), &mut c.key));
-            out.push(("crossattention.attention.value".into(), &mut c.value));
-            out.push(("crossattention.output.dense".into(), &mut c.dense));
+            out.extend(c.linears_mut());
         }
         if let Some(f) = &mut self.ffn_text {
-            out.push(("intermediate.dense".into(), &mut f.intermediate));
-            out.push(("output.dense".into(), &mut f.output));
+            out.extend([&mut f.intermediate, &mut f.output]);
         }
-        out.push((
-            "intermediate_query.dense".into(),
-            &mut self.ffn_query.intermediate,
-        ));
-        out.push(("output_query.dense".into(), &mut self.ffn_query.output));
+        out.extend([&mut self.ffn_query.intermediate, &mut self.ffn_query.output]);
         out
     }
 }
@@ -326,25 +306,5 @@ impl<B: Backend> QFormer<B> {
             _ => (queries, None),
         };
         (self.layernorm.forward(x), bias)
-    }
-
-    pub fn export(&self, ex: &mut Exporter<B>) {
-        match &self.text_embeddings {
-            Some(e) => ex.scope("embeddings", |ex| {
-                ex.add(
-                    "word_embeddings.weight",
-                    ExportTensor::D2(e.word_embeddings.val()),
-                );
-                ex.add(
-                    "position_embeddings.weight",
-                    ExportTensor::D2(e.position_embeddings.val()),
-                );
-                ex.layer_norm("layernorm", &self.layernorm);
-            }),
-            None => ex.layer_norm("layernorm", &self.layernorm),
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            ex.scope(format!("encoder.layer.{i}"), |ex| layer.export(ex));
-        }
     }
 }

@@ -1,12 +1,11 @@
-//! Sparse CPU inference: packs every pruned linear of an [`InstructBlip`] for
+//! Sparse CPU inference: packs every pruned linear of a vision-language model for
 //! `ressa_sparse`'s kernels ([`crate::linear::Linear::pack`]), each with the kernel the cost
 //! model predicts fastest for the rows that layer sees per call.
 
 use burn::prelude::*;
 use ressa_sparse::KernelKind;
 
-use crate::instructblip::{InstructBlip, LanguageModel};
-use crate::prunable::{Prunable, Tower};
+use crate::vlm::VisionLanguageModel;
 use crate::{ModelError, Result};
 
 /// What one forward call feeds the model, to size each stack's calls for the cost model.
@@ -32,7 +31,7 @@ pub struct PackedLayer {
     pub sparsity: f64,
 }
 
-/// What [`InstructBlip::use_sparse_kernels`] did.
+/// What [`use_sparse_kernels`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SparseKernelReport {
     /// The packed linears, in calibration order.
@@ -54,73 +53,55 @@ impl SparseKernelReport {
     }
 }
 
-impl<B: Backend> InstructBlip<B> {
-    /// Packs every prunable linear whose weight has zeros for the sparse host kernels (see
-    /// [`crate::linear::Linear::pack`]); the others keep burn's matmul. Each kernel is chosen
-    /// for the rows its stack sees per call: vision `images × patches`, Q-Former
-    /// `images × queries`, T5 encoder `images × (queries + prompt)`, T5 decoder and LLaMA
-    /// layers `decode` (one decoding step; the prefill is a single call).
-    ///
-    /// For CPU inference (flex, ndarray): every packed layer then round-trips its input through
-    /// host memory. Call it after the weights are final; it reads each weight to the host once.
-    ///
-    /// With `release_dense`, each layer's dense copy is freed as soon as it is packed
-    /// ([`crate::linear::Linear::release_dense`]), so memory never holds both forms of the
-    /// model; the model is then for inference only.
-    pub fn use_sparse_kernels(
-        &mut self,
-        rows: KernelRows,
-        release_dense: bool,
-    ) -> Result<SparseKernelReport> {
-        let images = rows.images.max(1);
-        let patches = self.vision_model.embeddings.position_embedding.dims()[1];
-        let queries = self.query_tokens.dims()[1];
-        let decoder_only = matches!(self.language_model, LanguageModel::Llama(_));
-        let mut report = SparseKernelReport::default();
-        for (s, stack) in self.stacks().into_iter().enumerate() {
-            let stack_rows = match stack.tower {
-                Tower::Vision => images * patches,
-                Tower::QFormer => images * queries,
-                Tower::Language if decoder_only || stack.prefix.contains("decoder") => rows.decode,
-                Tower::Language => images * (queries + rows.prompt),
-            }
-            .max(1);
-            for b in 0..stack.blocks {
-                for (name, linear) in self.block_linears_mut(s, b) {
-                    let name = format!("{}.{b}.{name}", stack.prefix);
-                    let kind = linear
-                        .pack(stack_rows)
-                        .map_err(|e| ModelError::Input(format!("{name}: {e}")))?;
-                    match kind {
-                        Some((kind, zeros)) => {
-                            if release_dense {
-                                linear.release_dense();
-                            }
-                            let [d_in, d_out] = linear.dims();
-                            report.layers.push(PackedLayer {
-                                name,
-                                kind,
-                                rows: stack_rows,
-                                sparsity: zeros as f64 / (d_in * d_out).max(1) as f64,
-                            });
+/// Packs every prunable linear whose weight has zeros for the sparse host kernels (see
+/// [`crate::linear::Linear::pack`]); the others keep burn's matmul. Each kernel is chosen for
+/// the rows its stack sees per call ([`VisionLanguageModel::kernel_rows`]: vision
+/// `images × patches`, Q-Former `images × queries`, T5 encoder `images × (queries + prompt)`,
+/// decoder stacks `decode`, one decoding step; the prefill is a single call).
+///
+/// For CPU inference (flex, ndarray): every packed layer then round-trips its input through
+/// host memory. Call it after the weights are final; it reads each weight to the host once.
+///
+/// With `release_dense`, each layer's dense copy is freed as soon as it is packed
+/// ([`crate::linear::Linear::release_dense`]), so memory never holds both forms of the model;
+/// the model is then for inference only.
+pub fn use_sparse_kernels<B: Backend, M: VisionLanguageModel<B>>(
+    model: &mut M,
+    rows: KernelRows,
+    release_dense: bool,
+) -> Result<SparseKernelReport> {
+    let mut report = SparseKernelReport::default();
+    for stack in model.stacks() {
+        let stack_rows = model.kernel_rows(stack.id, &rows).max(1);
+        for b in 0..stack.blocks {
+            for linear in model.block_linears_mut(stack.id, b) {
+                let name = linear.key.to_string();
+                let kind = linear
+                    .pack(stack_rows)
+                    .map_err(|e| ModelError::Input(format!("{name}: {e}")))?;
+                match kind {
+                    Some((kind, zeros)) => {
+                        if release_dense {
+                            linear.release_dense();
                         }
-                        None => report.unpacked += 1,
+                        let [d_in, d_out] = linear.dims();
+                        report.layers.push(PackedLayer {
+                            name,
+                            kind,
+                            rows: stack_rows,
+                            sparsity: zeros as f64 / (d_in * d_out).max(1) as f64,
+                        });
                     }
+                    None => report.unpacked += 1,
                 }
             }
         }
-        Ok(report)
     }
+    Ok(report)
+}
 
-    /// Drops every packed weight ([`InstructBlip::use_sparse_kernels`] undone; layers whose
-    /// dense weight was released stay packed).
-    pub fn drop_sparse_kernels(&mut self) {
-        for (s, stack) in self.stacks().into_iter().enumerate() {
-            for b in 0..stack.blocks {
-                for (_, linear) in self.block_linears_mut(s, b) {
-                    linear.unpack();
-                }
-            }
-        }
-    }
+/// Drops every packed weight ([`use_sparse_kernels`] undone; layers whose dense weight was
+/// released stay packed).
+pub fn drop_sparse_kernels<B: Backend, M: VisionLanguageModel<B>>(model: &mut M) {
+    crate::prunable::for_each_prunable_mut(model, |_, linear| linear.unpack());
 }

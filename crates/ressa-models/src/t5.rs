@@ -8,12 +8,15 @@ use burn::module::Param;
 use burn::prelude::*;
 
 use crate::config::{Activation, T5Config};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::lm::{LanguageModel, LmInput, LmSample, Padding, SpecialTokens, Start, TeacherForced};
 use crate::nn::{
-    Tap, activate, attention, causal_bias, embed, key_padding_bias, merge_heads, no_tap,
-    split_heads,
+    Tap, activate, attention, causal_bias, embed, ids_tensor, key_padding_bias, merge_heads,
+    no_tap, rows_index, split_heads,
 };
-use crate::weights::{ExportTensor, Exporter, Loader};
+use crate::prunable::{BlockOptions, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name};
+use crate::sparse_kernels::KernelRows;
+use crate::weights::Loader;
 
 /// `T5LayerNorm`: y = w ⊙ x / sqrt(mean(x²) + ε) (no centring, no bias).
 #[derive(Module, Debug)]
@@ -115,23 +118,20 @@ impl<B: Backend> T5Attention<B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         bias: Option<Tensor<B, 4>>,
-        o_name: &str,
         tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let q = split_heads(self.q.forward(x), self.num_heads);
         let ctx = merge_heads(attention(q, k, v, None, bias));
-        tap(&[o_name], &ctx);
+        tap(&[&self.o], &ctx);
         self.o.forward(ctx)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.linear("q", &self.q);
-        ex.linear("k", &self.k);
-        ex.linear("v", &self.v);
-        ex.linear("o", &self.o);
-        if let Some(t) = &self.relative_attention_bias {
-            ex.add("relative_attention_bias.weight", ExportTensor::D2(t.val()));
-        }
+    fn linears(&self) -> [&Linear<B>; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear<B>; 4] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o]
     }
 }
 
@@ -167,29 +167,31 @@ impl<B: Backend> T5Ffn<B> {
         })
     }
 
-    /// `prefix` is the block-relative name of `DenseReluDense`, for `tap`.
-    pub fn forward(&self, x: Tensor<B, 3>, prefix: &str, tap: Tap<B>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
         match &self.wi_1 {
-            Some(_) => tap(&[&format!("{prefix}.wi_0"), &format!("{prefix}.wi_1")], &x),
-            None => tap(&[&format!("{prefix}.wi")], &x),
+            Some(wi_1) => tap(&[&self.wi_0, wi_1], &x),
+            None => tap(&[&self.wi_0], &x),
         }
         let mut h = activate(self.wi_0.forward(x.clone()), self.act);
         if let Some(wi_1) = &self.wi_1 {
             h = h * wi_1.forward(x);
         }
-        tap(&[&format!("{prefix}.wo")], &h);
+        tap(&[&self.wo], &h);
         self.wo.forward(h)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        match &self.wi_1 {
-            Some(wi_1) => {
-                ex.linear("wi_0", &self.wi_0);
-                ex.linear("wi_1", wi_1);
-            }
-            None => ex.linear("wi", &self.wi_0),
-        }
-        ex.linear("wo", &self.wo);
+    fn linears(&self) -> Vec<&Linear<B>> {
+        let mut out = vec![&self.wi_0];
+        out.extend(&self.wi_1);
+        out.push(&self.wo);
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let mut out = vec![&mut self.wi_0];
+        out.extend(&mut self.wi_1);
+        out.push(&mut self.wo);
+        out
     }
 }
 
@@ -283,15 +285,9 @@ impl<B: Backend> T5Block<B> {
         tap: Tap<B>,
     ) -> Tensor<B, 3> {
         let h = self.self_norm.forward(x.clone());
-        tap(
-            &[
-                "layer.0.SelfAttention.q",
-                "layer.0.SelfAttention.k",
-                "layer.0.SelfAttention.v",
-            ],
-            &h,
-        );
-        let (mut k, mut v) = self.self_attention.key_values(h.clone());
+        let sa = &self.self_attention;
+        tap(&[&sa.q, &sa.k, &sa.v], &h);
+        let (mut k, mut v) = sa.key_values(h.clone());
         let mut cache = cache;
         if let Some(c) = cache.as_deref_mut() {
             if let Some((pk, pv)) = c.self_kv.take() {
@@ -300,19 +296,13 @@ impl<B: Backend> T5Block<B> {
             }
             c.self_kv = Some((k.clone(), v.clone()));
         }
-        let mut x =
-            x + self
-                .self_attention
-                .attend(h, k, v, self_bias, "layer.0.SelfAttention.o", tap);
+        let mut x = x + sa.attend(h, k, v, self_bias, tap);
         if let (Some(attn), Some(norm), Some((enc, enc_bias))) =
             (&self.cross_attention, &self.cross_norm, cross)
         {
             let h = norm.forward(x.clone());
-            tap(&["layer.1.EncDecAttention.q"], &h);
-            tap(
-                &["layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"],
-                enc,
-            );
+            tap(&[&attn.q], &h);
+            tap(&[&attn.k, &attn.v], enc);
             let (k, v) = match cache {
                 Some(c) => c
                     .cross_kv
@@ -320,76 +310,28 @@ impl<B: Backend> T5Block<B> {
                     .clone(),
                 None => attn.key_values(enc.clone()),
             };
-            x = x + attn.attend(
-                h,
-                k,
-                v,
-                Some(enc_bias.clone()),
-                "layer.1.EncDecAttention.o",
-                tap,
-            );
+            x = x + attn.attend(h, k, v, Some(enc_bias.clone()), tap);
         }
         let h = self.ffn_norm.forward(x.clone());
-        let ff = if self.cross_attention.is_some() {
-            "layer.2"
-        } else {
-            "layer.1"
-        };
-        x + self.ffn.forward(h, &format!("{ff}.DenseReluDense"), tap)
+        x + self.ffn.forward(h, tap)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("layer.0", |ex| {
-            ex.scope("SelfAttention", |ex| self.self_attention.export(ex));
-            ex.add(
-                "layer_norm.weight",
-                ExportTensor::D1(self.self_norm.weight.val()),
-            );
-        });
-        let ff = if let (Some(a), Some(n)) = (&self.cross_attention, &self.cross_norm) {
-            ex.scope("layer.1", |ex| {
-                ex.scope("EncDecAttention", |ex| a.export(ex));
-                ex.add("layer_norm.weight", ExportTensor::D1(n.weight.val()));
-            });
-            "layer.2"
-        } else {
-            "layer.1"
-        };
-        ex.scope(ff, |ex| {
-            ex.scope("DenseReluDense", |ex| self.ffn.export(ex));
-            ex.add(
-                "layer_norm.weight",
-                ExportTensor::D1(self.ffn_norm.weight.val()),
-            );
-        });
-    }
-
-    /// Prunable linears with HF names relative to the block.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out: Vec<(String, &mut Linear<B>)> = Vec::new();
-        let s = &mut self.self_attention;
-        out.push(("layer.0.SelfAttention.q".into(), &mut s.q));
-        out.push(("layer.0.SelfAttention.k".into(), &mut s.k));
-        out.push(("layer.0.SelfAttention.v".into(), &mut s.v));
-        out.push(("layer.0.SelfAttention.o".into(), &mut s.o));
-        let ff = if let Some(c) = &mut self.cross_attention {
-            out.push(("layer.1.EncDecAttention.q".into(), &mut c.q));
-            out.push(("layer.1.EncDecAttention.k".into(), &mut c.k));
-            out.push(("layer.1.EncDecAttention.v".into(), &mut c.v));
-            out.push(("layer.1.EncDecAttention.o".into(), &mut c.o));
-            "layer.2"
-        } else {
-            "layer.1"
-        };
-        let f = &mut self.ffn;
-        match &mut f.wi_1 {
-            Some(wi_1) => {
-                out.push((format!("{ff}.DenseReluDense.wi_0"), &mut f.wi_0));
-                out.push((format!("{ff}.DenseReluDense.wi_1"), wi_1));
-            }
-            None => out.push((format!("{ff}.DenseReluDense.wi"), &mut f.wi_0)),
+    /// Prunable linears: self-attention q/k/v/o, (decoder) cross-attention q/k/v/o, the FFN.
+    pub fn linears(&self) -> Vec<&Linear<B>> {
+        let mut out: Vec<&Linear<B>> = self.self_attention.linears().into();
+        if let Some(c) = &self.cross_attention {
+            out.extend(c.linears());
         }
-        out.push((format!("{ff}.DenseReluDense.wo"), &mut f.wo));
+        out.extend(self.ffn.linears());
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let mut out: Vec<&mut Linear<B>> = self.self_attention.linears_mut().into();
+        if let Some(c) = &mut self.cross_attention {
+            out.extend(c.linears_mut());
+        }
+        out.extend(self.ffn.linears_mut());
         out
     }
 }
@@ -513,57 +455,42 @@ impl<B: Backend> T5Stack<B> {
         }
         self.final_layer_norm.forward(x)
     }
-
-    fn export(&self, ex: &mut Exporter<B>) {
-        for (i, b) in self.blocks.iter().enumerate() {
-            ex.scope(format!("block.{i}"), |ex| b.export(ex));
-        }
-        ex.add(
-            "final_layer_norm.weight",
-            ExportTensor::D1(self.final_layer_norm.weight.val()),
-        );
-    }
 }
 
 /// `T5ForConditionalGeneration`.
+///
+/// Embeddings as `transformers` reads the files: the prompt is embedded with `shared` (what
+/// the composites' `get_input_embeddings()` returns) and the decoder with
+/// `decoder.embed_tokens` when the checkpoint stores it (transformers 5.x writes it apart,
+/// and uses it as stored when it differs from `shared`), else with `shared`. An untied
+/// `lm_head` must be present; a tied one falls back to `shared`.
 #[derive(Module, Debug)]
 pub struct T5<B: Backend> {
     pub shared: Param<Tensor<B, 2>>,
+    /// `decoder.embed_tokens` when stored.
+    pub decoder_embed_tokens: Option<Param<Tensor<B, 2>>>,
     pub encoder: T5Stack<B>,
     pub decoder: T5Stack<B>,
     /// `lm_head` [d_model, vocab] in burn layout; `None` when tied to `shared`.
     pub lm_head: Option<Linear<B>>,
     pub scale_decoder_output: bool,
     pub d_model: usize,
+    #[module(skip)]
+    pub tokens: SpecialTokens,
 }
 
 impl<B: Backend> T5<B> {
-    pub fn load(cfg: &T5Config, vb: &Loader<B>) -> Result<Self> {
-        let (v, d) = (cfg.vocab_size, cfg.d_model);
-        let shared = if vb.contains_or("shared.weight", true) {
-            vb.param("shared.weight", [v, d])?
-        } else {
-            // Some exports keep only the (tied) encoder copy.
-            vb.param("encoder.embed_tokens.weight", [v, d])?
-        };
-        let untied = cfg.tie_word_embeddings == Some(false);
-        let lm_head = if vb.contains_or("lm_head.weight", untied) {
-            Some(vb.linear("lm_head", d, v, false)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            shared,
-            encoder: T5Stack::load(cfg, false, &vb.pp("encoder"))?,
-            decoder: T5Stack::load(cfg, true, &vb.pp("decoder"))?,
-            lm_head,
-            scale_decoder_output: cfg.scales_decoder_output(),
-            d_model: d,
-        })
+    /// The decoder's token embeddings.
+    fn decoder_table(&self) -> Tensor<B, 2> {
+        match &self.decoder_embed_tokens {
+            Some(t) => t.val(),
+            None => self.shared.val(),
+        }
     }
 
-    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embed(self.shared.val(), ids)
+    /// Decoder token embeddings [B, L, D].
+    pub fn embed_decoder(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embed(self.decoder_table(), ids)
     }
 
     /// Decoder hidden states → logits [B, L, vocab].
@@ -587,17 +514,362 @@ impl<B: Backend> T5<B> {
         encoder_mask: Tensor<B, 2>,
         cache: Option<&mut DecoderCache<B>>,
     ) -> Tensor<B, 3> {
-        let x = self.embed(decoder_ids);
+        let x = self.embed_decoder(decoder_ids);
         self.lm_logits(self.decoder.decode(x, encoder, encoder_mask, cache))
     }
 
-    pub fn export(&self, ex: &mut Exporter<B>) {
-        ex.add("shared.weight", ExportTensor::D2(self.shared.val()));
-        ex.scope("encoder", |ex| self.encoder.export(ex));
-        ex.scope("decoder", |ex| self.decoder.export(ex));
-        if let Some(h) = &self.lm_head {
-            ex.linear("lm_head", h);
+    /// Teacher forcing: decoder input `[start] + target[..-1]`, padded (as HF shifts labels).
+    fn decoder_rows(&self, targets: &[Vec<u32>]) -> Vec<Vec<u32>> {
+        let t = targets.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        targets
+            .iter()
+            .map(|target| {
+                let mut row = vec![self.tokens.pad; t];
+                row[0] = self.tokens.decoder_start;
+                let n = target.len().saturating_sub(1);
+                row[1..=n].copy_from_slice(&target[..n]);
+                row
+            })
+            .collect()
+    }
+}
+
+/// T5's decoding state: the encoder output (rows expanded) and the decoder's KV cache.
+pub struct T5Decoding<B: Backend> {
+    encoder: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+    cache: DecoderCache<B>,
+}
+
+impl<B: Backend> LanguageModel<B> for T5<B> {
+    type Config = T5Config;
+    type Decoding = T5Decoding<B>;
+
+    fn load(cfg: &T5Config, vb: &Loader<B>) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.d_model);
+        let tied = cfg.tie_word_embeddings != Some(false);
+        let has = |name: &str| vb.contains_or(name, false);
+        // Tied exports may keep only one of the copies.
+        let shared_key = if vb.contains_or("shared.weight", true) || !tied {
+            "shared.weight"
+        } else if has("encoder.embed_tokens.weight") {
+            "encoder.embed_tokens.weight"
+        } else {
+            "decoder.embed_tokens.weight"
+        };
+        let shared = vb.param(shared_key, [v, d])?;
+        let decoder_embed_tokens = if has("decoder.embed_tokens.weight")
+            && shared_key != "decoder.embed_tokens.weight"
+        {
+            Some(vb.param("decoder.embed_tokens.weight", [v, d])?)
+        } else {
+            if !tied && vb.store().is_some() {
+                tracing::warn!(
+                    "{}: untied T5 without `decoder.embed_tokens.weight`: the decoder embeds with `shared`",
+                    vb.key("")
+                );
+            }
+            None
+        };
+        let lm_head = if !tied || vb.contains_or("lm_head.weight", false) {
+            Some(vb.linear("lm_head", d, v, false)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            shared,
+            decoder_embed_tokens,
+            encoder: T5Stack::load(cfg, false, &vb.pp("encoder"))?,
+            decoder: T5Stack::load(cfg, true, &vb.pp("decoder"))?,
+            lm_head,
+            scale_decoder_output: cfg.scales_decoder_output(),
+            d_model: d,
+            tokens: SpecialTokens {
+                decoder_start: cfg.decoder_start_token(),
+                eos: cfg.eos_token(),
+                pad: cfg.pad_token(),
+            },
+        })
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.d_model
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.shared.dims()[0]
+    }
+
+    fn special_tokens(&self) -> SpecialTokens {
+        self.tokens
+    }
+
+    fn padding(&self) -> Padding {
+        Padding::Right
+    }
+
+    fn is_encoder_decoder(&self) -> bool {
+        true
+    }
+
+    fn context_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embed(self.shared.val(), ids)
+    }
+
+    fn target_ids(&self, tokenized: &[u32]) -> Vec<u32> {
+        tokenized.to_vec()
+    }
+
+    fn teacher_forced(&self, input: LmInput<B>, targets: &[Vec<u32>]) -> Result<TeacherForced<B>> {
+        let device = input.embeds.device();
+        let dec = ids_tensor::<B>(&self.decoder_rows(targets), &device);
+        let encoder = self.encoder.encode(input.embeds, input.mask.clone());
+        let logits = self.decode_logits(dec, &encoder, input.mask, None);
+        let (targets, mask, tokens) = aligned_targets(targets, &device);
+        Ok(TeacherForced {
+            logits,
+            targets,
+            mask,
+            tokens,
+        })
+    }
+
+    fn logits(
+        &self,
+        input: LmInput<B>,
+        continuation: Option<Tensor<B, 2, Int>>,
+    ) -> Result<Tensor<B, 3>> {
+        let dec = continuation.ok_or_else(|| {
+            ModelError::Input("a T5 language model needs decoder_input_ids".into())
+        })?;
+        let encoder = self.encoder.encode(input.embeds, input.mask.clone());
+        Ok(self.decode_logits(dec, &encoder, input.mask, None))
+    }
+
+    fn start(&self, input: LmInput<B>, expand: usize) -> Result<Start<T5Decoding<B>>> {
+        let encoder = self.encoder.encode(input.embeds, input.mask.clone());
+        let batch = encoder.dims()[0];
+        let rows = rows_index::<B>(batch, expand, &encoder.device());
+        Ok(Start {
+            state: T5Decoding {
+                encoder: encoder.select(0, rows.clone()),
+                mask: input.mask.select(0, rows),
+                cache: DecoderCache::new(self.decoder.blocks.len()),
+            },
+            rows: vec![vec![self.tokens.decoder_start]; batch * expand],
+            input_len: 1,
+        })
+    }
+
+    fn step(&self, state: &mut T5Decoding<B>, last: &[u32]) -> Tensor<B, 2> {
+        let device = state.encoder.device();
+        let ids: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
+        let logits = self.decode_logits(
+            ids_tensor::<B>(&ids, &device),
+            &state.encoder,
+            state.mask.clone(),
+            Some(&mut state.cache),
+        );
+        let [rows, _, vocab] = logits.dims();
+        logits.reshape([rows, vocab])
+    }
+
+    fn reorder(&self, state: &mut T5Decoding<B>, rows: &[usize]) {
+        // Beams of one item share the encoder output; only the cache differs.
+        state
+            .cache
+            .select_rows(crate::nn::index_tensor(rows, &state.encoder.device()));
+    }
+
+    fn kernel_rows(&self, stack: T5StackId, rows: &KernelRows, image_tokens: usize) -> usize {
+        match stack {
+            T5StackId::Encoder => rows.images * (image_tokens + rows.prompt),
+            T5StackId::Decoder => rows.decode,
         }
+    }
+}
+
+/// Targets right-padded to the longest, with their 1/0 mask and token count.
+pub(crate) fn aligned_targets<B: Backend>(
+    targets: &[Vec<u32>],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>, usize) {
+    let t = targets.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let n = targets.len();
+    let mut ids = vec![vec![0u32; t]; n];
+    let mut mask = vec![0f32; n * t];
+    for (r, target) in targets.iter().enumerate() {
+        ids[r][..target.len()].copy_from_slice(target);
+        mask[r * t..r * t + target.len()].fill(1.0);
+    }
+    let tokens = targets.iter().map(Vec::len).sum();
+    (
+        ids_tensor::<B>(&ids, device),
+        Tensor::from_data(TensorData::new(mask, [n, t]), device),
+        tokens,
+    )
+}
+
+/// T5's two stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum T5StackId {
+    Encoder,
+    Decoder,
+}
+
+/// A T5 block's calibration input: hidden state, self-attention bias with and without the
+/// relative position bias, and (decoder) the encoder output with its key-padding bias.
+#[derive(Debug, Clone)]
+pub struct T5BlockInput<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub bias: Tensor<B, 4>,
+    pub mask_bias: Tensor<B, 4>,
+    pub cross: Option<(Tensor<B, 3>, Tensor<B, 4>)>,
+}
+
+/// A sample's T5 calibration state.
+#[derive(Debug, Clone)]
+pub struct T5Calibration<B: Backend> {
+    embeds: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+    decoder_ids: Tensor<B, 2, Int>,
+    encoder: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Prunable<B> for T5<B> {
+    type Sample = LmSample<B>;
+    type Stack = T5StackId;
+    type BlockInput = T5BlockInput<B>;
+    type Context = T5Calibration<B>;
+
+    fn stacks(&self) -> Vec<StackInfo<T5StackId>> {
+        let prefix =
+            |s: &T5Stack<B>| stack_name(s.blocks.first().map(|b| &*b.self_attention.q.key));
+        vec![
+            StackInfo {
+                id: T5StackId::Encoder,
+                tower: Tower::Language,
+                name: prefix(&self.encoder),
+                blocks: self.encoder.blocks.len(),
+            },
+            StackInfo {
+                id: T5StackId::Decoder,
+                tower: Tower::Language,
+                name: prefix(&self.decoder),
+                blocks: self.decoder.blocks.len(),
+            },
+        ]
+    }
+
+    fn context(&self, sample: &LmSample<B>) -> Result<T5Calibration<B>> {
+        let device = sample.input.embeds.device();
+        Ok(T5Calibration {
+            embeds: sample.input.embeds.clone(),
+            mask: sample.input.mask.clone(),
+            decoder_ids: ids_tensor::<B>(&self.decoder_rows(&sample.row_targets()), &device),
+            encoder: None,
+        })
+    }
+
+    fn stack_input(&self, stack: T5StackId, ctx: &T5Calibration<B>) -> Result<T5BlockInput<B>> {
+        Ok(match stack {
+            T5StackId::Encoder => {
+                let l = ctx.embeds.dims()[1];
+                let mask_bias = key_padding_bias(ctx.mask.clone());
+                T5BlockInput {
+                    bias: self.encoder.position_bias(0, l, l) + mask_bias.clone(),
+                    mask_bias,
+                    x: ctx.embeds.clone(),
+                    cross: None,
+                }
+            }
+            T5StackId::Decoder => {
+                let encoder = ctx
+                    .encoder
+                    .clone()
+                    .ok_or_else(|| not_ready(stack, "the encoder output"))?;
+                let x = self.embed_decoder(ctx.decoder_ids.clone());
+                let l = x.dims()[1];
+                let mask_bias = causal_bias(l, l, 0, &x.device());
+                T5BlockInput {
+                    bias: self.decoder.position_bias(0, l, l) + mask_bias.clone(),
+                    mask_bias,
+                    cross: Some((encoder, key_padding_bias(ctx.mask.clone()))),
+                    x,
+                }
+            }
+        })
+    }
+
+    fn run_block(
+        &self,
+        stack: T5StackId,
+        block: usize,
+        input: &T5BlockInput<B>,
+        options: BlockOptions,
+        tap: Tap<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let bias = if block == 0 || options.t5_position_bias_after_block0 {
+            input.bias.clone()
+        } else {
+            input.mask_bias.clone()
+        };
+        let (blocks, cross) = match (stack, &input.cross) {
+            (T5StackId::Encoder, None) => (&self.encoder.blocks, None),
+            (T5StackId::Decoder, Some((e, b))) => (&self.decoder.blocks, Some((e, b))),
+            _ => return Err(mismatch(stack)),
+        };
+        let b = blocks
+            .get(block)
+            .ok_or_else(|| ModelError::Input(format!("{stack:?} has no block {block}")))?;
+        Ok(b.forward(input.x.clone(), Some(bias), cross, None, tap))
+    }
+
+    fn with_hidden(&self, mut input: T5BlockInput<B>, hidden: Tensor<B, 3>) -> T5BlockInput<B> {
+        input.x = hidden;
+        input
+    }
+
+    fn end_stack(
+        &self,
+        stack: T5StackId,
+        hidden: Tensor<B, 3>,
+        ctx: &mut T5Calibration<B>,
+        options: BlockOptions,
+    ) -> Result<()> {
+        if stack == T5StackId::Encoder {
+            ctx.encoder = Some(if options.t5_position_bias_after_block0 {
+                self.encoder.final_layer_norm.forward(hidden)
+            } else {
+                // The decoder's inputs come from a real forward (the reference's catcher runs
+                // the whole model), not from the bias-less calibration pass.
+                self.encoder.encode(ctx.embeds.clone(), ctx.mask.clone())
+            });
+        }
+        Ok(())
+    }
+
+    fn block_linears(&self, stack: T5StackId, block: usize) -> Vec<&Linear<B>> {
+        let blocks = match stack {
+            T5StackId::Encoder => &self.encoder.blocks,
+            T5StackId::Decoder => &self.decoder.blocks,
+        };
+        blocks.get(block).map(|b| b.linears()).unwrap_or_default()
+    }
+
+    fn block_linears_mut(&mut self, stack: T5StackId, block: usize) -> Vec<&mut Linear<B>> {
+        let blocks = match stack {
+            T5StackId::Encoder => &mut self.encoder.blocks,
+            T5StackId::Decoder => &mut self.decoder.blocks,
+        };
+        blocks
+            .get_mut(block)
+            .map(|b| b.linears_mut())
+            .unwrap_or_default()
     }
 }
 

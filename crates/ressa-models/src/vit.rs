@@ -11,7 +11,7 @@ use burn::prelude::*;
 use crate::config::{Activation, VisionConfig};
 use crate::error::Result;
 use crate::nn::{Tap, activate, attention, merge_heads, no_tap, split_heads};
-use crate::weights::{ExportTensor, Exporter, Loader};
+use crate::weights::{Loader, Stored};
 
 /// `embeddings.{class_embedding, patch_embedding, position_embedding}`.
 #[derive(Module, Debug)]
@@ -53,25 +53,6 @@ impl<B: Backend> VisionEmbeddings<B> {
         let n = x.dims()[1];
         x + self.position_embedding.val().slice([0..1, 0..n, 0..e])
     }
-
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.add(
-            "class_embedding",
-            ExportTensor::D3(self.class_embedding.val()),
-        );
-        ex.add(
-            "patch_embedding.weight",
-            ExportTensor::D4(self.patch_weight.val()),
-        );
-        ex.add(
-            "patch_embedding.bias",
-            ExportTensor::D1(self.patch_bias.val()),
-        );
-        ex.add(
-            "position_embedding",
-            ExportTensor::D3(self.position_embedding.val()),
-        );
-    }
 }
 
 /// `self_attn.{qkv, projection}`; the checkpoint stores the qkv bias either fused
@@ -96,7 +77,16 @@ impl<B: Backend> VisionAttention<B> {
                 let q = vb.tensor("q_bias", [e])?;
                 let v = vb.tensor("v_bias", [e])?;
                 let k = q.zeros_like();
-                qkv.bias = Some(Param::from_tensor(Tensor::cat(vec![q, k, v], 0)));
+                let bias = Param::from_tensor(Tensor::cat(vec![q, k, v], 0));
+                vb.record(
+                    bias.id,
+                    "qkv.bias",
+                    Stored::QkvBias {
+                        q: vb.key("q_bias"),
+                        v: vb.key("v_bias"),
+                    },
+                );
+                qkv.bias = Some(bias);
                 split_bias = true;
             }
         }
@@ -110,7 +100,7 @@ impl<B: Backend> VisionAttention<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
         let [b, l, e] = x.dims();
-        tap(&["self_attn.qkv"], &x);
+        tap(&[&self.qkv], &x);
         let qkv = self.qkv.forward(x);
         let part = |i: usize| {
             split_heads(
@@ -126,26 +116,8 @@ impl<B: Backend> VisionAttention<B> {
             Some((dh as f64).powf(-0.5)),
             None,
         ));
-        tap(&["self_attn.projection"], &out);
+        tap(&[&self.projection], &out);
         self.projection.forward(out)
-    }
-
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.add(
-            "qkv.weight",
-            ExportTensor::D2(self.qkv.weight.val().transpose()),
-        );
-        if let Some(bias) = &self.qkv.bias {
-            let bias = bias.val();
-            if self.split_bias {
-                let e = bias.dims()[0] / 3;
-                ex.add("q_bias", ExportTensor::D1(bias.clone().narrow(0, 0, e)));
-                ex.add("v_bias", ExportTensor::D1(bias.narrow(0, 2 * e, e)));
-            } else {
-                ex.add("qkv.bias", ExportTensor::D1(bias));
-            }
-        }
-        ex.linear("projection", &self.projection);
     }
 }
 
@@ -182,36 +154,28 @@ impl<B: Backend> VisionLayer<B> {
     pub fn forward_tapped(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), tap);
         let h = self.layer_norm2.forward(x.clone());
-        tap(&["mlp.fc1"], &h);
+        tap(&[&self.fc1], &h);
         let h = activate(self.fc1.forward(h), self.act);
-        tap(&["mlp.fc2"], &h);
+        tap(&[&self.fc2], &h);
         x + self.fc2.forward(h)
     }
 
-    fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("self_attn", |ex| self.self_attn.export(ex));
-        ex.layer_norm("layer_norm1", &self.layer_norm1);
-        ex.linear("mlp.fc1", &self.fc1);
-        ex.linear("mlp.fc2", &self.fc2);
-        ex.layer_norm("layer_norm2", &self.layer_norm2);
-    }
-
-    /// The prunable linears of this block with their HF names relative to the block.
-    pub fn linears(&self) -> Vec<(&'static str, &Linear<B>)> {
+    /// The prunable linears: qkv, projection, fc1, fc2.
+    pub fn linears(&self) -> Vec<&Linear<B>> {
         vec![
-            ("self_attn.qkv", &self.self_attn.qkv),
-            ("self_attn.projection", &self.self_attn.projection),
-            ("mlp.fc1", &self.fc1),
-            ("mlp.fc2", &self.fc2),
+            &self.self_attn.qkv,
+            &self.self_attn.projection,
+            &self.fc1,
+            &self.fc2,
         ]
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
         vec![
-            ("self_attn.qkv", &mut self.self_attn.qkv),
-            ("self_attn.projection", &mut self.self_attn.projection),
-            ("mlp.fc1", &mut self.fc1),
-            ("mlp.fc2", &mut self.fc2),
+            &mut self.self_attn.qkv,
+            &mut self.self_attn.projection,
+            &mut self.fc1,
+            &mut self.fc2,
         ]
     }
 }
@@ -222,6 +186,8 @@ pub struct VisionModel<B: Backend> {
     pub embeddings: VisionEmbeddings<B>,
     pub layers: Vec<VisionLayer<B>>,
     pub post_layernorm: LayerNorm<B>,
+    #[module(skip)]
+    pub image_size: usize,
 }
 
 impl<B: Backend> VisionModel<B> {
@@ -233,6 +199,7 @@ impl<B: Backend> VisionModel<B> {
             embeddings: VisionEmbeddings::load(cfg, &vb.pp("embeddings"))?,
             layers,
             post_layernorm: vb.layer_norm("post_layernorm", cfg.hidden_size, cfg.layer_norm_eps)?,
+            image_size: cfg.image_size,
         })
     }
 
@@ -245,11 +212,13 @@ impl<B: Backend> VisionModel<B> {
         self.post_layernorm.forward(x)
     }
 
-    pub fn export(&self, ex: &mut Exporter<B>) {
-        ex.scope("embeddings", |ex| self.embeddings.export(ex));
-        for (i, layer) in self.layers.iter().enumerate() {
-            ex.scope(format!("encoder.layers.{i}"), |ex| layer.export(ex));
-        }
-        ex.layer_norm("post_layernorm", &self.post_layernorm);
+    /// The square input resolution (`vision_config.image_size`).
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    /// Tokens per image: patches + the class token.
+    pub fn num_positions(&self) -> usize {
+        self.embeddings.position_embedding.dims()[1]
     }
 }

@@ -15,8 +15,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
 
-use burn::module::Param;
+use burn::module::{ModuleVisitor, Param, ParamId};
 use burn::nn::{LayerNorm, LayerNormConfig};
 
 use crate::linear::Linear;
@@ -94,6 +96,12 @@ pub struct WeightStore {
     parts: HashMap<String, usize>,
     /// Shard file name per key when the checkpoint came with an index (kept for saving).
     shard_of: Option<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightStore({})", self.root.display())
+    }
 }
 
 impl WeightStore {
@@ -434,14 +442,61 @@ pub(crate) fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
 /// (HF name, shape) pairs a dry [`Loader`] records.
 pub type ShapeLog = RefCell<Vec<(String, Vec<usize>)>>;
 
+/// How a parameter is laid out in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// As is, under its key.
+    Plain,
+    /// An `nn.Linear` weight: burn holds `[d_in, d_out]`, the file `[d_out, d_in]`.
+    Transposed,
+    /// The ViT's fused qkv bias, stored as `q_bias` and `v_bias` (the k part is zero).
+    QkvBias { q: String, v: String },
+}
+
+/// The HF key of every parameter a model read, by parameter id: recorded once by the
+/// [`Loader`] at construction, so saving walks the module tree instead of naming every tensor
+/// a second time. Adapters and other parameters added later have no key and are not saved.
+#[derive(Debug, Clone, Default)]
+pub struct ParamKeys {
+    map: BTreeMap<ParamId, (String, Stored)>,
+}
+
+impl ParamKeys {
+    pub fn insert(&mut self, id: ParamId, key: String, stored: Stored) {
+        self.map.insert(id, (key, stored));
+    }
+
+    pub fn get(&self, id: &ParamId) -> Option<&(String, Stored)> {
+        self.map.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Every key, in the file's naming (`q_bias` and `v_bias` for a split qkv bias).
+    pub fn file_keys(&self) -> impl Iterator<Item = &str> {
+        self.map.values().flat_map(|(k, s)| match s {
+            Stored::QkvBias { q, v } => vec![q.as_str(), v.as_str()],
+            _ => vec![k.as_str()],
+        })
+    }
+}
+
 /// Hands out tensors by HF name under a key prefix. Without a store it runs "dry": it only
 /// records the requested shapes (for parameter counts of full-size configs) and returns
-/// 1-element placeholders, so nothing the size of the model is allocated.
+/// 1-element placeholders, so nothing the size of the model is allocated. Every parameter it
+/// makes is recorded with its key ([`Loader::keys`]).
 pub struct Loader<'a, B: Backend> {
     store: Option<&'a WeightStore>,
     device: B::Device,
     prefix: String,
     shapes: Option<&'a ShapeLog>,
+    keys: Rc<RefCell<ParamKeys>>,
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
@@ -451,6 +506,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             device: device.clone(),
             prefix: String::new(),
             shapes: None,
+            keys: Rc::default(),
         }
     }
 
@@ -461,6 +517,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             device: device.clone(),
             prefix: String::new(),
             shapes: Some(shapes),
+            keys: Rc::default(),
         }
     }
 
@@ -472,11 +529,17 @@ impl<'a, B: Backend> Loader<'a, B> {
             device: self.device.clone(),
             prefix: self.key(name),
             shapes: self.shapes,
+            keys: Rc::clone(&self.keys),
         }
     }
 
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// The checkpoint being read (`None` for a dry loader).
+    pub fn store(&self) -> Option<&'a WeightStore> {
+        self.store
     }
 
     pub fn key(&self, name: &str) -> String {
@@ -487,6 +550,16 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
     }
 
+    /// The keys of every parameter made so far (by this loader and its `pp` children).
+    pub fn keys(&self) -> ParamKeys {
+        self.keys.borrow().clone()
+    }
+
+    /// Records that parameter `id` is stored under `name` (relative to this loader) as `stored`.
+    pub fn record(&self, id: ParamId, name: &str, stored: Stored) {
+        self.keys.borrow_mut().insert(id, self.key(name), stored);
+    }
+
     /// Whether the checkpoint has `name` (a dry loader answers `default`).
     pub fn contains_or(&self, name: &str, default: bool) -> bool {
         match self.store {
@@ -495,6 +568,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
     }
 
+    /// A tensor by name; not recorded as a parameter (see [`Loader::param`]).
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         match self.store {
@@ -514,39 +588,44 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
     }
 
+    /// A parameter stored as is under `name`.
     pub fn param<const D: usize>(
         &self,
         name: &str,
         shape: [usize; D],
     ) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::from_tensor(self.tensor(name, shape)?))
+        let p = Param::from_tensor(self.tensor(name, shape)?);
+        self.record(p.id, name, Stored::Plain);
+        Ok(p)
     }
 
     /// An `nn.Linear` stored as `{name}.weight` [d_out, d_in] (+ `{name}.bias`), transposed to
-    /// burn's [d_in, d_out].
+    /// burn's [d_in, d_out]; the layer keeps its HF name.
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
+        let wname = format!("{name}.weight");
         // burn layout [d_in, d_out], laid out contiguously once here: with the transposed view
         // of the PyTorch tensor, Flex's `linear` re-laid the weight out on every call (a
         // 2048×5120 layer at 64 tokens: 65 ms instead of 22 ms).
-        let weight = self
-            .tensor(&format!("{name}.weight"), [d_out, d_in])?
-            .transpose();
+        let weight = self.tensor(&wname, [d_out, d_in])?.transpose();
         // (a dry loader's placeholders have other shapes and stay as they are)
         let weight = if weight.dims() == [d_in, d_out] {
             weight.reshape([d_in * d_out]).reshape([d_in, d_out])
         } else {
             weight
         };
+        let weight = Param::from_tensor(weight);
+        self.record(weight.id, &wname, Stored::Transposed);
         let bias = if bias {
             Some(self.param(&format!("{name}.bias"), [d_out])?)
         } else {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(weight),
+            weight,
             bias,
             adapter: None,
             packed: None,
+            key: self.key(name).into(),
         })
     }
 
@@ -559,127 +638,169 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 }
 
-/// A tensor in PyTorch layout, ready to be written under its HF name.
+/// One tensor to write under its HF name, in PyTorch layout.
 #[derive(Debug, Clone)]
 pub enum ExportTensor<B: Backend> {
-    D1(Tensor<B, 1>),
-    D2(Tensor<B, 2>),
-    D3(Tensor<B, 3>),
-    D4(Tensor<B, 4>),
+    /// Values of a model tensor, as `[dim 0, rest]` rows (row-major order of `shape`).
+    Values {
+        shape: Vec<usize>,
+        rows: Tensor<B, 2>,
+    },
+    /// A tensor the model did not read, copied byte for byte from the source checkpoint.
+    Stored {
+        store: Arc<WeightStore>,
+        key: String,
+    },
 }
 
 impl<B: Backend> ExportTensor<B> {
-    pub fn shape(&self) -> Vec<usize> {
-        match self {
-            ExportTensor::D1(t) => t.dims().to_vec(),
-            ExportTensor::D2(t) => t.dims().to_vec(),
-            ExportTensor::D3(t) => t.dims().to_vec(),
-            ExportTensor::D4(t) => t.dims().to_vec(),
+    /// A model tensor of any rank.
+    pub fn of<const D: usize>(t: Tensor<B, D>) -> Self {
+        let shape = t.dims().to_vec();
+        let n: usize = shape.iter().product();
+        let rows_n = shape.first().copied().unwrap_or(1).max(1);
+        Self::Values {
+            rows: t.reshape([rows_n, n / rows_n]),
+            shape,
         }
     }
 
-    /// Calls `f` with consecutive row-major pieces of the values (rows of dim 0 for matrices,
-    /// at most ~`max_values` values a piece), so writing a large table never copies it whole.
-    pub fn for_each_chunk(
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            ExportTensor::Values { shape, .. } => shape.clone(),
+            ExportTensor::Stored { store, key } => {
+                store.info(key).map(|(s, _)| s).unwrap_or_default()
+            }
+        }
+    }
+
+    /// The on-disk dtype of a copied tensor (`None`: the caller decides).
+    pub fn stored_dtype(&self) -> Option<Dtype> {
+        match self {
+            ExportTensor::Values { .. } => None,
+            ExportTensor::Stored { store, key } => store.info(key).map(|(_, d)| d),
+        }
+    }
+
+    /// Calls `f` with consecutive row-major pieces of the values (rows of dim 0, at most
+    /// ~`max_values` values a piece), so writing a large table never copies it whole.
+    fn for_each_chunk(
         &self,
         max_values: usize,
         f: &mut dyn FnMut(&[f32]) -> Result<()>,
     ) -> Result<()> {
-        match self {
-            ExportTensor::D2(t) => {
-                let [rows, cols] = t.dims();
-                let step = (max_values / cols.max(1)).max(1);
-                let mut r = 0;
-                while r < rows {
-                    let end = (r + step).min(rows);
-                    let piece = t
-                        .clone()
-                        .slice([r..end, 0..cols])
-                        .into_data()
-                        .convert::<f32>();
-                    f(piece.as_slice::<f32>().expect("f32 data"))?;
-                    r = end;
-                }
-                Ok(())
-            }
-            _ => f(&self.to_f32()),
+        let ExportTensor::Values { rows: t, .. } = self else {
+            return Err(ModelError::Input(
+                "a stored tensor has no f32 values".into(),
+            ));
+        };
+        let [rows, cols] = t.dims();
+        let step = (max_values / cols.max(1)).max(1);
+        let mut r = 0;
+        while r < rows {
+            let end = (r + step).min(rows);
+            let piece = t
+                .clone()
+                .slice([r..end, 0..cols])
+                .into_data()
+                .convert::<f32>();
+            f(piece.as_slice::<f32>().expect("f32 data"))?;
+            r = end;
         }
+        Ok(())
     }
 
+    /// The values as f32 (a copied tensor is decoded from its stored dtype).
     pub fn to_f32(&self) -> Vec<f32> {
-        let data = match self {
-            ExportTensor::D1(t) => t.to_data(),
-            ExportTensor::D2(t) => t.to_data(),
-            ExportTensor::D3(t) => t.to_data(),
-            ExportTensor::D4(t) => t.to_data(),
-        };
-        data.convert::<f32>()
-            .into_vec::<f32>()
-            .expect("float tensor")
-    }
-}
-
-/// Collects named tensors for export, in PyTorch layout.
-pub struct Exporter<B: Backend> {
-    prefix: String,
-    pub(crate) entries: Vec<(String, ExportTensor<B>)>,
-}
-
-impl<B: Backend> Default for Exporter<B> {
-    fn default() -> Self {
-        Self {
-            prefix: String::new(),
-            entries: Vec::new(),
+        match self {
+            ExportTensor::Values { rows, .. } => rows
+                .to_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("float tensor"),
+            ExportTensor::Stored { store, key } => store
+                .raw(key)
+                .ok()
+                .and_then(|(_, d, b)| bytes_to_f32(&b, d))
+                .unwrap_or_default(),
         }
     }
 }
 
-impl<B: Backend> Exporter<B> {
-    /// Runs `f` with the prefix extended by `name`.
-    pub fn scope(&mut self, name: impl AsRef<str>, f: impl FnOnce(&mut Self)) {
-        let saved = self.prefix.clone();
-        self.prefix = if saved.is_empty() {
-            name.as_ref().to_string()
-        } else {
-            format!("{saved}.{}", name.as_ref())
-        };
-        f(self);
-        self.prefix = saved;
+/// Every parameter of `module` that has a key in `keys`, in PyTorch layout under its HF name
+/// (burn's module tree walked, nothing named twice). Fails if a keyed parameter is no longer
+/// in the module (it was replaced under a new id: its tensor would be lost) or is a released
+/// sparse-inference placeholder.
+pub fn export_tensors<B: Backend, M: Module<B>>(
+    module: &M,
+    keys: &ParamKeys,
+) -> Result<Vec<(String, ExportTensor<B>)>> {
+    struct Collect<'k, B: Backend> {
+        keys: &'k ParamKeys,
+        out: Vec<(String, ExportTensor<B>)>,
+        seen: BTreeSet<ParamId>,
+        error: Option<ModelError>,
     }
-
-    fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{}", self.prefix, name)
+    impl<B: Backend> ModuleVisitor<B> for Collect<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let Some((key, stored)) = self.keys.get(&param.id) else {
+                return;
+            };
+            if !self.seen.insert(param.id) {
+                return;
+            }
+            let t = param.val();
+            if t.dims().iter().product::<usize>() == 0 {
+                self.error.get_or_insert(ModelError::Input(format!(
+                    "{key}: the dense weight was released for sparse inference and cannot be saved"
+                )));
+                return;
+            }
+            match stored {
+                Stored::Plain => self.out.push((key.clone(), ExportTensor::of(t))),
+                Stored::Transposed if D == 2 => self
+                    .out
+                    .push((key.clone(), ExportTensor::of(t.swap_dims(0, 1)))),
+                Stored::Transposed => {
+                    self.error.get_or_insert(ModelError::Input(format!(
+                        "{key}: a {D}-d tensor recorded as a linear weight"
+                    )));
+                }
+                Stored::QkvBias { q, v } => {
+                    let e = t.dims()[0] / 3;
+                    let t = t.reshape([3, e]);
+                    self.out.push((
+                        q.clone(),
+                        ExportTensor::of(t.clone().narrow(0, 0, 1).reshape([e])),
+                    ));
+                    self.out
+                        .push((v.clone(), ExportTensor::of(t.narrow(0, 2, 1).reshape([e]))));
+                }
+            }
         }
     }
-
-    pub fn add(&mut self, name: &str, t: ExportTensor<B>) {
-        let key = self.key(name);
-        self.entries.push((key, t));
+    let mut c = Collect {
+        keys,
+        out: Vec::new(),
+        seen: BTreeSet::new(),
+        error: None,
+    };
+    module.visit(&mut c);
+    if let Some(e) = c.error {
+        return Err(e);
     }
-
-    pub fn linear(&mut self, name: &str, l: &Linear<B>) {
-        self.add(
-            &format!("{name}.weight"),
-            ExportTensor::D2(l.weight.val().transpose()),
-        );
-        if let Some(b) = &l.bias {
-            self.add(&format!("{name}.bias"), ExportTensor::D1(b.val()));
-        }
+    if c.seen.len() != keys.len() {
+        let lost = keys
+            .map
+            .iter()
+            .find(|(id, _)| !c.seen.contains(id))
+            .map(|(_, (k, _))| k.clone())
+            .unwrap_or_default();
+        return Err(ModelError::Input(format!(
+            "{lost}: the parameter read at load is no longer in the model (replaced without keeping its id); its tensor would be lost"
+        )));
     }
-
-    pub fn layer_norm(&mut self, name: &str, n: &LayerNorm<B>) {
-        self.add(&format!("{name}.weight"), ExportTensor::D1(n.gamma.val()));
-        if let Some(b) = &n.beta {
-            self.add(&format!("{name}.bias"), ExportTensor::D1(b.val()));
-        }
-    }
-
-    pub fn into_entries(self) -> Vec<(String, ExportTensor<B>)> {
-        self.entries
-    }
+    Ok(c.out)
 }
 
 /// The safetensors header name of a dtype.
@@ -717,7 +838,8 @@ fn encode(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
 }
 
 /// Writes one safetensors file, streaming tensor by tensor (one host copy at a time).
-/// `dtype_of` picks each tensor's on-disk dtype (F32 when absent).
+/// `dtype_of` picks each model tensor's on-disk dtype (F32 when absent); a tensor copied from
+/// the source keeps its stored dtype and bytes.
 pub fn write_safetensors<B: Backend>(
     path: &Path,
     entries: &[(String, ExportTensor<B>)],
@@ -727,15 +849,31 @@ pub fn write_safetensors<B: Backend>(
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let specs: Vec<(String, Vec<usize>, Dtype)> = sorted
         .iter()
-        .map(|(k, t)| (k.clone(), t.shape(), dtype_of(k)))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.shape(),
+                t.stored_dtype().unwrap_or_else(|| dtype_of(k)),
+            )
+        })
         .collect();
-    write_safetensors_chunked(path, &specs, &mut |i, sink| {
-        sorted[i].1.for_each_chunk(CHUNK_VALUES, sink)
+    write_safetensors_pieces(path, &specs, &mut |i, sink| match &sorted[i].1 {
+        ExportTensor::Stored { store, key } => {
+            let (_, _, bytes) = store.raw(key)?;
+            sink(Piece::Bytes(&bytes))
+        }
+        t => t.for_each_chunk(CHUNK_VALUES, &mut |v| sink(Piece::F32(v))),
     })
 }
 
 /// Receives row-major pieces of one tensor's values.
 pub type ValueSink<'a> = &'a mut dyn FnMut(&[f32]) -> Result<()>;
+
+/// A piece of one tensor: f32 values (encoded in the tensor's dtype) or bytes already encoded.
+pub enum Piece<'a> {
+    F32(&'a [f32]),
+    Bytes(&'a [u8]),
+}
 
 /// Values per piece when streaming a tensor to disk (16 Mi values = 64 MiB as f32).
 const CHUNK_VALUES: usize = 16 << 20;
@@ -756,6 +894,20 @@ pub fn write_safetensors_chunked(
     path: &Path,
     specs: &[(String, Vec<usize>, Dtype)],
     data: &mut dyn FnMut(usize, ValueSink) -> Result<()>,
+) -> Result<()> {
+    write_safetensors_pieces(path, specs, &mut |i, sink| {
+        data(i, &mut |v: &[f32]| sink(Piece::F32(v)))
+    })
+}
+
+/// Where a tensor's pieces go, one after another.
+type PieceSink<'a> = &'a mut dyn FnMut(Piece) -> Result<()>;
+
+/// The writer behind the others: pieces of f32 values or of encoded bytes.
+fn write_safetensors_pieces(
+    path: &Path,
+    specs: &[(String, Vec<usize>, Dtype)],
+    data: &mut dyn FnMut(usize, PieceSink) -> Result<()>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -780,16 +932,23 @@ pub fn write_safetensors_chunked(
     w.write_all(&header_bytes).map_err(io)?;
     let mut buf = Vec::new();
     for (i, (name, shape, dtype)) in specs.iter().enumerate() {
+        // bytes written for this tensor
         let mut written = 0usize;
-        data(i, &mut |values: &[f32]| {
-            encode(values, *dtype, &mut buf);
-            written += values.len();
-            w.write_all(&buf).map_err(|e| ModelError::io(path, e))
+        data(i, &mut |piece: Piece| {
+            let bytes: &[u8] = match piece {
+                Piece::F32(values) => {
+                    encode(values, *dtype, &mut buf);
+                    &buf
+                }
+                Piece::Bytes(b) => b,
+            };
+            written += bytes.len();
+            w.write_all(bytes).map_err(|e| ModelError::io(path, e))
         })?;
-        let expected: usize = shape.iter().product();
+        let expected = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         if written != expected {
             return Err(ModelError::Input(format!(
-                "{}: tensor `{name}` produced {written} values, expected {expected}",
+                "{}: tensor `{name}` produced {written} bytes, expected {expected}",
                 path.display()
             )));
         }

@@ -6,8 +6,9 @@ mod common;
 
 use burn::prelude::*;
 use common::{B, Dev, Reference, fixture, max_abs_diff};
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate};
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::vlm::logits;
+use ressa_models::{InstructBlipLlama, InstructBlipT5, Pretrained, VisionLanguageModel, VlmInputs};
 
 const FIXTURES: [&str; 3] = ["instructblip-t5-a", "instructblip-t5-b", "blip2-t5"];
 /// InstructBLIP with a LLaMA language model, with and without grouped-query attention.
@@ -32,12 +33,17 @@ fn inputs(r: &Reference, device: &Dev) -> VlmInputs<B> {
 fn intermediate_outputs_and_logits_match_transformers() {
     let device = Default::default();
     for name in FIXTURES {
-        let model = Pretrained::<B>::load(&fixture(name), &device)
+        let model = Pretrained::<B, InstructBlipT5<B>>::load(&fixture(name), &device)
             .unwrap()
             .model;
         let r = Reference::open(name);
         let inputs = inputs(&r, &device);
-        let enc = model.encode(&inputs);
+        let enc = model.encode(&inputs).unwrap();
+        let lm_input = model.lm_input(&inputs).unwrap();
+        let hidden = model
+            .language_model
+            .encoder
+            .encode(lm_input.embeds, lm_input.mask);
         let q = model.query_tokens.dims()[1];
         let checks = [
             (
@@ -57,19 +63,14 @@ fn intermediate_outputs_and_logits_match_transformers() {
             ),
             (
                 "encoder_last_hidden_state",
-                max_abs_diff(enc.hidden.clone(), &r.f32("encoder_last_hidden_state")),
+                max_abs_diff(hidden, &r.f32("encoder_last_hidden_state")),
             ),
         ];
         for (what, diff) in checks {
             eprintln!("{name}: {what} max abs diff {diff:.2e}");
             assert!(diff <= TOL, "{name}: {what} differs by {diff}");
         }
-        let logits = model.language_model.decode_logits(
-            r.int2("decoder_input_ids", &device),
-            &enc.hidden,
-            enc.mask,
-            None,
-        );
+        let logits = logits(&model, &inputs, Some(r.int2("decoder_input_ids", &device))).unwrap();
         let diff = max_abs_diff(logits, &r.f32("logits"));
         eprintln!("{name}: logits max abs diff {diff:.2e}");
         assert!(diff <= TOL, "{name}: logits differ by {diff}");
@@ -81,13 +82,12 @@ fn intermediate_outputs_and_logits_match_transformers() {
 fn decoder_only_logits_match_transformers() {
     let device = Default::default();
     for name in LLAMA_FIXTURES {
-        let model = Pretrained::<B>::load(&fixture(name), &device)
+        let model = Pretrained::<B, InstructBlipLlama<B>>::load(&fixture(name), &device)
             .unwrap()
             .model;
-        assert!(model.language_model.is_decoder_only());
         let r = Reference::open(name);
         let inputs = inputs(&r, &device);
-        let enc = model.encode(&inputs);
+        let enc = model.encode(&inputs).unwrap();
         let checks = [
             (
                 "vision_last_hidden_state",
@@ -106,10 +106,7 @@ fn decoder_only_logits_match_transformers() {
             ),
             (
                 "logits",
-                max_abs_diff(
-                    model.decoder_only_logits(&inputs).unwrap(),
-                    &r.f32("logits"),
-                ),
+                max_abs_diff(logits(&model, &inputs, None).unwrap(), &r.f32("logits")),
             ),
         ];
         for (what, diff) in checks {
@@ -123,18 +120,13 @@ fn decoder_only_logits_match_transformers() {
 fn decoder_only_generation_matches_transformers() {
     let device = Default::default();
     for name in LLAMA_FIXTURES {
-        let pretrained = Pretrained::<B>::load(&fixture(name), &device).unwrap();
+        let pretrained =
+            Pretrained::<B, InstructBlipLlama<B>>::load(&fixture(name), &device).unwrap();
         let r = Reference::open(name);
         let inputs = inputs(&r, &device);
-        let l = pretrained.config.text.as_llama().unwrap();
-        let tokens = SpecialTokens {
-            decoder_start: l.bos_token(),
-            eos: l.eos_token(),
-            pad: l.pad_token(),
-        };
         for cfg in generation_settings(name) {
             let (key, cfg) = cfg;
-            let ours = generate(&pretrained.model, &inputs, &cfg, tokens);
+            let ours = generate(&pretrained.model, &inputs, &cfg).unwrap().rows;
             eprintln!("{name}: {key} -> {ours:?}");
             assert_eq!(ours, r.rows(&key), "{name}: {key}");
         }
@@ -171,19 +163,13 @@ fn generation_settings(name: &str) -> Vec<(String, GenerationConfig)> {
 fn generation_matches_transformers() {
     let device = Default::default();
     for name in FIXTURES {
-        let pretrained = Pretrained::<B>::load(&fixture(name), &device).unwrap();
+        let pretrained = Pretrained::<B, InstructBlipT5<B>>::load(&fixture(name), &device).unwrap();
         let r = Reference::open(name);
         let inputs = inputs(&r, &device);
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixture(name).join("reference.json")).unwrap(),
         )
         .unwrap();
-        let t = &pretrained.config.text;
-        let tokens = SpecialTokens {
-            decoder_start: t.decoder_start_token(),
-            eos: t.eos_token(),
-            pad: t.pad_token(),
-        };
         for g in json["generate"].as_array().unwrap() {
             let cfg = GenerationConfig {
                 num_beams: g["num_beams"].as_u64().unwrap() as usize,
@@ -194,7 +180,7 @@ fn generation_matches_transformers() {
                 repetition_penalty: g["repetition_penalty"].as_f64().unwrap() as f32,
             };
             let key = g["key"].as_str().unwrap();
-            let ours = generate(&pretrained.model, &inputs, &cfg, tokens);
+            let ours = generate(&pretrained.model, &inputs, &cfg).unwrap().rows;
             eprintln!("{name}: {key} -> {ours:?}");
             assert_eq!(ours, r.rows(key), "{name}: {key}");
         }

@@ -7,10 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::Param;
+use std::sync::Arc;
+
 use burn::prelude::*;
+use ressa_models::linear::Linear;
 use ressa_models::nn::no_tap;
-use ressa_models::prunable::{BlockInput, BlockOptions, CalibrationSample, Prunable, Tower};
+use ressa_models::prunable::{BlockOptions, Prunable, StackInfo, Tower};
 use ressa_sparse::{Mask, SparsityPattern};
 
 use crate::owl::{OwlConfig, OwlLayer, allocate, outlier_ratio};
@@ -125,6 +127,8 @@ pub enum CalibrateError {
     Layer { layer: String, error: PruneError },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Model(#[from] ressa_models::ModelError),
 }
 
 fn at(layer: &str) -> impl FnOnce(PruneError) -> CalibrateError + '_ {
@@ -142,21 +146,13 @@ fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
         .expect("float tensor")
 }
 
-/// Progress callback: (stack prefix, block index, blocks in the stack).
+/// Progress callback: (stack name, block index, blocks in the stack).
 pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
-
-/// A linear's pending result in dense propagation.
-struct Pending {
-    stack: usize,
-    block: usize,
-    linear: String,
-    values: Vec<f32>,
-}
 
 /// Prunes `model` in place (or, with dense propagation, at the end) and returns the masks.
 pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
     model: &mut M,
-    samples: &[CalibrationSample<B>],
+    samples: &[M::Sample],
     cfg: &CalibrationConfig,
     progress: Progress,
 ) -> Result<CalibrationResult, CalibrateError> {
@@ -171,12 +167,99 @@ pub fn calibrate_and_prune<B: Backend, M: Prunable<B>>(
 /// Receives each mask as soon as it is computed (e.g. to spill it to disk).
 pub type MaskSink<'a> = &'a mut dyn FnMut(&str, Mask) -> Result<(), CalibrateError>;
 
-#[allow(clippy::needless_range_loop)]
+fn model_err(e: ressa_models::ModelError) -> CalibrateError {
+    CalibrateError::Model(e)
+}
+
+/// The keys of a block's linears: every one named, none twice.
+fn block_keys<B: Backend>(
+    linears: &[&Linear<B>],
+    block: &str,
+) -> Result<Vec<Arc<str>>, CalibrateError> {
+    let mut keys: Vec<Arc<str>> = Vec::with_capacity(linears.len());
+    for l in linears {
+        if l.key.is_empty() {
+            return Err(CalibrateError::Input(format!(
+                "{block}: a prunable linear has no key (set Linear::key)"
+            )));
+        }
+        if keys.contains(&l.key) {
+            return Err(CalibrateError::Input(format!(
+                "{block}: the linear {} is listed twice",
+                l.key
+            )));
+        }
+        keys.push(Arc::clone(&l.key));
+    }
+    Ok(keys)
+}
+
+/// Pruner state of the linear groups that share an input, keyed by their linears' keys.
+type Groups = Vec<(Vec<Arc<str>>, Box<dyn Pruner>)>;
+
+/// Runs every input through block `b` of `stack`, feeding each tapped linear input to its
+/// group's pruner; returns the outputs.
+#[allow(clippy::too_many_arguments)]
+fn collect_stats<B: Backend, M: Prunable<B>>(
+    model: &M,
+    stack: M::Stack,
+    b: usize,
+    inputs: &[M::BlockInput],
+    pruner_cfg: &PrunerConfig,
+    options: BlockOptions,
+    block_name: &str,
+    groups: &mut Groups,
+) -> Result<Vec<Tensor<B, 3>>, CalibrateError> {
+    let mut outputs = Vec::with_capacity(inputs.len());
+    let mut failure: Option<CalibrateError> = None;
+    for input in inputs {
+        let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
+            if failure.is_some() {
+                return;
+            }
+            let [n, l, d] = x.dims();
+            let key: Vec<Arc<str>> = linears.iter().map(|l| Arc::clone(&l.key)).collect();
+            let name = || {
+                key.first()
+                    .map_or(block_name.to_string(), |k| k.to_string())
+            };
+            let idx = match groups.iter().position(|(k, _)| *k == key) {
+                Some(i) => i,
+                None => match pruner_cfg.build(d) {
+                    Ok(p) => {
+                        groups.push((key.clone(), p));
+                        groups.len() - 1
+                    }
+                    Err(e) => {
+                        failure = Some(at(&name())(e));
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = groups[idx].1.add_batch_samples(&host(x), n * l, n) {
+                failure = Some(at(&name())(e));
+            }
+        };
+        let out = model
+            .run_block(stack, b, input, options, &mut tap)
+            .map_err(model_err)?;
+        outputs.push(out);
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(outputs),
+    }
+}
+
 /// [`calibrate_and_prune`] handing every mask to `sink` instead of keeping them, so a whole
 /// model's masks need not be in memory; returns the per-layer report.
+/// Pruned weights held back until their stack ends (dense propagation): stack, block, linear
+/// key, values.
+type Pending<S> = Vec<(S, usize, Arc<str>, Vec<f32>)>;
+
 pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
     model: &mut M,
-    samples: &[CalibrationSample<B>],
+    samples: &[M::Sample],
     cfg: &CalibrationConfig,
     progress: Progress,
     sink: MaskSink,
@@ -200,144 +283,131 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
             cfg.method
         )));
     }
-    let mut layers: Vec<LayerReport> = Vec::new();
-    let mut pending: Vec<Pending> = Vec::new();
     let stacks = model.stacks();
-    for (si, stack) in stacks.iter().enumerate() {
+    let pruned_stack = |s: &StackInfo<M::Stack>| cfg.sparsity.of(s.tower) > 0.0 && s.blocks > 0;
+    let Some(last) = stacks.iter().rposition(pruned_stack) else {
+        return Ok(Vec::new());
+    };
+    let mut contexts: Vec<M::Context> = if needs_data {
+        samples
+            .iter()
+            .map(|s| model.context(s))
+            .collect::<Result<_, _>>()
+            .map_err(model_err)?
+    } else {
+        Vec::new()
+    };
+    let mut layers: Vec<LayerReport> = Vec::new();
+    let mut pending: Pending<M::Stack> = Vec::new();
+    for stack in &stacks[..=last] {
         let target = cfg.sparsity.of(stack.tower);
-        if target == 0.0 || stack.blocks == 0 {
+        let prune = pruned_stack(stack);
+        if !needs_data {
+            if prune {
+                for b in 0..stack.blocks {
+                    progress(&stack.name, b, stack.blocks);
+                    prune_block(
+                        model,
+                        stack,
+                        b,
+                        target,
+                        cfg,
+                        None,
+                        &mut layers,
+                        &mut pending,
+                        sink,
+                    )?;
+                }
+            }
             continue;
         }
-        let block_targets = match cfg.allocation {
-            Allocation::Uniform => vec![target; stack.blocks],
-            Allocation::Owl(owl) => owl_targets(model, si, samples, target, &owl, cfg.block)?,
+        if stack.blocks == 0 {
+            return Err(CalibrateError::Input(format!(
+                "{}: a stack without blocks cannot pass its inputs on",
+                stack.name
+            )));
+        }
+        let mut inputs: Vec<M::BlockInput> = contexts
+            .iter()
+            .map(|c| model.stack_input(stack.id, c))
+            .collect::<Result<_, _>>()
+            .map_err(model_err)?;
+        let block_targets = match (prune, cfg.allocation) {
+            (false, _) => vec![0.0; stack.blocks],
+            (true, Allocation::Uniform) => vec![target; stack.blocks],
+            (true, Allocation::Owl(owl)) => {
+                owl_targets(model, stack, inputs.clone(), target, &owl, cfg.block)?
+            }
         };
         let pruner_cfg = cfg.pruner_config(stack.tower);
-        let mut inputs: Vec<BlockInput<B>> = if needs_data {
-            samples.iter().map(|s| model.stack_input(si, s)).collect()
-        } else {
-            Vec::new()
-        };
-        for b in 0..stack.blocks {
-            progress(stack.prefix, b, stack.blocks);
-            let block_name = format!("{}.{b}", stack.prefix);
-            // Statistics of every linear input group, from the block's (unpruned) inputs.
-            let mut groups: Vec<(Vec<String>, Box<dyn Pruner>)> = Vec::new();
-            let mut outputs = Vec::with_capacity(inputs.len());
-            let mut failure: Option<CalibrateError> = None;
-            if cfg.method != Method::Magnitude {
-                for input in &inputs {
-                    let mut tap = |names: &[&str], x: &Tensor<B, 3>| {
-                        if failure.is_some() {
-                            return;
-                        }
-                        let [n, l, d] = x.dims();
-                        let key: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-                        let idx = match groups.iter().position(|(k, _)| *k == key) {
-                            Some(i) => i,
-                            None => match pruner_cfg.build(d) {
-                                Ok(p) => {
-                                    groups.push((key, p));
-                                    groups.len() - 1
-                                }
-                                Err(e) => {
-                                    failure = Some(at(&format!("{block_name}.{}", names[0]))(e));
-                                    return;
-                                }
-                            },
-                        };
-                        if let Err(e) = groups[idx].1.add_batch_samples(&host(x), n * l, n) {
-                            failure = Some(at(&format!("{block_name}.{}", names[0]))(e));
-                        }
-                    };
-                    let out = model.run_block(si, b, input, cfg.block, &mut tap);
-                    outputs.push(out);
-                }
-            }
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            // Masks of every linear of the block.
-            let spec = PruneSpec::new(cfg.pattern, block_targets[b]).map_err(at(&block_name))?;
-            let magnitude = PrunerConfig::default_for(Method::Magnitude);
-            let device = samples.first().map(|s| s.inputs.pixel_values.device());
-            let mut updates: Vec<(String, Vec<f32>)> = Vec::new();
-            for (name, linear) in model.block_linears_mut(si, b) {
-                let full = format!("{block_name}.{name}.weight");
-                let [d_in, d_out] = linear.weight.dims();
-                spec.validate(d_in).map_err(at(&full))?;
-                let mut values = host(&linear.weight.val());
-                let weights = Weights::new(&values, d_in, d_out).map_err(at(&full))?;
-                let output = if cfg.method == Method::Magnitude {
-                    magnitude.build(d_in).map_err(at(&full))?.prune(weights, &spec)
+        let mut hidden: Vec<Tensor<B, 3>> = Vec::new();
+        for (b, &block_target) in block_targets.iter().enumerate().take(stack.blocks) {
+            let block_name = format!("{}.{b}", stack.name);
+            let rerun = |model: &M, inputs: &[M::BlockInput]| {
+                inputs
+                    .iter()
+                    .map(|i| model.run_block(stack.id, b, i, cfg.block, &mut no_tap))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(model_err)
+            };
+            if !prune {
+                hidden = rerun(model, &inputs)?;
+            } else {
+                progress(&stack.name, b, stack.blocks);
+                let mut groups: Groups = Vec::new();
+                let outputs = if cfg.method != Method::Magnitude {
+                    collect_stats(
+                        model,
+                        stack.id,
+                        b,
+                        &inputs,
+                        &pruner_cfg,
+                        cfg.block,
+                        &block_name,
+                        &mut groups,
+                    )?
                 } else {
-                    match groups.iter().find(|(k, _)| k.contains(&name)) {
-                        Some((_, pruner)) => pruner.prune(weights, &spec),
-                        None => {
-                            tracing::warn!(layer = %full, "no calibration input reached this linear; left dense");
-                            continue;
-                        }
-                    }
-                }
-                .map_err(at(&full))?;
-                // The statistics borrow ended with `prune`: update the host copy in place.
-                output.apply_to(&mut values).map_err(at(&full))?;
-                let new = values;
-                layers.push(LayerReport {
-                    name: full.clone(),
-                    tower: stack.tower,
-                    d_in,
-                    d_out,
-                    target: spec.sparsity(),
-                    sparsity: output.mask.sparsity(),
-                    pruned: output.mask.count_pruned(),
-                });
-                sink(&full, output.mask)?;
-                match cfg.propagation {
-                    Propagation::Pruned => {
-                        let dev = device.clone().unwrap_or_else(|| linear.weight.device());
-                        linear.weight = Param::from_tensor(Tensor::from_data(
-                            TensorData::new(new, [d_in, d_out]),
-                            &dev,
-                        ));
-                    }
-                    Propagation::Dense => updates.push((name, new)),
-                }
-            }
-            for (linear, values) in updates {
-                pending.push(Pending {
-                    stack: si,
-                    block: b,
-                    linear,
-                    values,
-                });
-            }
-            // Next block's inputs.
-            if b + 1 < stack.blocks && needs_data {
-                inputs = match cfg.propagation {
-                    Propagation::Dense if cfg.method != Method::Magnitude => inputs
-                        .into_iter()
-                        .zip(outputs)
-                        .map(|(i, o)| i.with_hidden(o))
-                        .collect(),
-                    _ => inputs
-                        .into_iter()
-                        .map(|i| {
-                            let o = model.run_block(si, b, &i, cfg.block, &mut no_tap);
-                            i.with_hidden(o)
-                        })
-                        .collect(),
+                    Vec::new()
                 };
+                prune_block(
+                    model,
+                    stack,
+                    b,
+                    block_target,
+                    cfg,
+                    Some(&groups),
+                    &mut layers,
+                    &mut pending,
+                    sink,
+                )?;
+                // Next block's inputs: the dense outputs already computed, or through the
+                // pruned block.
+                hidden = match cfg.propagation {
+                    Propagation::Dense if cfg.method != Method::Magnitude => outputs,
+                    _ => rerun(model, &inputs)?,
+                };
+            }
+            inputs = inputs
+                .into_iter()
+                .zip(hidden.iter().cloned())
+                .map(|(i, h)| model.with_hidden(i, h))
+                .collect();
+        }
+        if stack.id != stacks[last].id {
+            for (ctx, h) in contexts.iter_mut().zip(hidden) {
+                model
+                    .end_stack(stack.id, h, ctx, cfg.block)
+                    .map_err(model_err)?;
             }
         }
     }
-    for p in pending {
-        for (name, linear) in model.block_linears_mut(p.stack, p.block) {
-            if name == p.linear {
+    for (stack, block, key, values) in pending {
+        for linear in model.block_linears_mut(stack, block) {
+            if linear.key == key {
                 let [d_in, d_out] = linear.weight.dims();
                 let device = linear.weight.device();
-                linear.weight = Param::from_tensor(Tensor::from_data(
-                    TensorData::new(p.values.clone(), [d_in, d_out]),
+                linear.set_weight(Tensor::from_data(
+                    TensorData::new(values.clone(), [d_in, d_out]),
                     &device,
                 ));
             }
@@ -346,72 +416,156 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
     Ok(layers)
 }
 
+/// Masks of every linear of block `b` (from the block's statistics in `groups`, or by
+/// magnitude), handed to `sink`; the pruned weights written (pruned propagation) or queued.
+#[allow(clippy::too_many_arguments)]
+fn prune_block<B: Backend, M: Prunable<B>>(
+    model: &mut M,
+    stack: &StackInfo<M::Stack>,
+    b: usize,
+    target: f64,
+    cfg: &CalibrationConfig,
+    groups: Option<&Groups>,
+    layers: &mut Vec<LayerReport>,
+    pending: &mut Pending<M::Stack>,
+    sink: MaskSink,
+) -> Result<(), CalibrateError> {
+    let block_name = format!("{}.{b}", stack.name);
+    let spec = PruneSpec::new(cfg.pattern, target).map_err(at(&block_name))?;
+    let magnitude = PrunerConfig::default_for(Method::Magnitude);
+    let mut updates: Vec<(Arc<str>, Vec<f32>)> = Vec::new();
+    {
+        let linears = model.block_linears(stack.id, b);
+        block_keys(&linears, &block_name)?;
+        for linear in linears {
+            let full = format!("{}.weight", linear.key);
+            let [d_in, d_out] = linear.weight.dims();
+            spec.validate(d_in).map_err(at(&full))?;
+            let mut values = host(&linear.weight.val());
+            let weights = Weights::new(&values, d_in, d_out).map_err(at(&full))?;
+            let output = match groups.filter(|_| cfg.method != Method::Magnitude) {
+                None => magnitude.build(d_in).map_err(at(&full))?.prune(weights, &spec),
+                Some(groups) => match groups.iter().find(|(k, _)| k.contains(&linear.key)) {
+                    Some((_, pruner)) => pruner.prune(weights, &spec),
+                    None => {
+                        return Err(CalibrateError::Input(format!(
+                            "{full}: no calibration input reached this linear (its block does not tap it)"
+                        )));
+                    }
+                },
+            }
+            .map_err(at(&full))?;
+            output.apply_to(&mut values).map_err(at(&full))?;
+            layers.push(LayerReport {
+                name: full.clone(),
+                tower: stack.tower,
+                d_in,
+                d_out,
+                target: spec.sparsity(),
+                sparsity: output.mask.sparsity(),
+                pruned: output.mask.count_pruned(),
+            });
+            sink(&full, output.mask)?;
+            updates.push((Arc::clone(&linear.key), values));
+        }
+    }
+    match cfg.propagation {
+        Propagation::Pruned => {
+            for linear in model.block_linears_mut(stack.id, b) {
+                if let Some(pos) = updates.iter().position(|(k, _)| *k == linear.key) {
+                    let (_, values) = updates.swap_remove(pos);
+                    let [d_in, d_out] = linear.weight.dims();
+                    let device = linear.weight.device();
+                    linear.set_weight(Tensor::from_data(
+                        TensorData::new(values, [d_in, d_out]),
+                        &device,
+                    ));
+                }
+            }
+        }
+        Propagation::Dense => {
+            pending.extend(updates.into_iter().map(|(k, v)| (stack.id, b, k, v)));
+        }
+    }
+    Ok(())
+}
+
 /// OWL per-block sparsities of one stack: a dense pass collecting ‖x_j‖ of every linear input,
 /// the outlier ratio of |W|·‖x‖ per block, then `allocate`.
 fn owl_targets<B: Backend, M: Prunable<B>>(
-    model: &mut M,
-    stack: usize,
-    samples: &[CalibrationSample<B>],
+    model: &M,
+    stack: &StackInfo<M::Stack>,
+    mut inputs: Vec<M::BlockInput>,
     target: f64,
     owl: &OwlConfig,
     options: BlockOptions,
 ) -> Result<Vec<f64>, CalibrateError> {
-    let info = &model.stacks()[stack];
-    let mut inputs: Vec<BlockInput<B>> = samples
-        .iter()
-        .map(|s| model.stack_input(stack, s))
-        .collect();
-    let mut ratios = Vec::with_capacity(info.blocks);
-    for b in 0..info.blocks {
-        let block_name = format!("{}.{b}", info.prefix);
-        let mut stats: Vec<(Vec<String>, ActivationStats)> = Vec::new();
+    let mut ratios = Vec::with_capacity(stack.blocks);
+    for b in 0..stack.blocks {
+        let block_name = format!("{}.{b}", stack.name);
+        let mut stats: Vec<(Vec<Arc<str>>, ActivationStats)> = Vec::new();
         let mut failure = None;
         let mut outputs = Vec::new();
         for input in &inputs {
-            let mut tap = |names: &[&str], x: &Tensor<B, 3>| {
+            let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
                 let [n, l, d] = x.dims();
-                let key: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+                let key: Vec<Arc<str>> = linears.iter().map(|l| Arc::clone(&l.key)).collect();
                 let i = match stats.iter().position(|(k, _)| *k == key) {
                     Some(i) => i,
-                    None => {
-                        stats.push((key, ActivationStats::new(d).expect("d > 0")));
-                        stats.len() - 1
-                    }
+                    None => match ActivationStats::new(d) {
+                        Ok(s) => {
+                            stats.push((key, s));
+                            stats.len() - 1
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(at(&block_name)(e));
+                            return;
+                        }
+                    },
                 };
                 if let Err(e) = stats[i].1.add_batch(&host(x), n * l, n) {
                     failure.get_or_insert(at(&block_name)(e));
                 }
             };
-            outputs.push(model.run_block(stack, b, input, options, &mut tap));
+            outputs.push(
+                model
+                    .run_block(stack.id, b, input, options, &mut tap)
+                    .map_err(model_err)?,
+            );
         }
         if let Some(e) = failure {
             return Err(e);
         }
-        let weights: Vec<(String, Vec<f32>, usize, usize)> = model
-            .block_linears_mut(stack, b)
-            .into_iter()
-            .map(|(n, l)| {
+        let linears = model.block_linears(stack.id, b);
+        let weights: Vec<(Arc<str>, Vec<f32>, usize, usize)> = linears
+            .iter()
+            .map(|l| {
                 let [d_in, d_out] = l.weight.dims();
-                (n, host(&l.weight.val()), d_in, d_out)
+                (Arc::clone(&l.key), host(&l.weight.val()), d_in, d_out)
             })
             .collect();
-        let norms: Vec<(Vec<String>, Vec<f64>)> =
+        let norms: Vec<(Vec<Arc<str>>, Vec<f64>)> =
             stats.iter().map(|(k, s)| (k.clone(), s.norms())).collect();
-        let mut layers = Vec::new();
-        for (name, values, d_in, d_out) in &weights {
-            if let Some((_, n)) = norms.iter().find(|(k, _)| k.contains(name)) {
-                layers.push(OwlLayer {
+        let mut owl_layers = Vec::new();
+        for (key, values, d_in, d_out) in &weights {
+            match norms.iter().find(|(k, _)| k.contains(key)) {
+                Some((_, n)) => owl_layers.push(OwlLayer {
                     weights: Weights::new(values, *d_in, *d_out).map_err(at(&block_name))?,
                     act_norms: n,
-                });
+                }),
+                None => {
+                    return Err(CalibrateError::Input(format!(
+                        "{key}.weight: no calibration input reached this linear (its block does not tap it)"
+                    )));
+                }
             }
         }
-        ratios.push(outlier_ratio(&layers, owl.m).map_err(at(&block_name))?);
+        ratios.push(outlier_ratio(&owl_layers, owl.m).map_err(at(&block_name))?);
         inputs = inputs
             .into_iter()
             .zip(outputs)
-            .map(|(i, o)| i.with_hidden(o))
+            .map(|(i, o)| model.with_hidden(i, o))
             .collect();
     }
-    allocate(&ratios, target, owl.lambda).map_err(at(info.prefix))
+    allocate(&ratios, target, owl.lambda).map_err(at(&stack.name))
 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use burn::backend::Flex;
 use burn::prelude::*;
 use ressa_models::prunable::{BlockOptions, CalibrationSample};
-use ressa_models::{InstructBlip, Pretrained, VlmInputs};
+use ressa_models::weights::export_tensors;
+use ressa_models::{InstructBlipLlama, Pretrained, VisionLanguageModel, VlmInputs};
 use ressa_prune::Method;
 use ressa_prune::calibrate::{
     Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
@@ -34,8 +35,8 @@ fn int2(st: &SafeTensors, key: &str) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(v, t.shape().to_vec()), &Default::default())
 }
 
-fn load(name: &str) -> (InstructBlip<B>, Vec<CalibrationSample<B>>) {
-    let model = Pretrained::<B>::load(&fixture(name), &Default::default())
+fn load(name: &str) -> (InstructBlipLlama<B>, Vec<CalibrationSample<B>>) {
+    let model = Pretrained::<B, InstructBlipLlama<B>>::load(&fixture(name), &Default::default())
         .unwrap()
         .model;
     let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
@@ -57,17 +58,17 @@ fn load(name: &str) -> (InstructBlip<B>, Vec<CalibrationSample<B>>) {
                 int2(&st, "qformer_input_ids"),
                 int2(&st, "qformer_attention_mask").float(),
             )),
-            input_ids: input_ids.clone(),
+            input_ids,
             attention_mask: int2(&st, "attention_mask").float(),
         },
-        decoder_input_ids: input_ids,
+        targets: Vec::new(),
     };
     (model, vec![sample])
 }
 
-fn tensors(model: &InstructBlip<B>) -> BTreeMap<String, Vec<f32>> {
-    model
-        .export()
+fn tensors(model: &InstructBlipLlama<B>) -> BTreeMap<String, Vec<f32>> {
+    export_tensors(model, model.param_keys())
+        .unwrap()
         .into_iter()
         .map(|(k, t)| (k, t.to_f32()))
         .collect()
@@ -111,7 +112,7 @@ fn every_pruner_runs_on_llama_with_exact_sparsity() {
                 let result =
                     calibrate_and_prune(&mut model, &samples, &cfg, &mut |_, _, _| {}).unwrap();
                 let what = format!("{name} {method} {pattern}");
-                let layers = model.language_model.as_llama().unwrap().layers.len();
+                let layers = model.language_model.layers.len();
                 assert_eq!(result.masks.len(), 7 * layers, "{what}");
                 let after = tensors(&model);
                 for (key, values) in &after {

@@ -31,6 +31,30 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// β₁, β₂ in [0, 1), ε > 0, weight decay ≥ 0, all finite.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |field: &str, v: f64, want: &str| {
+            Err(crate::error::TrainError::config(
+                field,
+                format!("adamw.{field} {v}: expected {want}"),
+            ))
+        };
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(field, v, "a value in [0, 1)");
+            }
+        }
+        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
+            return bad("epsilon", self.epsilon, "a positive number");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", self.weight_decay, "a non-negative number");
+        }
+        Ok(())
+    }
+}
+
 /// First and second moments of one tensor.
 #[derive(Debug, Clone)]
 pub struct Moments<B: Backend> {

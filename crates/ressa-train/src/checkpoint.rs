@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
+
+use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 /// Where training stands.
@@ -38,11 +40,11 @@ pub struct Checkpoint {
     pub moments: BTreeMap<String, HostTensor>,
 }
 
-fn err(path: &Path, e: impl std::fmt::Display) -> String {
-    format!("{}: {e}", path.display())
+fn err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::file(path, e)
 }
 
-fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), String> {
+fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, (s, v))| {
@@ -65,7 +67,7 @@ fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<
     std::fs::write(path, data).map_err(|e| err(path, e))
 }
 
-fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, String> {
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let data = std::fs::read(path).map_err(|e| err(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| err(path, e))?;
     let mut out = BTreeMap::new();
@@ -91,7 +93,7 @@ fn step_dir(dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes checkpoint `step` atomically and keeps the newest `keep` (≥ 1) checkpoints.
-pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, String> {
+pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
     let final_dir = step_dir(dir, ckpt.state.step);
     let tmp = dir.join(format!("step-{:08}.tmp", ckpt.state.step));
@@ -131,7 +133,7 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, Strin
 }
 
 /// Steps of the complete checkpoints in `dir`, ascending.
-pub fn list(dir: &Path) -> Result<Vec<u64>, String> {
+pub fn list(dir: &Path) -> Result<Vec<u64>> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
@@ -150,7 +152,7 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, String> {
 }
 
 /// The newest complete checkpoint in `dir`, if any.
-pub fn latest(dir: &Path) -> Result<Option<Checkpoint>, String> {
+pub fn latest(dir: &Path) -> Result<Option<Checkpoint>> {
     let Some(&step) = list(dir)?.last() else {
         return Ok(None);
     };
@@ -158,7 +160,7 @@ pub fn latest(dir: &Path) -> Result<Option<Checkpoint>, String> {
 }
 
 /// Reads one checkpoint directory.
-pub fn load(path: &Path) -> Result<Checkpoint, String> {
+pub fn load(path: &Path) -> Result<Checkpoint> {
     let state_path = path.join("state.json");
     let state: TrainState =
         serde_json::from_slice(&std::fs::read(&state_path).map_err(|e| err(&state_path, e))?)
@@ -205,7 +207,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         save(dir.path(), &ckpt(1), 1).unwrap();
         std::fs::remove_file(dir.path().join("step-00000001/optimizer.safetensors")).unwrap();
-        let e = latest(dir.path()).unwrap_err();
+        let e = latest(dir.path()).unwrap_err().to_string();
         assert!(e.contains("optimizer.safetensors"), "{e}");
     }
 }

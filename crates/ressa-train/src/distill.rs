@@ -14,6 +14,8 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Result, TrainError};
+
 /// How the KL term is reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -24,12 +26,15 @@ pub enum KlReduction {
 }
 
 impl std::str::FromStr for KlReduction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "token-mean" => Ok(Self::TokenMean),
             "reference" => Ok(Self::Reference),
-            other => Err(format!("{other}: expected token-mean or reference")),
+            other => Err(TrainError::config(
+                "kl_reduction",
+                format!("kl_reduction `{other}`: expected token-mean or reference"),
+            )),
         }
     }
 }
@@ -56,17 +61,20 @@ impl Default for DistillConfig {
 }
 
 impl DistillConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.lambda) {
-            return Err(format!(
-                "lambda {}: expected a value in [0, 1]",
-                self.lambda
+            return Err(TrainError::config(
+                "lambda",
+                format!("lambda {}: expected a value in [0, 1]", self.lambda),
             ));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(format!(
-                "temperature {}: expected a positive number",
-                self.temperature
+            return Err(TrainError::config(
+                "temperature",
+                format!(
+                    "temperature {}: expected a positive number",
+                    self.temperature
+                ),
             ));
         }
         Ok(())
@@ -179,11 +187,21 @@ mod tests {
             lambda: 1.5,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("lambda 1.5"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("lambda 1.5")
+        );
         let bad = DistillConfig {
             temperature: 0.0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("temperature"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("temperature")
+        );
     }
 }

@@ -4,19 +4,19 @@
 //!
 //! - [`sparse_lora`]: which linears get adapters (per tower), attach / merge / PEFT export.
 //! - [`distill`]: `(1 − λ)·CE + λ·KL(teacher ‖ student)`.
-//! - [`batch`]: loader batches as model tensors, T5 and decoder-only.
 //! - [`adamw`], [`checkpoint`], [`trainer`]: the loop, exact resume.
 //! - [`repair`]: a whole run from directories and a TOML config (`ressa repair`).
 
 pub mod adamw;
-pub mod batch;
 pub mod checkpoint;
 pub mod distill;
+pub mod error;
 pub mod pretrain;
 pub mod repair;
 pub mod sparse_lora;
 pub mod trainer;
 
 pub use distill::{DistillConfig, KlReduction};
+pub use error::TrainError;
 pub use sparse_lora::{AdapterConfig, TowerLora};
 pub use trainer::{TrainConfig, TrainData, TrainEvent, TrainReport, train};

@@ -9,12 +9,13 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::seq::SliceRandom;
 use ressa_data::loader::{Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::rng::item_rng;
-use ressa_models::InstructBlip;
+use ressa_models::VisionLanguageModel;
+use ressa_models::vlm::teacher_forced;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{logits, to_tensors};
 use crate::distill::cross_entropy;
-use crate::trainer::{Schedule, TrainData, TrainEvent};
+use crate::error::{Result, TrainError};
+use crate::trainer::{Schedule, TrainBatch, TrainData, TrainEvent};
 
 /// Settings of a from-scratch run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,15 +47,20 @@ impl Default for PretrainConfig {
 /// Trains all parameters of `model` on `data.train` (eval preprocessing: the toy world's
 /// answers depend on left/right, which a flip would swap). Returns the model and the mean
 /// training loss of the last 10 % of steps.
-pub fn pretrain<B: AutodiffBackend>(
-    mut model: InstructBlip<B>,
+pub fn pretrain<B: AutodiffBackend, M>(
+    mut model: M,
     data: &TrainData,
     cfg: &PretrainConfig,
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<(InstructBlip<B>, f64), String> {
+) -> Result<(M, f64)>
+where
+    M: VisionLanguageModel<B> + burn::module::AutodiffModule<B>,
+{
     if data.train.is_empty() || cfg.batch_size == 0 || cfg.steps == 0 {
-        return Err("pretraining needs examples, batch_size ≥ 1 and steps ≥ 1".into());
+        return Err(TrainError::Input(
+            "pretraining needs examples, batch_size ≥ 1 and steps ≥ 1".into(),
+        ));
     }
     let mut adamw = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32);
     if let Some(c) = cfg.clip_grad_norm {
@@ -62,7 +68,7 @@ pub fn pretrain<B: AutodiffBackend>(
             c as f32,
         )));
     }
-    let mut optim = adamw.init::<B, InstructBlip<B>>();
+    let mut optim = adamw.init::<B, M>();
     let schedule = crate::trainer::TrainConfig {
         lr: cfg.lr,
         warmup_steps: cfg.warmup_steps,
@@ -85,22 +91,26 @@ pub fn pretrain<B: AutodiffBackend>(
         let examples: Vec<Example> = order.iter().map(|&i| data.train[i].clone()).collect();
         let loader = Loader::new(
             examples,
-            ImageTransform::Eval(data.processor.clone()),
-            data.texts.clone(),
+            ImageTransform::Eval(data.processor.image.clone()),
+            data.processor.texts(true),
             LoaderConfig {
                 batch_size: cfg.batch_size,
                 threads: data.loader_threads,
                 ..Default::default()
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         for batch in loader {
-            let batch = batch.map_err(|e| e.to_string())?;
-            let tb = to_tensors::<B>(&batch, &model, data.ids, device)?;
-            let loss = cross_entropy(logits(&model, &tb), tb.targets.clone(), tb.mask.clone());
+            let batch = batch?;
+            let tb = TrainBatch::<B>::new(&data.processor, &model, &batch, device)?;
+            let tf = teacher_forced(&model, &tb.inputs, &tb.targets)?;
+            let loss = cross_entropy(tf.logits, tf.targets, tf.mask);
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
-                return Err(format!("step {}: the loss is {value}", step + 1));
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    what: "loss",
+                    value,
+                });
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             step += 1;

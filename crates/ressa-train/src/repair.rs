@@ -18,24 +18,27 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use ressa_data::image::ImageProcessorConfig;
 use ressa_data::lavis::{image_path, read_caption_list, read_vqa_train};
-use ressa_data::loader::{Example, TextEncoder, Texts};
+use ressa_data::loader::Example;
 use ressa_data::prompts::{CAPTION_PROMPT, MAX_WORDS, pre_caption, pre_question, vqa_prompt};
-use ressa_data::text::TextTokenizer;
-use ressa_models::instructblip::save_model_dir_with;
+use ressa_models::nn::host_f32;
+use ressa_models::pretrained::save_model_dir_with;
+use ressa_models::prunable::prunable_linears;
 use ressa_models::weights::WeightStore;
-use ressa_models::{ModelError, Pretrained};
+use ressa_models::{
+    AutodiffFamilyVisitor, ModelError, Pretrained, Processor, VisionLanguageModel,
+    visit_family_autodiff,
+};
 use ressa_sparse::Mask;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::TokenIds;
+use crate::error::{Result, TrainError};
 use crate::sparse_lora::{
-    StudentWeights, adapter_values, attach, for_each_linear_mut, merge, write_peft_adapters,
+    AdapterValues, AttachReport, StudentWeights, adapter_values, attach, merge, write_peft_adapters,
 };
 use crate::trainer::{TrainConfig, TrainData, TrainEvent, TrainReport, train};
 
@@ -77,10 +80,10 @@ pub struct RepairConfig {
 
 impl RepairConfig {
     /// Reads a TOML file; relative paths in it are relative to the file's directory.
-    pub fn from_toml(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_toml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?;
         let mut cfg: RepairConfig = toml::from_str(&text)
-            .map_err(|e| format!("{}: {}", path.display(), e.to_string().replace('\n', " ")))?;
+            .map_err(|e| TrainError::file(path, e.to_string().replace('\n', " ")))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -117,18 +120,16 @@ pub fn read_examples(
     annotations: &Path,
     images: &Path,
     caption_prompt: &str,
-) -> Result<Vec<Example>, String> {
-    let text = std::fs::read_to_string(annotations)
-        .map_err(|e| format!("{}: {e}", annotations.display()))?;
+) -> Result<Vec<Example>> {
+    let text =
+        std::fs::read_to_string(annotations).map_err(|e| TrainError::file(annotations, e))?;
     let is_vqa = serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| format!("{}: {e}", annotations.display()))?
+        .map_err(|e| TrainError::file(annotations, e))?
         .get(0)
         .and_then(|v| v.get("question"))
         .is_some();
-    let s = |e: ressa_data::DataError| e.to_string();
     if is_vqa {
-        read_vqa_train(annotations)
-            .map_err(s)?
+        read_vqa_train(annotations)?
             .into_iter()
             .map(|it| {
                 // The most frequent answer (first on ties), as LAVIS' single-answer targets.
@@ -142,19 +143,18 @@ pub fn read_examples(
                     .map(|(a, _)| a)
                     .unwrap_or_default();
                 Ok(Example {
-                    image: image_path(images, &it.image, annotations).map_err(s)?,
+                    image: image_path(images, &it.image, annotations)?,
                     text_input: vqa_prompt(&pre_question(&it.question, MAX_WORDS)),
                     text_output: Some(answer),
                 })
             })
             .collect()
     } else {
-        read_caption_list(annotations)
-            .map_err(s)?
+        read_caption_list(annotations)?
             .into_iter()
             .map(|it| {
                 Ok(Example {
-                    image: image_path(images, &it.image, annotations).map_err(s)?,
+                    image: image_path(images, &it.image, annotations)?,
                     text_input: caption_prompt.to_string(),
                     text_output: Some(pre_caption(&it.caption, MAX_WORDS)),
                 })
@@ -163,33 +163,121 @@ pub fn read_examples(
     }
 }
 
-/// Masks of the pruned model: its `masks.safetensors`, or the zeros of its prunable weights.
-/// Also the student's starting weights where the pruned kept values differ from the dense
-/// ones (SparseGPT).
-fn masks_and_student(
+/// Masks of the pruned model: its `masks.safetensors`, or the zeros of its prunable weights;
+/// and the student's starting weights where the pruned kept values differ from the dense ones
+/// (SparseGPT). The pruned model must be the dense one pruned: the same tensor keys and
+/// shapes, every tensor outside the prunable linears bit-identical, masks that agree with its
+/// zeros, and kept values equal to the dense ones unless its pruner rewrites them
+/// (`sparsity.json` names SparseGPT, or it has no `sparsity.json`).
+pub fn masks_and_student<B: Backend, M: VisionLanguageModel<B>>(
     pruned_dir: &Path,
-    dense: &Pretrained<impl Backend>,
-    linears: &[(String, [usize; 2])],
-) -> Result<(BTreeMap<String, Mask>, StudentWeights), String> {
+    dense: &M,
+    dense_dir: &Path,
+) -> Result<(BTreeMap<String, Mask>, StudentWeights)> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(pruned_dir, dense_dir) {
+        return Err(TrainError::file(
+            pruned_dir,
+            "the pruned model and the dense teacher are the same directory (give the dense model to --dense)",
+        ));
+    }
     let sidecar = pruned_dir.join("masks.safetensors");
     let mut masks = if sidecar.exists() {
-        ressa_sparse::sidecar::read_masks(&sidecar).map_err(|e| e.to_string())?
+        ressa_sparse::sidecar::read_masks(&sidecar).map_err(|e| TrainError::file(&sidecar, e))?
     } else {
         BTreeMap::new()
     };
-    let me = |e: ModelError| e.to_string();
-    let pruned = WeightStore::open_dir(pruned_dir).map_err(me)?;
-    let dense_store = WeightStore::open_dir(&dense.dir).map_err(me)?;
+    let rewriting = match std::fs::read(pruned_dir.join("sparsity.json")) {
+        Err(_) => true,
+        Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_string))
+            .is_none_or(|m| m == "sparsegpt"),
+    };
+    let pruned = WeightStore::open_dir(pruned_dir)?;
+    let dense_store = WeightStore::open_dir(dense_dir)?;
+    // One architecture, one set of shapes.
+    let mut pkeys: Vec<&String> = pruned.keys().collect();
+    let mut dkeys: Vec<&String> = dense_store.keys().collect();
+    pkeys.sort();
+    dkeys.sort();
+    if pkeys != dkeys {
+        let extra = pkeys.iter().find(|k| !dkeys.contains(k));
+        let missing = dkeys.iter().find(|k| !pkeys.contains(k));
+        let what = match (extra, missing) {
+            (Some(k), _) => format!("it has `{k}`, which the dense model has not"),
+            (None, Some(k)) => format!("it lacks the dense model's `{k}`"),
+            _ => "its tensors differ".into(),
+        };
+        return Err(TrainError::file(
+            pruned_dir,
+            format!("not a pruned copy of {}: {what}", dense_dir.display()),
+        ));
+    }
+    let linears: Vec<(String, [usize; 2])> = prunable_linears(dense)
+        .into_iter()
+        .map(|(_, l)| (format!("{}.weight", l.key), l.dims()))
+        .collect();
+    for key in masks.keys() {
+        if !linears.iter().any(|(k, _)| k == key) {
+            return Err(TrainError::file(
+                &sidecar,
+                format!("`{key}` is not a prunable linear of the model"),
+            ));
+        }
+    }
+    for key in &dkeys {
+        if linears.iter().any(|(k, _)| k == *key) {
+            continue;
+        }
+        let (ps, pd, pb) = pruned.raw(key)?;
+        let (ds, dd, db) = dense_store.raw(key)?;
+        if ps != ds || pd != dd || pb != db {
+            return Err(TrainError::file(
+                pruned_dir,
+                format!(
+                    "`{key}` differs from the dense model's (pruning changes prunable linears only): not a pruned copy of {}",
+                    dense_dir.display()
+                ),
+            ));
+        }
+    }
     let mut student = StudentWeights::new();
-    for (name, [d_in, d_out]) in linears {
-        let key = format!("{name}.weight");
+    for (key, [d_in, d_out]) in &linears {
+        let (d_in, d_out) = (*d_in, *d_out);
         // PyTorch [d_out, d_in] on disk.
-        let p = pruned.get(&key, &[*d_out, *d_in]).map_err(me)?.data;
-        let mask = match masks.get(&key) {
-            Some(m) => m.clone(),
+        let p = pruned.get(key, &[d_out, d_in])?.data;
+        let mask = match masks.get(key) {
+            Some(m) => {
+                if m.shape() != (d_in, d_out) {
+                    return Err(TrainError::file(
+                        &sidecar,
+                        format!(
+                            "`{key}`: mask shape {:?}, the weight is [{d_in}, {d_out}] (burn orientation)",
+                            m.shape()
+                        ),
+                    ));
+                }
+                if let Some((i, j)) = (0..d_in)
+                    .flat_map(|i| (0..d_out).map(move |j| (i, j)))
+                    .find(|&(i, j)| m.get(i, j) == Some(false) && p[j * d_in + i] != 0.0)
+                {
+                    return Err(TrainError::file(
+                        &sidecar,
+                        format!(
+                            "`{key}`: the mask prunes input {i} of output {j}, but the pruned weight holds {} there",
+                            p[j * d_in + i]
+                        ),
+                    ));
+                }
+                m.clone()
+            }
             None => {
-                let m = Mask::from_fn(*d_in, *d_out, |i, j| p[j * d_in + i] != 0.0)
-                    .map_err(|e| format!("{key}: {e}"))?;
+                let m = Mask::from_fn(d_in, d_out, |i, j| p[j * d_in + i] != 0.0)
+                    .map_err(|e| TrainError::Input(format!("{key}: {e}")))?;
                 if m.count_pruned() == 0 {
                     continue;
                 }
@@ -197,11 +285,11 @@ fn masks_and_student(
                 m
             }
         };
-        let w = dense_store.get(&key, &[*d_out, *d_in]).map_err(me)?.data;
+        let w = dense_store.get(key, &[d_out, d_in])?.data;
         let mut differs = false;
         let mut burn_order = vec![0f32; d_in * d_out];
-        for j in 0..*d_out {
-            for i in 0..*d_in {
+        for j in 0..d_out {
+            for i in 0..d_in {
                 let v = p[j * d_in + i];
                 burn_order[i * d_out + j] = v;
                 if mask.get(i, j) == Some(true) && v != w[j * d_in + i] {
@@ -210,66 +298,24 @@ fn masks_and_student(
             }
         }
         if differs {
-            student.insert(name.clone(), burn_order);
+            if !rewriting {
+                return Err(TrainError::file(
+                    pruned_dir,
+                    format!(
+                        "`{key}`: kept weights differ from the dense model's, and its pruner (sparsity.json) does not rewrite them: not a pruned copy of {}",
+                        dense_dir.display()
+                    ),
+                ));
+            }
+            let name = key.strip_suffix(".weight").unwrap_or(key).to_string();
+            student.insert(name, burn_order);
         }
     }
     Ok((masks, student))
 }
 
-/// The training data of a run: examples from `data`, tokenizers and image processing from
-/// the model directory `dir`.
-pub fn train_data<B: Backend>(
-    dir: &Path,
-    config: &ressa_models::ModelConfig,
-    model: &ressa_models::InstructBlip<B>,
-    data: &DataConfig,
-) -> Result<TrainData, String> {
-    let processor = ImageProcessorConfig::from_file_for(
-        &dir.join("preprocessor_config.json"),
-        config.vision.image_size,
-    )
-    .map_err(|e| e.to_string())?;
-    let text_cfg = &config.text;
-    let tok = tokenizer(dir.join("tokenizer.json"))?;
-    let decoder_only = model.language_model.is_decoder_only();
-    let pad = if decoder_only {
-        text_cfg
-            .as_llama()
-            .and_then(|l| l.pad_token_id)
-            .unwrap_or(0)
-    } else {
-        text_cfg.as_t5().map(|t| t.pad_token()).unwrap_or(0)
-    };
-    let encoder = TextEncoder {
-        tokenizer: tok.clone(),
-        pad,
-    };
-    let qformer = if model.qformer.reads_text() {
-        let t = TextTokenizer::from_file(&dir.join("qformer_tokenizer").join("tokenizer.json"))
-            .and_then(|t| t.with_truncation(config.qformer.max_position_embeddings, true))
-            .map_err(|e| e.to_string())?;
-        Some(TextEncoder {
-            tokenizer: Arc::new(t),
-            pad: 0,
-        })
-    } else {
-        None
-    };
-    let ids = match (text_cfg.as_t5(), text_cfg.as_llama()) {
-        (Some(t5), _) => TokenIds {
-            pad,
-            decoder_start: t5.decoder_start_token(),
-            bos: None,
-            eos: None,
-        },
-        (None, Some(l)) => TokenIds {
-            pad,
-            decoder_start: 0,
-            bos: l.bos_token_id,
-            eos: l.eos_token_id,
-        },
-        _ => unreachable!("a language model is T5 or LLaMA"),
-    };
+/// The training data of a run: examples from `data`, images and texts through `processor`.
+pub fn train_data(processor: Processor, data: &DataConfig) -> Result<TrainData> {
     let prompt = data.caption_prompt.as_deref().unwrap_or(CAPTION_PROMPT);
     let mut train = read_examples(&data.train, &data.images, prompt)?;
     if let Some(n) = data.max_examples {
@@ -283,12 +329,6 @@ pub fn train_data<B: Backend>(
         train,
         val,
         processor,
-        texts: Texts {
-            input: Some(encoder.clone()),
-            qformer,
-            output: Some(encoder),
-        },
-        ids,
         loader_threads: 0,
     })
 }
@@ -304,61 +344,43 @@ pub struct RepairReport {
     pub train: TrainReport,
     /// Masked linears whose merged weight has exactly the mask's non-zeros (all of them).
     pub exact_sparsity: usize,
-    pub config: RepairConfig,
+    /// The directory-based run's settings (`None` for an in-memory repair).
+    pub config: Option<RepairConfig>,
 }
 
-fn tokenizer(path: PathBuf) -> Result<Arc<TextTokenizer>, String> {
-    TextTokenizer::from_file(&path)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
+/// A repaired model: adapters merged, with exactly the pruned zeros.
+pub struct Repaired<M> {
+    pub model: M,
+    /// The adapters alone (before the merge), for PEFT export.
+    pub adapters: Vec<AdapterValues>,
+    pub report: RepairReport,
 }
 
-/// Runs a repair end to end on the autodiff backend `B`.
-pub fn repair<B: AutodiffBackend>(
-    cfg: &RepairConfig,
+/// RESSA in memory: SparseLoRA on `dense` (the dense weights `W`, on an autodiff backend)
+/// with `masks` and the pruner's rewritten kept values `student`, trained on `data`, merged.
+/// The directory-based [`repair`] and the experiment runner both call it.
+#[allow(clippy::too_many_arguments)]
+pub fn repair_model<B: AutodiffBackend, M>(
+    dense: M,
+    masks: &BTreeMap<String, Mask>,
+    student: &StudentWeights,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
     resume: bool,
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<RepairReport, String> {
-    cfg.train.validate()?;
-    let dense_dir = match (&cfg.dense, cfg.train.distill.lambda) {
-        (Some(d), _) => d.clone(),
-        (None, 0.0) => cfg.pruned.clone(),
-        (None, _) => {
-            return Err(
-                "dense: the teacher's directory is required unless lambda = 0 (give --dense DIR)"
-                    .into(),
-            );
-        }
-    };
-    if cfg.out.exists()
-        && std::fs::read_dir(&cfg.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(format!(
-            "{}: output directory exists and is not empty",
-            cfg.out.display()
-        ));
-    }
-    let me = |e: ModelError| e.to_string();
-    let mut pretrained = Pretrained::<B>::load(&dense_dir, device).map_err(me)?;
-    let mut linears = Vec::new();
-    for_each_linear_mut(&mut pretrained.model, |name, _, l| {
-        linears.push((name.to_string(), l.dims()))
-    });
-    let (masks, student) = masks_and_student(&cfg.pruned, &pretrained, &linears)?;
+) -> Result<Repaired<M::InnerModule>>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    cfg.validate()?;
     if masks.is_empty() {
-        tracing::warn!(pruned = %cfg.pruned.display(), "no masks and no zeros found: every adapter is plain LoRA");
+        tracing::warn!("no masks and no zeros found: every adapter is plain LoRA");
     }
-    let (model, attached) = attach(
-        pretrained.model,
-        &cfg.train.adapters,
-        &masks,
-        &student,
-        cfg.train.seed,
-        device,
-    )?;
+    let (model, attached): (M, AttachReport) =
+        attach(dense, &cfg.adapters, masks, student, cfg.seed, device)?;
     tracing::info!(
         sparse = attached.sparse,
         plain = attached.plain,
@@ -366,82 +388,214 @@ pub fn repair<B: AutodiffBackend>(
         rewritten = student.len(),
         "adapters attached"
     );
-
-    let data = train_data(&dense_dir, &pretrained.config, &model, &cfg.data)?;
-    let ckpt_dir = cfg.checkpoint_dir();
-    let (mut model, report) = train(
-        model,
-        &data,
-        &cfg.train,
-        Some(&ckpt_dir),
-        resume,
-        device,
-        on_event,
-    )?;
-
-    let adapters = adapter_values(&mut model);
+    let (model, report) = train(model, data, cfg, checkpoints, resume, device, on_event)?;
+    let mut model = model.valid();
+    let adapters = adapter_values(&model);
     merge(&mut model);
-    // The guarantee: every masked weight keeps exactly its mask's zeros.
+    // The guarantee: every masked weight keeps exactly its mask's zeros, and nothing written
+    // is non-finite.
     let mut exact = 0;
-    let mut violation = None;
-    for_each_linear_mut(&mut model, |name, _, linear| {
-        let key = format!("{name}.weight");
+    for (_, linear) in prunable_linears(&model) {
+        let key = format!("{}.weight", linear.key);
+        let w = host_f32(linear.weight.val());
+        if let Some(v) = w.iter().find(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite {
+                step: report.steps,
+                what: "merged weight",
+                value: *v as f64,
+            });
+        }
         if let Some(m) = masks.get(&key) {
-            let w = linear
-                .weight
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .expect("f32");
             let ok = m
                 .to_bools()
                 .iter()
                 .zip(&w)
                 .all(|(&keep, &v)| keep || v == 0.0);
-            if ok {
-                exact += 1;
-            } else if violation.is_none() {
-                violation = Some(key);
+            if !ok {
+                return Err(TrainError::Input(format!(
+                    "{key}: merged weight has non-zeros outside its mask (a bug)"
+                )));
             }
+            exact += 1;
         }
-    });
-    if let Some(key) = violation {
-        return Err(format!(
-            "{key}: merged weight has non-zeros outside its mask (a bug)"
+    }
+    Ok(Repaired {
+        model,
+        adapters,
+        report: RepairReport {
+            sparse_adapters: attached.sparse,
+            plain_adapters: attached.plain,
+            trainable_parameters: attached.trainable,
+            rewritten_by_pruner: student.len(),
+            train: report,
+            exact_sparsity: exact,
+            config: None,
+        },
+    })
+}
+
+/// Runs a repair end to end on the autodiff backend `B`: loads the dense model (whatever its
+/// family), reads the pruned model's masks, trains, writes the merged model.
+pub fn repair<B: AutodiffBackend>(
+    cfg: &RepairConfig,
+    resume: bool,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<RepairReport> {
+    cfg.train.validate()?;
+    let dense_dir = match (&cfg.dense, cfg.train.distill.lambda) {
+        (Some(d), _) => d.clone(),
+        (None, 0.0) => cfg.pruned.clone(),
+        (None, _) => {
+            return Err(TrainError::config(
+                "dense",
+                "dense: the teacher's directory is required unless lambda = 0 (give --dense DIR)",
+            ));
+        }
+    };
+    if cfg.out.exists()
+        && std::fs::read_dir(&cfg.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(TrainError::file(
+            &cfg.out,
+            "output directory exists and is not empty",
         ));
     }
-    let out_report = RepairReport {
-        sparse_adapters: attached.sparse,
-        plain_adapters: attached.plain,
-        trainable_parameters: attached.trainable,
-        rewritten_by_pruner: student.len(),
-        train: report,
-        exact_sparsity: exact,
-        config: cfg.clone(),
-    };
-    let base_name = dense_dir.display().to_string();
-    let io = |p: &Path, e: std::io::Error| ModelError::Input(format!("{}: {e}", p.display()));
-    save_model_dir_with(
-        &model,
-        &pretrained.layout,
-        &dense_dir,
-        &cfg.out,
-        &mut |tmp: &Path| {
-            let masks_path = tmp.join("masks.safetensors");
-            ressa_sparse::sidecar::write_masks(
-                &masks_path,
-                masks.iter().map(|(k, m)| (k.as_str(), m)),
-            )
-            .map_err(|e| ModelError::Input(format!("{}: {e}", masks_path.display())))?;
-            let adir = tmp.join("adapters");
-            std::fs::create_dir_all(&adir).map_err(|e| io(&adir, e))?;
-            write_peft_adapters(&adir, &adapters, &base_name).map_err(|e| io(&adir, e))?;
-            let rp = tmp.join("repair.json");
-            std::fs::write(&rp, serde_json::to_vec_pretty(&out_report).expect("json"))
-                .map_err(|e| io(&rp, e))
+    struct Job<'a, B: AutodiffBackend> {
+        cfg: &'a RepairConfig,
+        dense_dir: &'a Path,
+        resume: bool,
+        device: &'a B::Device,
+        on_event: &'a mut dyn FnMut(&TrainEvent),
+    }
+    impl<B: AutodiffBackend> AutodiffFamilyVisitor<B> for Job<'_, B> {
+        type Output = Result<RepairReport>;
+        fn visit<M>(self, config: M::Config) -> Self::Output
+        where
+            M: VisionLanguageModel<B> + AutodiffModule<B>,
+            M::InnerModule: VisionLanguageModel<B::InnerBackend, Config = M::Config>,
+        {
+            let Job {
+                cfg,
+                dense_dir,
+                resume,
+                device,
+                on_event,
+            } = self;
+            let pretrained = Pretrained::<B, M>::load_with(dense_dir, config, device)?;
+            let (masks, student) = if dense_dir == cfg.pruned {
+                masks_and_student_self(&cfg.pruned, &pretrained.model)?
+            } else {
+                masks_and_student(&cfg.pruned, &pretrained.model, dense_dir)?
+            };
+            let processor = Processor::for_model(dense_dir, &pretrained.model)?;
+            let data = train_data(processor, &cfg.data)?;
+            let ckpt_dir = cfg.checkpoint_dir();
+            let layout = pretrained.layout.clone();
+            let repaired = repair_model::<B, M>(
+                pretrained.model,
+                &masks,
+                &student,
+                &data,
+                &cfg.train,
+                Some(&ckpt_dir),
+                resume,
+                device,
+                on_event,
+            )?;
+            let mut report = repaired.report;
+            report.config = Some(cfg.clone());
+            let base_name = dense_dir.display().to_string();
+            let io =
+                |p: &Path, e: std::io::Error| ModelError::Input(format!("{}: {e}", p.display()));
+            save_model_dir_with(
+                &repaired.model,
+                &layout,
+                dense_dir,
+                &cfg.out,
+                &mut |tmp: &Path| {
+                    let masks_path = tmp.join("masks.safetensors");
+                    ressa_sparse::sidecar::write_masks(
+                        &masks_path,
+                        masks.iter().map(|(k, m)| (k.as_str(), m)),
+                    )
+                    .map_err(|e| ModelError::Input(format!("{}: {e}", masks_path.display())))?;
+                    let adir = tmp.join("adapters");
+                    std::fs::create_dir_all(&adir).map_err(|e| io(&adir, e))?;
+                    write_peft_adapters(&adir, &repaired.adapters, &base_name)
+                        .map_err(|e| io(&adir, e))?;
+                    let rp = tmp.join("repair.json");
+                    std::fs::write(&rp, serde_json::to_vec_pretty(&report).expect("json"))
+                        .map_err(|e| io(&rp, e))
+                },
+            )?;
+            Ok(report)
+        }
+    }
+    visit_family_autodiff::<B, _>(
+        &dense_dir.join("config.json"),
+        Job {
+            cfg,
+            dense_dir: &dense_dir,
+            resume,
+            device,
+            on_event,
         },
-    )
-    .map_err(me)?;
-    Ok(out_report)
+    )?
+}
+
+/// Masks of a pruned model repaired without a teacher (λ = 0): its sidecar or its zeros; its
+/// weights are the student's start as they are.
+fn masks_and_student_self<B: Backend, M: VisionLanguageModel<B>>(
+    pruned_dir: &Path,
+    model: &M,
+) -> Result<(BTreeMap<String, Mask>, StudentWeights)> {
+    let sidecar = pruned_dir.join("masks.safetensors");
+    let mut masks = if sidecar.exists() {
+        ressa_sparse::sidecar::read_masks(&sidecar).map_err(|e| TrainError::file(&sidecar, e))?
+    } else {
+        BTreeMap::new()
+    };
+    for (_, l) in prunable_linears(model) {
+        let key = format!("{}.weight", l.key);
+        let [d_in, d_out] = l.dims();
+        let w = host_f32(l.weight.val());
+        match masks.get(&key) {
+            Some(m) => {
+                if m.shape() != (d_in, d_out) {
+                    return Err(TrainError::file(
+                        &sidecar,
+                        format!(
+                            "`{key}`: mask shape {:?}, the weight is [{d_in}, {d_out}]",
+                            m.shape()
+                        ),
+                    ));
+                }
+                if m.to_bools()
+                    .iter()
+                    .zip(&w)
+                    .any(|(&keep, &v)| !keep && v != 0.0)
+                {
+                    return Err(TrainError::file(
+                        &sidecar,
+                        format!("`{key}`: the mask prunes entries that hold non-zero weights"),
+                    ));
+                }
+            }
+            None => {
+                let m = Mask::from_bools(
+                    d_in,
+                    d_out,
+                    &w.iter().map(|v| *v != 0.0).collect::<Vec<_>>(),
+                )
+                .map_err(|e| TrainError::Input(format!("{key}: {e}")))?;
+                if m.count_pruned() > 0 {
+                    masks.insert(key, m);
+                }
+            }
+        }
+    }
+    Ok((masks, StudentWeights::new()))
 }

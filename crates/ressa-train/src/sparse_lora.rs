@@ -15,11 +15,12 @@ use burn::module::Param;
 use burn::prelude::*;
 use rand::Rng;
 use ressa_data::rng::item_rng;
-use ressa_models::InstructBlip;
 use ressa_models::linear::{Linear, LoraConfig};
-use ressa_models::prunable::{Prunable, Tower};
+use ressa_models::prunable::{Prunable, Tower, for_each_prunable_mut, prunable_linears};
 use ressa_sparse::Mask;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
 
 /// Random stream of the adapters' `A` initialisation (see `ressa_data::rng`).
 const LORA_INIT_STREAM: u64 = 0x4C4F_5241;
@@ -67,18 +68,16 @@ impl AdapterConfig {
     }
 }
 
-/// Calls `f(name, tower, linear)` on every prunable linear, block by block.
-pub fn for_each_linear_mut<B: Backend>(
-    model: &mut InstructBlip<B>,
+/// Calls `f(name, tower, linear)` on every prunable linear, block by block (`name` is the
+/// linear's HF module name).
+pub fn for_each_linear_mut<B: Backend, M: Prunable<B>>(
+    model: &mut M,
     mut f: impl FnMut(&str, Tower, &mut Linear<B>),
 ) {
-    for (si, stack) in model.stacks().iter().enumerate() {
-        for b in 0..stack.blocks {
-            for (name, linear) in model.block_linears_mut(si, b) {
-                f(&format!("{}.{b}.{name}", stack.prefix), stack.tower, linear);
-            }
-        }
-    }
+    for_each_prunable_mut(model, |tower, linear| {
+        let key = linear.key.clone();
+        f(&key, tower, linear)
+    });
 }
 
 /// What [`attach`] did.
@@ -101,14 +100,14 @@ pub type StudentWeights = BTreeMap<String, Vec<f32>>;
 /// linear's adapter SparseLoRA; linears without a mask get plain LoRA. All other parameters
 /// are frozen. `A ~ U(±1/√d_in)` is drawn from `(seed, linear index)` on the host, so the
 /// start does not depend on the backend or thread count.
-pub fn attach<B: Backend>(
-    model: InstructBlip<B>,
+pub fn attach<B: Backend, M: Prunable<B> + Module<B>>(
+    model: M,
     cfg: &AdapterConfig,
     masks: &BTreeMap<String, Mask>,
     student: &StudentWeights,
     seed: u64,
     device: &B::Device,
-) -> Result<(InstructBlip<B>, AttachReport), String> {
+) -> Result<(M, AttachReport)> {
     let mut model = model.no_grad();
     let mut report = AttachReport::default();
     let mut error = None;
@@ -122,21 +121,33 @@ pub fn attach<B: Backend>(
         let key = format!("{name}.weight");
         let [d_in, d_out] = linear.dims();
         let mask = masks.get(&key);
+        if t.rank > d_in.min(d_out) {
+            error = Some(TrainError::config(
+                "rank",
+                format!(
+                    "rank {} of the {} tower exceeds {name}'s smaller side {} ([{d_in}, {d_out}])",
+                    t.rank,
+                    tower.name(),
+                    d_in.min(d_out)
+                ),
+            ));
+            return;
+        }
         if t.rank == 0 {
             if mask.is_some_and(|m| m.count_pruned() > 0) && student.contains_key(name) {
-                error = Some(format!(
+                error = Some(TrainError::Input(format!(
                     "{key}: the {} tower has no adapters but its pruned weights differ from the dense ones",
                     tower.name()
-                ));
+                )));
             }
             return;
         }
         let keep = match mask {
             Some(m) if m.shape() != (d_in, d_out) => {
-                error = Some(format!(
+                error = Some(TrainError::Input(format!(
                     "{key}: mask shape {:?} does not match the weight [{d_in}, {d_out}] (burn orientation)",
                     m.shape()
-                ));
+                )));
                 return;
             }
             Some(m) => Some(m.to_bools()),
@@ -159,11 +170,11 @@ pub fn attach<B: Backend>(
         ));
         if let Some(w) = student.get(name) {
             if w.len() != d_in * d_out {
-                error = Some(format!(
+                error = Some(TrainError::Input(format!(
                     "{key}: student weight has {} values, expected {}",
                     w.len(),
                     d_in * d_out
-                ));
+                )));
                 return;
             }
             adapter.student_weight = Some(
@@ -190,13 +201,13 @@ pub fn attach<B: Backend>(
 
 /// The teacher: the same weights on the dense path (no masks, no adapters). The tensors are
 /// shared with `model`, not copied.
-pub fn dense_path<B: Backend>(mut model: InstructBlip<B>) -> InstructBlip<B> {
+pub fn dense_path<B: Backend, M: Prunable<B>>(mut model: M) -> M {
     for_each_linear_mut(&mut model, |_, _, linear| linear.adapter = None);
     model
 }
 
 /// Folds every adapter into its weight: `W ← (W + s·A·B) ⊙ M`, exactly the mask's zeros.
-pub fn merge<B: Backend>(model: &mut InstructBlip<B>) {
+pub fn merge<B: Backend, M: Prunable<B>>(model: &mut M) {
     for_each_linear_mut(model, |_, _, linear| linear.merge());
 }
 
@@ -222,13 +233,13 @@ fn host(t: Tensor<impl Backend, 2>) -> Vec<f32> {
 }
 
 /// Every adapter's values, in model order.
-pub fn adapter_values<B: Backend>(model: &mut InstructBlip<B>) -> Vec<AdapterValues> {
+pub fn adapter_values<B: Backend, M: Prunable<B>>(model: &M) -> Vec<AdapterValues> {
     let mut out = Vec::new();
-    for_each_linear_mut(model, |name, tower, linear| {
+    for (tower, linear) in prunable_linears(model) {
         if let Some(a) = &linear.adapter {
             let [d_in, d_out] = linear.dims();
             out.push(AdapterValues {
-                name: name.to_string(),
+                name: linear.key.to_string(),
                 tower,
                 d_in,
                 d_out,
@@ -239,7 +250,7 @@ pub fn adapter_values<B: Backend>(model: &mut InstructBlip<B>) -> Vec<AdapterVal
                 b: host(a.lora_b.val()),
             });
         }
-    });
+    }
     out
 }
 

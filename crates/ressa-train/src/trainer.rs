@@ -16,16 +16,17 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::seq::SliceRandom;
 use ressa_data::augment::TrainTransform;
-use ressa_data::image::ImageProcessorConfig;
-use ressa_data::loader::{Example, ImageTransform, Loader, LoaderConfig, Texts};
+use ressa_data::loader::{Batch, Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::rng::item_rng;
-use ressa_models::InstructBlip;
+use ressa_models::prunable::prunable_linears;
+use ressa_models::vlm::teacher_forced;
+use ressa_models::{Processor, VisionLanguageModel, VlmInputs};
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig, Moments};
-use crate::batch::{TokenIds, TrainBatch, logits, to_tensors};
 use crate::checkpoint::{self, Checkpoint, HostTensor, TrainState};
 use crate::distill::{DistillConfig, distill_loss};
+use crate::error::{Result, TrainError};
 use crate::sparse_lora::{AdapterConfig, dense_path, for_each_linear_mut};
 
 /// Random stream of the epoch permutations (see `ressa_data::rng`).
@@ -92,21 +93,44 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(TrainError::config(field, msg));
         if self.batch_size == 0 {
-            return Err("batch_size: expected at least 1".into());
+            return bad("batch_size", "batch_size: expected at least 1".into());
         }
         if self.grad_accum == 0 {
-            return Err("grad_accum: expected at least 1".into());
+            return bad("grad_accum", "grad_accum: expected at least 1".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(format!("lr {}: expected a positive number", self.lr));
+            return bad("lr", format!("lr {}: expected a positive number", self.lr));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr.is_finite()) {
+            return bad(
+                "min_lr",
+                format!("min_lr {}: expected a non-negative number", self.min_lr),
+            );
         }
         if let Some(c) = self.clip_grad_norm
-            && (c.is_nan() || c <= 0.0)
+            && !(c > 0.0 && c.is_finite())
         {
-            return Err(format!("clip_grad_norm {c}: expected a positive number"));
+            return bad(
+                "clip_grad_norm",
+                format!("clip_grad_norm {c}: expected a positive number"),
+            );
         }
+        for (field, r) in [
+            ("adapters.vision.rank", self.adapters.vision),
+            ("adapters.qformer.rank", self.adapters.qformer),
+            ("adapters.language.rank", self.adapters.language),
+        ] {
+            if !(r.alpha.is_finite() && r.alpha > 0.0) {
+                return bad(
+                    field,
+                    format!("{field}: alpha {} must be positive", r.alpha),
+                );
+            }
+        }
+        self.adamw.validate()?;
         self.distill.validate()
     }
 
@@ -131,13 +155,11 @@ impl TrainConfig {
     }
 }
 
-/// The data of a run: examples, how images and texts become tensors.
+/// The data of a run: examples, and the processor that turns them into model inputs.
 pub struct TrainData {
     pub train: Vec<Example>,
     pub val: Vec<Example>,
-    pub processor: ImageProcessorConfig,
-    pub texts: Texts,
-    pub ids: TokenIds,
+    pub processor: Processor,
     /// Image decoding threads (0 = all CPUs).
     pub loader_threads: usize,
 }
@@ -237,11 +259,16 @@ fn device_tensor<B: Backend>(
     expect: [usize; 2],
     name: &str,
     device: &B::Device,
-) -> Result<Tensor<B, 2>, String> {
+) -> Result<Tensor<B, 2>> {
     if shape.as_slice() != expect {
-        return Err(format!(
+        return Err(TrainError::Input(format!(
             "{name}: checkpoint shape {shape:?}, the model's adapter is {expect:?}"
-        ));
+        )));
+    }
+    if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+        return Err(TrainError::Input(format!(
+            "{name}: the checkpoint holds the non-finite value {v}"
+        )));
     }
     Ok(Tensor::from_data(
         TensorData::new(values.clone(), expect),
@@ -249,7 +276,25 @@ fn device_tensor<B: Backend>(
     ))
 }
 
+/// One batch as model inputs and the target rows teacher-forced after each prompt.
+#[derive(Debug, Clone)]
+pub struct TrainBatch<B: Backend> {
+    pub inputs: VlmInputs<B>,
+    pub targets: Vec<Vec<u32>>,
+}
+
 impl<B: Backend> TrainBatch<B> {
+    /// A loader batch through the run's processor.
+    pub fn new<M: VisionLanguageModel<B>>(
+        processor: &Processor,
+        model: &M,
+        batch: &Batch,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (inputs, targets) = processor.training_batch(model, batch, device)?;
+        Ok(Self { inputs, targets })
+    }
+
     /// The same batch without autodiff (teacher and validation passes).
     pub fn inner(&self) -> TrainBatch<B::InnerBackend>
     where
@@ -257,7 +302,7 @@ impl<B: Backend> TrainBatch<B> {
     {
         let i = &self.inputs;
         TrainBatch {
-            inputs: ressa_models::VlmInputs {
+            inputs: VlmInputs {
                 pixel_values: i.pixel_values.clone().inner(),
                 qformer_text: i
                     .qformer_text
@@ -266,33 +311,31 @@ impl<B: Backend> TrainBatch<B> {
                 input_ids: i.input_ids.clone().inner(),
                 attention_mask: i.attention_mask.clone().inner(),
             },
-            decoder_input_ids: self.decoder_input_ids.clone().map(|t| t.inner()),
-            targets: self.targets.clone().inner(),
-            mask: self.mask.clone().inner(),
-            target_offsets: self.target_offsets.clone(),
-            tokens: self.tokens,
+            targets: self.targets.clone(),
         }
     }
 }
 
 /// Adapter tensors by name (`{linear}.lora_A` / `.lora_B`), host copies.
-pub fn adapter_tensors<B: Backend>(model: &mut InstructBlip<B>) -> BTreeMap<String, HostTensor> {
+pub fn adapter_tensors<B: Backend, M: VisionLanguageModel<B>>(
+    model: &M,
+) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    for_each_linear_mut(model, |name, _, linear| {
+    for (_, linear) in prunable_linears(model) {
         if let Some(a) = &linear.adapter {
-            out.insert(format!("{name}.lora_A"), host2(a.lora_a.val()));
-            out.insert(format!("{name}.lora_B"), host2(a.lora_b.val()));
+            out.insert(format!("{}.lora_A", linear.key), host2(a.lora_a.val()));
+            out.insert(format!("{}.lora_B", linear.key), host2(a.lora_b.val()));
         }
-    });
+    }
     out
 }
 
 /// Sets every adapter's values from `tensors` (all must be present, with matching shapes).
-pub fn load_adapter_tensors<B: AutodiffBackend>(
-    model: &mut InstructBlip<B>,
+pub fn load_adapter_tensors<B: AutodiffBackend, M: VisionLanguageModel<B>>(
+    model: &mut M,
     tensors: &BTreeMap<String, HostTensor>,
     device: &B::Device,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut error = None;
     let mut used = 0;
     for_each_linear_mut(model, |name, _, linear| {
@@ -303,9 +346,9 @@ pub fn load_adapter_tensors<B: AutodiffBackend>(
             let key = format!("{name}.{suffix}");
             match tensors.get(&key) {
                 None => {
-                    error = error
-                        .take()
-                        .or(Some(format!("{key}: missing from the checkpoint")))
+                    error = error.take().or(Some(TrainError::Input(format!(
+                        "{key}: missing from the checkpoint"
+                    ))))
                 }
                 Some(t) => match device_tensor::<B>(t, param.dims(), &key, device) {
                     Ok(v) => {
@@ -321,61 +364,65 @@ pub fn load_adapter_tensors<B: AutodiffBackend>(
         return Err(e);
     }
     if used != tensors.len() {
-        return Err(format!(
+        return Err(TrainError::Input(format!(
             "the checkpoint has {} adapter tensors, the model {used}",
             tensors.len()
-        ));
+        )));
     }
     Ok(())
 }
 
 /// Validation over `examples` (eval preprocessing, no augmentation).
-pub fn validate<B: AutodiffBackend>(
-    model: &InstructBlip<B>,
+pub fn validate<B: AutodiffBackend, M>(
+    model: &M,
     data: &TrainData,
     cfg: &TrainConfig,
     step: u64,
     device: &B::Device,
-) -> Result<Validation, String> {
+) -> Result<Validation>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
     let student = model.valid();
     let teacher = dense_path(model.valid());
     let loader = Loader::new(
         data.val.clone(),
-        ImageTransform::Eval(data.processor.clone()),
-        data.texts.clone(),
+        ImageTransform::Eval(data.processor.image.clone()),
+        data.processor.texts(true),
         LoaderConfig {
             batch_size: cfg.batch_size,
             threads: data.loader_threads,
             ..Default::default()
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let (mut loss, mut ce, mut kl, mut correct, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0usize);
     for batch in loader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let tb = to_tensors::<B::InnerBackend>(&batch, &student, data.ids, device)?;
-        let s = logits(&student, &tb);
-        let t = logits(&teacher, &tb);
+        let batch = batch?;
+        let tb = TrainBatch::<B::InnerBackend>::new(&data.processor, &student, &batch, device)?;
+        let s = teacher_forced(&student, &tb.inputs, &tb.targets)?;
+        let t = teacher_forced(&teacher, &tb.inputs, &tb.targets)?;
         let parts = distill_loss(
-            s.clone(),
-            t,
-            tb.targets.clone(),
-            tb.mask.clone(),
+            s.logits.clone(),
+            t.logits,
+            s.targets.clone(),
+            s.mask.clone(),
             &cfg.distill,
         );
-        let [b, l, _] = s.dims();
+        let [b, l, _] = s.logits.dims();
         let hits = s
+            .logits
             .argmax(2)
             .reshape([b, l])
-            .equal(tb.targets.clone())
+            .equal(s.targets.clone())
             .float()
-            * tb.mask.clone();
-        let n = tb.tokens as f64;
+            * s.mask.clone();
+        let n = s.tokens as f64;
         loss += scalar(parts.loss) * n;
         ce += scalar(parts.ce) * n;
         kl += scalar(parts.kl) * n;
         correct += scalar(hits.sum());
-        tokens += tb.tokens;
+        tokens += s.tokens;
     }
     let n = tokens.max(1) as f64;
     Ok(Validation {
@@ -393,23 +440,28 @@ pub type AdapterGrads<B> = BTreeMap<String, Tensor<<B as AutodiffBackend>::Inner
 
 /// One micro-batch: student forward, teacher forward (dense path, no graph), the loss scaled
 /// by `1 / grad_accum`, backward. Returns the adapter gradients and (loss, CE, KL).
-pub fn forward_backward<B: AutodiffBackend>(
-    model: &mut InstructBlip<B>,
+pub fn forward_backward<B: AutodiffBackend, M>(
+    model: &mut M,
     batch: &TrainBatch<B>,
     cfg: &TrainConfig,
-) -> (AdapterGrads<B>, (f64, f64, f64)) {
-    let student = logits(model, batch);
+) -> Result<(AdapterGrads<B>, (f64, f64, f64))>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    let student = teacher_forced(model, &batch.inputs, &batch.targets)?;
     let teacher = if cfg.distill.lambda > 0.0 {
         let t = dense_path(model.valid());
-        Tensor::from_inner(logits(&t, &batch.inner()))
+        let inner = batch.inner();
+        Tensor::from_inner(teacher_forced(&t, &inner.inputs, &inner.targets)?.logits)
     } else {
-        student.clone().detach()
+        student.logits.clone().detach()
     };
     let parts = distill_loss(
-        student,
+        student.logits,
         teacher,
-        batch.targets.clone(),
-        batch.mask.clone(),
+        student.targets,
+        student.mask,
         &cfg.distill,
     );
     let values = (
@@ -428,29 +480,38 @@ pub fn forward_backward<B: AutodiffBackend>(
             }
         }
     });
-    (grads, values)
+    Ok((grads, values))
 }
 
 /// One optimizer step on the adapters: global-norm clipping, then AdamW at `lr`. Consumes
-/// `grads`.
-pub fn apply_update<B: AutodiffBackend>(
-    model: &mut InstructBlip<B>,
+/// `grads`. A non-finite gradient norm changes nothing and is an error naming `step`.
+pub fn apply_update<B: AutodiffBackend, M: VisionLanguageModel<B>>(
+    model: &mut M,
     grads: &mut AdapterGrads<B>,
     opt: &mut AdamW<B::InnerBackend>,
     lr: f64,
     clip_grad_norm: Option<f64>,
-) {
-    if let Some(max) = clip_grad_norm {
-        let sq: f64 = grads
-            .values()
-            .map(|g| scalar(g.clone().powi_scalar(2).sum()))
-            .sum();
-        let norm = sq.sqrt();
-        if norm > max {
-            let f = max / (norm + 1e-6);
-            for g in grads.values_mut() {
-                *g = g.clone().mul_scalar(f);
-            }
+    step: u64,
+) -> Result<()> {
+    let sq: f64 = grads
+        .values()
+        .map(|g| scalar(g.clone().powi_scalar(2).sum()))
+        .sum();
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        grads.clear();
+        return Err(TrainError::NonFinite {
+            step,
+            what: "gradient norm",
+            value: norm,
+        });
+    }
+    if let Some(max) = clip_grad_norm
+        && norm > max
+    {
+        let f = max / (norm + 1e-6);
+        for g in grads.values_mut() {
+            *g = g.clone().mul_scalar(f);
         }
     }
     opt.begin_step();
@@ -466,22 +527,50 @@ pub fn apply_update<B: AutodiffBackend>(
         }
     });
     grads.clear();
+    Ok(())
+}
+
+/// Every adapter value finite (checked before a checkpoint or a model is written).
+fn check_finite_adapters<B: Backend, M: VisionLanguageModel<B>>(
+    model: &M,
+    step: u64,
+) -> Result<()> {
+    for (_, linear) in prunable_linears(model) {
+        if let Some(a) = &linear.adapter {
+            for t in [a.lora_a.val(), a.lora_b.val()] {
+                let bad: f64 = t.clone().is_nan().int().sum().into_scalar().elem::<f64>()
+                    + t.is_inf().int().sum().into_scalar().elem::<f64>();
+                if bad > 0.0 {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        what: "adapter",
+                        value: f64::NAN,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Trains the adapters already attached to `model` (see [`crate::sparse_lora::attach`]).
 /// With `checkpoints`, writes checkpoints there; with `resume`, continues from the newest one.
-pub fn train<B: AutodiffBackend>(
-    mut model: InstructBlip<B>,
+pub fn train<B: AutodiffBackend, M>(
+    mut model: M,
     data: &TrainData,
     cfg: &TrainConfig,
     checkpoints: Option<&Path>,
     resume: bool,
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<(InstructBlip<B>, TrainReport), String> {
+) -> Result<(M, TrainReport)>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
     cfg.validate()?;
     if data.train.is_empty() {
-        return Err("no training examples".into());
+        return Err(TrainError::Input("no training examples".into()));
     }
     let start = Instant::now();
     let fp = fingerprint(cfg, data);
@@ -494,13 +583,29 @@ pub fn train<B: AutodiffBackend>(
     };
     let mut resumed_at = None;
     if resume {
-        let dir = checkpoints.ok_or("resume needs a checkpoint directory")?;
+        let dir = checkpoints
+            .ok_or_else(|| TrainError::Input("resume needs a checkpoint directory".into()))?;
         if let Some(ckpt) = checkpoint::latest(dir)? {
             if ckpt.state.fingerprint != fp {
-                return Err(format!(
-                    "{}: the checkpoint was written by a run with other settings or data (fingerprint {} vs {fp})",
-                    dir.display(),
-                    ckpt.state.fingerprint
+                return Err(TrainError::file(
+                    dir,
+                    format!(
+                        "the checkpoint was written by a run with other settings or data (fingerprint {} vs {fp})",
+                        ckpt.state.fingerprint
+                    ),
+                ));
+            }
+            let per_epoch = data.train.len().div_ceil(cfg.batch_size * cfg.grad_accum) as u64;
+            let total = if cfg.steps == 0 { per_epoch } else { cfg.steps };
+            if ckpt.state.step > total || ckpt.state.position > data.train.len() as u64 {
+                return Err(TrainError::file(
+                    dir,
+                    format!(
+                        "the checkpoint claims step {} and data position {}, but this run has {total} steps and {} examples",
+                        ckpt.state.step,
+                        ckpt.state.position,
+                        data.train.len()
+                    ),
                 ));
             }
             load_adapter_tensors(&mut model, &ckpt.adapters, device)?;
@@ -530,16 +635,17 @@ pub fn train<B: AutodiffBackend>(
         resumed_at,
     });
     let mut validations = Vec::new();
-    let val = |model: &InstructBlip<B>, step| validate(model, data, cfg, step, device);
+    let val = |model: &M, step| validate(model, data, cfg, step, device);
     if resumed_at.is_none() && !data.val.is_empty() {
         let v = val(&model, 0)?;
         on_event(&TrainEvent::Validation(v));
         validations.push(v);
     }
-    let save = |model: &mut InstructBlip<B>, opt: &AdamW<B::InnerBackend>, state: &TrainState| {
+    let save = |model: &M, opt: &AdamW<B::InnerBackend>, state: &TrainState| {
         let Some(dir) = checkpoints else {
             return Ok(None);
         };
+        check_finite_adapters(model, state.step)?;
         let mut moments = BTreeMap::new();
         for (k, m) in &opt.moments {
             moments.insert(format!("{k}.m"), host2(m.m.clone()));
@@ -565,30 +671,36 @@ pub fn train<B: AutodiffBackend>(
         let examples: Vec<Example> = order.iter().map(|&i| data.train[i].clone()).collect();
         let transform = if cfg.augment {
             ImageTransform::Train {
-                transform: TrainTransform::from_processor(&data.processor),
+                transform: TrainTransform::from_processor(&data.processor.image),
                 seed: cfg.seed,
                 epoch: state.epoch,
             }
         } else {
-            ImageTransform::Eval(data.processor.clone())
+            ImageTransform::Eval(data.processor.image.clone())
         };
         let loader = Loader::starting_at(
             examples,
             transform,
-            data.texts.clone(),
+            data.processor.texts(true),
             LoaderConfig {
                 batch_size: cfg.batch_size,
                 threads: data.loader_threads,
                 ..Default::default()
             },
             state.position as usize,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut batches = loader.peekable();
         while let Some(batch) = batches.next() {
-            let batch = batch.map_err(|e| e.to_string())?;
-            let tb = to_tensors::<B>(&batch, &model, data.ids, device)?;
-            let (g, parts) = forward_backward(&mut model, &tb, cfg);
+            let batch = batch?;
+            let tb = TrainBatch::<B>::new(&data.processor, &model, &batch, device)?;
+            let (g, parts) = forward_backward(&mut model, &tb, cfg)?;
+            if !parts.0.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    what: "loss",
+                    value: parts.0,
+                });
+            }
             window_loss += parts.0;
             window_ce += parts.1;
             window_kl += parts.2;
@@ -609,7 +721,14 @@ pub fn train<B: AutodiffBackend>(
             // One optimizer step.
             state.step += 1;
             let lr = cfg.lr_at(state.step, total);
-            apply_update(&mut model, &mut grads, &mut opt, lr, cfg.clip_grad_norm);
+            apply_update(
+                &mut model,
+                &mut grads,
+                &mut opt,
+                lr,
+                cfg.clip_grad_norm,
+                state.step,
+            )?;
             grads.clear();
             let n = micro as f64;
             let loss = window_loss / n;
@@ -637,7 +756,7 @@ pub fn train<B: AutodiffBackend>(
                 state.position = 0;
             }
             if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) {
-                if let Some(path) = save(&mut model, &opt, &state)? {
+                if let Some(path) = save(&model, &opt, &state)? {
                     on_event(&TrainEvent::Checkpoint {
                         step: state.step,
                         path,
@@ -656,7 +775,7 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     if last_saved != state.step
-        && let Some(path) = save(&mut model, &opt, &state)?
+        && let Some(path) = save(&model, &opt, &state)?
     {
         on_event(&TrainEvent::Checkpoint {
             step: state.step,
@@ -668,6 +787,7 @@ pub fn train<B: AutodiffBackend>(
         on_event(&TrainEvent::Validation(v));
         validations.push(v);
     }
+    check_finite_adapters(&model, state.step)?;
     let seconds = start.elapsed().as_secs_f64();
     let done = state.step - steps_at_start;
     Ok((

@@ -7,29 +7,34 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use ressa_data::image::{ImageProcessorConfig, load_rgb};
+use ressa_data::image::load_rgb;
 use ressa_data::prompts::{MAX_WORDS, pre_question, vqa_prompt};
 use ressa_data::text::TextTokenizer;
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate, strip_special};
-use ressa_models::instructblip::save_model_dir_with;
-use ressa_models::nn::ids_tensor;
+use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::pretrained::save_model_dir_with;
 use ressa_models::prunable::BlockOptions;
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::vlm::{logits, teacher_forced};
+use ressa_models::weights::export_tensors;
+use ressa_models::{
+    InstructBlipLlama, InstructBlipT5, LanguageModel, Pretrained, Processor, VisionLanguageModel,
+};
 use ressa_prune::Method;
 use ressa_prune::calibrate::{
     Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
 };
 use ressa_sparse::SparsityPattern;
-use ressa_train::batch::{logits, to_tensors};
 use ressa_train::checkpoint;
 use ressa_train::repair::train_data;
 use ressa_train::repair::{DataConfig, RepairConfig, read_examples, repair};
 use ressa_train::sparse_lora::{attach, for_each_linear_mut};
+use ressa_train::trainer::TrainBatch;
 use ressa_train::trainer::load_adapter_tensors;
 use ressa_train::{TrainConfig, train};
 
 type B = Flex;
 type AD = Autodiff<Flex>;
+type T5<BB> = InstructBlipT5<BB>;
+type Llama<BB> = InstructBlipLlama<BB>;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/instructblip-t5-a")
@@ -65,47 +70,27 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         names.push(name);
     }
     let device = Default::default();
-    let dense = Pretrained::<B>::load(&fixture(), &device).unwrap();
-    let processor =
-        ImageProcessorConfig::from_file(&fixture().join("preprocessor_config.json")).unwrap();
-    let tok = TextTokenizer::from_file(&fixture().join("tokenizer.json")).unwrap();
-    let qtok =
-        TextTokenizer::from_file(&fixture().join("qformer_tokenizer/tokenizer.json")).unwrap();
-    let t5 = dense.config.text.as_t5().unwrap();
-    let special = SpecialTokens {
-        decoder_start: t5.decoder_start_token(),
-        eos: t5.eos_token(),
-        pad: t5.pad_token(),
-    };
-    let (h, w) = processor.output_size();
+    let dense = Pretrained::<B, T5<B>>::load(&fixture(), &device).unwrap();
+    let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
     let mut train = Vec::new();
     let mut val = Vec::new();
     let mut qid = 0;
     for name in &names {
-        let pixels = processor.preprocess(&load_rgb(&images.join(name)).unwrap());
+        let pixels = processor
+            .image
+            .preprocess(&load_rgb(&images.join(name)).unwrap());
         for (qi, q) in QUESTIONS.iter().enumerate() {
             let prompt = vqa_prompt(&pre_question(q, MAX_WORDS));
-            let ids = tok.encode(&prompt).unwrap();
-            let qids = qtok.encode(&prompt).unwrap();
-            let inputs = VlmInputs {
-                pixel_values: Tensor::from_data(
-                    TensorData::new(pixels.clone(), [1, 3, h, w]),
-                    &device,
-                ),
-                qformer_text: Some((
-                    ids_tensor::<B>(std::slice::from_ref(&qids), &device),
-                    Tensor::ones([1, qids.len()], &device),
-                )),
-                input_ids: ids_tensor::<B>(std::slice::from_ref(&ids), &device),
-                attention_mask: Tensor::ones([1, ids.len()], &device),
-            };
+            let inputs = processor
+                .inputs::<B>(std::slice::from_ref(&pixels), &[&prompt], None, &device)
+                .unwrap();
             let cfg = GenerationConfig {
                 max_new_tokens: 5,
                 min_new_tokens: 3,
                 ..Default::default()
             };
-            let out = generate(&dense.model, &inputs, &cfg, special);
-            let answer = tok.decode(&strip_special(&out[0], special)).unwrap();
+            let out = generate(&dense.model, &inputs, &cfg).unwrap();
+            let answer = processor.decode(&out.answer(0)).unwrap();
             let item = serde_json::json!({
                 "question_id": qid, "question": q, "answer": [answer.trim()], "image": name,
             });
@@ -126,7 +111,7 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 /// Magnitude pruning at 70 % of the vision and language towers, saved with its masks.
 fn prune(out: &Path) -> BTreeMap<String, ressa_sparse::Mask> {
-    let mut pretrained = Pretrained::<B>::load(&fixture(), &Default::default()).unwrap();
+    let mut pretrained = Pretrained::<B, T5<B>>::load(&fixture(), &Default::default()).unwrap();
     let cfg = CalibrationConfig {
         method: Method::Magnitude,
         pattern: SparsityPattern::Unstructured,
@@ -224,7 +209,7 @@ fn ressa_recovers_a_70_percent_pruned_model_and_merges_with_exact_sparsity() {
     assert!(report.sparse_adapters == masks.len() && report.plain_adapters > 0);
 
     // The written model: exactly the mask's non-zeros in every pruned weight.
-    let merged = Pretrained::<B>::load(&out, &device).unwrap();
+    let merged = Pretrained::<B, T5<B>>::load(&out, &device).unwrap();
     let mut merged_model = merged.model;
     let mut checked = 0;
     for_each_linear_mut(&mut merged_model, |name, _, linear| {
@@ -249,7 +234,7 @@ fn ressa_recovers_a_70_percent_pruned_model_and_merges_with_exact_sparsity() {
     // Merged logits equal the unmerged student's (adapters from the last checkpoint).
     let ckpt = checkpoint::latest(&cfg.checkpoint_dir()).unwrap().unwrap();
     assert_eq!(ckpt.state.step, 40);
-    let dense = Pretrained::<AD>::load(&fixture(), &device).unwrap();
+    let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
     let (mut student, _) = attach(
         dense.model,
         &cfg.train.adapters,
@@ -261,48 +246,28 @@ fn ressa_recovers_a_70_percent_pruned_model_and_merges_with_exact_sparsity() {
     .unwrap();
     load_adapter_tensors(&mut student, &ckpt.adapters, &device).unwrap();
     let examples = read_examples(&val, &images, "").unwrap();
-    let tok =
-        std::sync::Arc::new(TextTokenizer::from_file(&fixture().join("tokenizer.json")).unwrap());
-    let qtok = std::sync::Arc::new(
-        TextTokenizer::from_file(&fixture().join("qformer_tokenizer/tokenizer.json")).unwrap(),
-    );
-    let enc = |t: &std::sync::Arc<TextTokenizer>| ressa_data::loader::TextEncoder {
-        tokenizer: t.clone(),
-        pad: 0,
-    };
+    let processor = Processor::for_model(&fixture(), &merged_model).unwrap();
     let loader = ressa_data::loader::Loader::new(
         examples,
-        ressa_data::loader::ImageTransform::Eval(
-            ImageProcessorConfig::from_file(&fixture().join("preprocessor_config.json")).unwrap(),
-        ),
-        ressa_data::loader::Texts {
-            input: Some(enc(&tok)),
-            qformer: Some(enc(&qtok)),
-            output: Some(enc(&tok)),
-        },
+        ressa_data::loader::ImageTransform::Eval(processor.image.clone()),
+        processor.texts(true),
         ressa_data::loader::LoaderConfig {
             batch_size: 4,
             ..Default::default()
         },
     )
     .unwrap();
-    let ids = ressa_train::batch::TokenIds {
-        pad: 0,
-        decoder_start: 0,
-        bos: None,
-        eos: None,
-    };
     let mut compared = 0;
     for batch in loader {
         let batch = batch.unwrap();
-        let a = logits(
-            &student,
-            &to_tensors::<AD>(&batch, &student, ids, &device).unwrap(),
-        );
-        let b = logits(
-            &merged_model,
-            &to_tensors::<B>(&batch, &merged_model, ids, &device).unwrap(),
-        );
+        let sb = TrainBatch::<AD>::new(&processor, &student, &batch, &device).unwrap();
+        let mb = TrainBatch::<B>::new(&processor, &merged_model, &batch, &device).unwrap();
+        let a = teacher_forced(&student, &sb.inputs, &sb.targets)
+            .unwrap()
+            .logits;
+        let b = teacher_forced(&merged_model, &mb.inputs, &mb.targets)
+            .unwrap()
+            .logits;
         let d = host(a.inner())
             .iter()
             .zip(host(b))
@@ -320,7 +285,7 @@ fn training_changes_only_the_adapters() {
     let (train_path, _, images) = write_data(tmp.path());
     let masks = prune(&tmp.path().join("pruned"));
     let device = Default::default();
-    let dense = Pretrained::<AD>::load(&fixture(), &device).unwrap();
+    let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
     let data_cfg = DataConfig {
         train: train_path,
         images,
@@ -328,7 +293,8 @@ fn training_changes_only_the_adapters() {
         caption_prompt: None,
         max_examples: Some(12),
     };
-    let data = train_data(&fixture(), &dense.config, &dense.model, &data_cfg).unwrap();
+    let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
+    let data = train_data(processor, &data_cfg).unwrap();
     let cfg = TrainConfig {
         steps: 4,
         batch_size: 3,
@@ -345,16 +311,17 @@ fn training_changes_only_the_adapters() {
         &device,
     )
     .unwrap();
-    let snapshot = |m: &ressa_models::InstructBlip<AD>| -> Vec<(String, Vec<f32>)> {
-        m.export()
+    let snapshot = |m: &T5<AD>| -> Vec<(String, Vec<f32>)> {
+        export_tensors(m, m.param_keys())
+            .unwrap()
             .into_iter()
             .map(|(k, t)| (k, t.to_f32()))
             .collect()
     };
-    let mut model = model;
+    let model = model;
     let before = snapshot(&model);
-    let adapters_before = ressa_train::trainer::adapter_tensors(&mut model);
-    let (mut model, report) = train(model, &data, &cfg, None, false, &device, &mut |_| {}).unwrap();
+    let adapters_before = ressa_train::trainer::adapter_tensors(&model);
+    let (model, report) = train(model, &data, &cfg, None, false, &device, &mut |_| {}).unwrap();
     assert_eq!(report.steps, 4);
     let after = snapshot(&model);
     assert_eq!(before.len(), after.len());
@@ -364,7 +331,7 @@ fn training_changes_only_the_adapters() {
             "{k} changed"
         );
     }
-    let adapters_after = ressa_train::trainer::adapter_tensors(&mut model);
+    let adapters_after = ressa_train::trainer::adapter_tensors(&model);
     let unchanged: Vec<&String> = adapters_before
         .iter()
         .filter(|(k, v)| adapters_after[*k].1 == v.1)
@@ -385,13 +352,14 @@ fn training_changes_only_the_adapters() {
 }
 
 fn dense_last_qformer_layer() -> usize {
-    let cfg = ressa_models::ModelConfig::from_file(&fixture().join("config.json")).unwrap();
+    let cfg = <T5<B> as VisionLanguageModel<B>>::Config::from_file(&fixture().join("config.json"))
+        .unwrap();
     cfg.qformer.num_hidden_layers - 1
 }
 
 fn prune_llama(out: &Path, pattern: SparsityPattern) -> BTreeMap<String, ressa_sparse::Mask> {
     let dir = fixture().join("../instructblip-llama-gqa");
-    let mut pretrained = Pretrained::<B>::load(&dir, &Default::default()).unwrap();
+    let mut pretrained = Pretrained::<B, Llama<B>>::load(&dir, &Default::default()).unwrap();
     let cfg = CalibrationConfig {
         method: Method::Magnitude,
         pattern,
@@ -435,14 +403,15 @@ fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
         max_examples: None,
     };
 
-    // Loss positions: the caption and its eos only, right after the prompt.
+    // Targets: the caption and its eos only (no bos), teacher-forced right after the prompt.
     let device = Default::default();
-    let dense = Pretrained::<B>::load(&dense_dir, &device).unwrap();
-    let td = train_data(&dense_dir, &dense.config, &dense.model, &data).unwrap();
+    let dense = Pretrained::<B, Llama<B>>::load(&dense_dir, &device).unwrap();
+    let processor = Processor::for_model(&dense_dir, &dense.model).unwrap();
+    let td = train_data(processor.clone(), &data).unwrap();
     let loader = ressa_data::loader::Loader::new(
         td.train.clone(),
-        ressa_data::loader::ImageTransform::Eval(td.processor.clone()),
-        td.texts.clone(),
+        ressa_data::loader::ImageTransform::Eval(processor.image.clone()),
+        processor.texts(true),
         ressa_data::loader::LoaderConfig {
             batch_size: 3,
             ..Default::default()
@@ -450,40 +419,63 @@ fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
     )
     .unwrap();
     let batch = loader.into_iter().next().unwrap().unwrap();
-    let tb = to_tensors::<B>(&batch, &dense.model, td.ids, &device).unwrap();
-    let q = dense.model.query_tokens.dims()[1];
+    let tb = TrainBatch::<B>::new(&processor, &dense.model, &batch, &device).unwrap();
     let tok = TextTokenizer::from_file(&dense_dir.join("tokenizer.json")).unwrap();
-    let mask = host(tb.mask.clone());
-    let targets = host(tb.targets.clone().float());
-    let width = tb.mask.dims()[1];
+    let forced = teacher_forced(&dense.model, &tb.inputs, &tb.targets).unwrap();
+    let [_, t, vocab] = forced.logits.dims();
+    let forced_logits = host(forced.logits);
+    let forced_mask = host(forced.mask);
+    let eos = dense.model.language_model().special_tokens().eos;
     for (r, &i) in batch.indices.iter().enumerate() {
         let ex = &td.train[i];
-        let prompt = tok.encode(&ex.text_input).unwrap();
         let mut caption = tok.encode(ex.text_output.as_ref().unwrap()).unwrap();
         assert_eq!(caption[0], 1, "the fixture tokenizer adds <s>");
         caption.remove(0);
-        caption.push(2);
-        let start = q + prompt.len() - 1;
-        let row = &mask[r * width..(r + 1) * width];
-        let expect: Vec<f32> = (0..width)
-            .map(|p| {
-                if p >= start && p < start + caption.len() {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        caption.push(eos);
         assert_eq!(
-            row,
-            expect.as_slice(),
+            tb.targets[r], caption,
             "row {r}: loss must cover the caption + eos only"
         );
-        let got: Vec<u32> = targets[r * width + start..r * width + start + caption.len()]
+        let ones = forced_mask[r * t..(r + 1) * t]
             .iter()
-            .map(|&v| v as u32)
-            .collect();
-        assert_eq!(got, caption);
+            .filter(|&&m| m == 1.0)
+            .count();
+        assert_eq!(ones, caption.len(), "row {r}: loss positions");
+        // Position j of the forced logits is the plain forward's logit right before
+        // target token j, with the prompt and the caption's first j tokens before it.
+        let row_inputs = processor
+            .training_batch::<B, _>(&dense.model, &batch, &device)
+            .unwrap()
+            .0;
+        let ids = row_inputs.input_ids.clone().narrow(0, r, 1);
+        let m = row_inputs.attention_mask.clone().narrow(0, r, 1);
+        let len = host(m.clone()).iter().filter(|&&v| v == 1.0).count();
+        let single = ressa_models::VlmInputs {
+            pixel_values: row_inputs.pixel_values.clone().narrow(0, r, 1),
+            qformer_text: row_inputs
+                .qformer_text
+                .clone()
+                .map(|(q, qm)| (q.narrow(0, r, 1), qm.narrow(0, r, 1))),
+            input_ids: ids.slice([0..1, 0..len]),
+            attention_mask: m.slice([0..1, 0..len]),
+        };
+        let cont = ressa_models::nn::ids_tensor::<B>(&[caption.clone()], &device);
+        let full = host(logits(&dense.model, &single, Some(cont)).unwrap());
+        let total = full.len() / vocab;
+        for j in 0..caption.len() {
+            let p = total - caption.len() - 1 + j;
+            let a = &full[p * vocab..(p + 1) * vocab];
+            let b = &forced_logits[(r * t + j) * vocab..(r * t + j + 1) * vocab];
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d < 1e-4,
+                "row {r} target {j}: forced vs plain logits differ by {d}"
+            );
+        }
     }
 
     let cfg = RepairConfig {
@@ -512,7 +504,7 @@ fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
         last.loss
     );
     assert_eq!(report.exact_sparsity, masks.len());
-    let merged = Pretrained::<B>::load(&cfg.out, &device).unwrap();
+    let merged = Pretrained::<B, Llama<B>>::load(&cfg.out, &device).unwrap();
     let mut model = merged.model;
     let mut checked = 0;
     for_each_linear_mut(&mut model, |name, _, linear| {

@@ -5,19 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
 use burn::prelude::*;
-use ressa_data::image::ImageProcessorConfig;
 use ressa_data::lavis::{image_path, read_nocaps_eval, read_vqa_train};
-use ressa_data::loader::{Example, ImageTransform, Loader, LoaderConfig, TextEncoder, Texts};
+use ressa_data::loader::{Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::prompts::{CAPTION_PROMPT, MAX_WORDS, pre_question, vqa_prompt};
-use ressa_data::text::TextTokenizer;
 use ressa_eval::vqa::{GtAnswer, gqa_question_accuracy, vqa_question_accuracy};
-use ressa_models::generate::{GenerationConfig, SpecialTokens, generate, strip_special};
-use ressa_models::nn::ids_tensor;
-use ressa_models::{Pretrained, VlmInputs};
+use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_report::results::{Metrics, TaskMetrics, TypeScore};
 use serde::Deserialize;
 
@@ -301,48 +297,18 @@ fn mean(it: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Greedy generation for `examples`, decoded.
-fn answers<B: Backend>(
-    model: &Pretrained<B>,
+fn answers<B: Backend, M: VisionLanguageModel<B>>(
+    model: &Pretrained<B, M>,
     examples: Vec<Example>,
     max_new_tokens: usize,
     batch_size: usize,
     device: &B::Device,
 ) -> Result<Vec<String>> {
-    let dir = &model.dir;
-    let processor = ImageProcessorConfig::from_file_for(
-        &dir.join("preprocessor_config.json"),
-        model.config.vision.image_size,
-    )?;
-    let tok = Arc::new(TextTokenizer::from_file(&dir.join("tokenizer.json"))?);
-    let qtok = Arc::new(
-        TextTokenizer::from_file(&dir.join("qformer_tokenizer/tokenizer.json"))?
-            .with_truncation(model.config.qformer.max_position_embeddings, true)?,
-    );
-    let t5 = model.config.text.as_t5().ok_or_else(|| {
-        anyhow!(
-            "{}: text_config: the experiment runner evaluates T5 language models only",
-            dir.join("config.json").display()
-        )
-    })?;
-    let tokens = SpecialTokens {
-        decoder_start: t5.decoder_start_token(),
-        eos: t5.eos_token(),
-        pad: t5.pad_token(),
-    };
+    let processor = Processor::for_model(&model.dir, &model.model)?;
     let loader = Loader::new(
         examples,
-        ImageTransform::Eval(processor),
-        Texts {
-            input: Some(TextEncoder {
-                tokenizer: tok.clone(),
-                pad: tokens.pad,
-            }),
-            qformer: Some(TextEncoder {
-                tokenizer: qtok,
-                pad: 0,
-            }),
-            output: None,
-        },
+        ImageTransform::Eval(processor.image.clone()),
+        processor.texts(false),
         LoaderConfig {
             batch_size,
             ..Default::default()
@@ -355,26 +321,10 @@ fn answers<B: Backend>(
     let mut out = Vec::new();
     for batch in loader {
         let batch = batch?;
-        let b = batch.len();
-        let (h, w) = batch.image_size;
-        let input = batch.input.as_ref().expect("prompt tokens");
-        let q = batch.qformer.as_ref().expect("Q-Former tokens");
-        let mask = |rows: &Vec<Vec<u32>>| {
-            let l = rows[0].len();
-            let v: Vec<f32> = rows.iter().flatten().map(|&m| m as f32).collect();
-            Tensor::<B, 2>::from_data(TensorData::new(v, [rows.len(), l]), device)
-        };
-        let inputs = VlmInputs {
-            pixel_values: Tensor::from_data(
-                TensorData::new(batch.pixel_values.clone(), [b, 3, h, w]),
-                device,
-            ),
-            qformer_text: Some((ids_tensor::<B>(&q.ids, device), mask(&q.mask))),
-            input_ids: ids_tensor::<B>(&input.ids, device),
-            attention_mask: mask(&input.mask),
-        };
-        for seq in generate(&model.model, &inputs, &gen_cfg, tokens) {
-            out.push(tok.decode(&strip_special(&seq, tokens))?.trim().to_string());
+        let inputs = processor.batch_inputs::<B>(&batch, device)?;
+        let generated = generate(&model.model, &inputs, &gen_cfg)?;
+        for r in 0..batch.len() {
+            out.push(processor.decode(&generated.answer(r))?.trim().to_string());
         }
     }
     Ok(out)
@@ -382,8 +332,8 @@ fn answers<B: Backend>(
 
 /// Every task's scores of `model`; the headline VQA accuracy is the first VQA task's, CIDEr-D
 /// and BLEU-4 the first caption task's.
-pub fn evaluate<B: Backend>(
-    model: &Pretrained<B>,
+pub fn evaluate<B: Backend, M: VisionLanguageModel<B>>(
+    model: &Pretrained<B, M>,
     test: &TestSet,
     eval: &Eval,
     device: &B::Device,

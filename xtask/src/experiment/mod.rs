@@ -15,17 +15,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use burn::backend::{Autodiff, Flex};
-use burn::prelude::*;
+use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
-use ressa_data::image::{ImageProcessorConfig, load_rgb};
 use ressa_data::shapes;
-use ressa_data::text::TextTokenizer;
-use ressa_models::instructblip::{
+use ressa_models::pretrained::{
     save_model_dir, save_model_dir_with, write_initial_checkpoint, write_random_checkpoint,
 };
-use ressa_models::nn::ids_tensor;
 use ressa_models::prunable::{BlockOptions, CalibrationSample};
-use ressa_models::{ModelConfig, Pretrained, VlmInputs};
+use ressa_models::{
+    AutodiffFamilyVisitor, FamilyConfig, Pretrained, Processor, VisionLanguageModel,
+    visit_family_autodiff,
+};
 use ressa_prune::calibrate::{
     Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
 };
@@ -185,13 +185,25 @@ fn data(cfg: &ExperimentConfig, cache: &Path) -> Result<(PathBuf, String)> {
     Ok((dir, key))
 }
 
+/// The dense model's `config.json` (given, or the one it is trained from).
+fn dense_config_path(cfg: &ExperimentConfig) -> PathBuf {
+    match &cfg.model.dir {
+        Some(dir) => dir.join("config.json"),
+        None => cfg.model.train_config.clone().expect("validated"),
+    }
+}
+
 /// The dense model directory (trained from scratch if asked) and its hash.
-fn dense(
+fn dense<M>(
     cfg: &ExperimentConfig,
     data: &Path,
     data_key: &str,
     cache: &Path,
-) -> Result<(PathBuf, String)> {
+) -> Result<(PathBuf, String)>
+where
+    M: VisionLanguageModel<AD> + AutodiffModule<AD>,
+    M::InnerModule: VisionLanguageModel<B, Config = M::Config>,
+{
     if let Some(dir) = &cfg.model.dir {
         return Ok((dir.clone(), hash(&[dir.to_string_lossy().as_bytes()])));
     }
@@ -224,29 +236,35 @@ fn dense(
             std::fs::copy(data.join(f), init.join(f))?;
         }
     }
-    copy_dir(
-        &data.join("qformer_tokenizer"),
-        &init.join("qformer_tokenizer"),
-    )?;
-    let model_cfg = ModelConfig::from_file(&init.join("config.json"))?;
+    if data.join("qformer_tokenizer").is_dir() {
+        copy_dir(
+            &data.join("qformer_tokenizer"),
+            &init.join("qformer_tokenizer"),
+        )?;
+    }
+    let model_cfg = M::Config::from_file(&init.join("config.json"))?;
     let device = Default::default();
     match cfg.model.init_scale {
-        Some(scale) => write_random_checkpoint::<B>(
+        Some(scale) => write_random_checkpoint::<B, M::InnerModule>(
             &model_cfg,
             &init,
             cfg.model.pretrain.seed,
             scale,
             &device,
         )?,
-        None => write_initial_checkpoint::<B>(&model_cfg, &init, cfg.model.pretrain.seed, &device)?,
+        None => write_initial_checkpoint::<B, M::InnerModule>(
+            &model_cfg,
+            &init,
+            cfg.model.pretrain.seed,
+            &device,
+        )?,
     }
-    let pretrained = Pretrained::<AD>::load(&init, &device)?;
+    let pretrained = Pretrained::<AD, M>::load_with(&init, model_cfg, &device)?;
     let ann = data.join("annotations");
     let images = data.join("images");
+    let processor = Processor::for_model(&init, &pretrained.model)?;
     let mut td = train_data(
-        &init,
-        &pretrained.config,
-        &pretrained.model,
+        processor,
         &DataConfig {
             train: ann.join("vqa_train.json"),
             images: images.clone(),
@@ -254,17 +272,13 @@ fn dense(
             caption_prompt: None,
             max_examples: None,
         },
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     // Captions and VQA mixed, as InstructBLIP's instruction tuning.
-    td.train.extend(
-        read_examples(
-            &ann.join("caption_train.json"),
-            &images,
-            ressa_data::prompts::CAPTION_PROMPT,
-        )
-        .map_err(|e| anyhow!(e))?,
-    );
+    td.train.extend(read_examples(
+        &ann.join("caption_train.json"),
+        &images,
+        ressa_data::prompts::CAPTION_PROMPT,
+    )?);
     let p = bar(cfg.model.pretrain.steps, "training the dense model");
     let t = Instant::now();
     let (model, tail) = ressa_train::pretrain::pretrain(
@@ -295,8 +309,7 @@ fn dense(
                 }
             }
         },
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     p.finish_and_clear();
     tracing::info!(
         seconds = t.elapsed().as_secs_f64(),
@@ -308,52 +321,33 @@ fn dense(
     Ok((dir, key))
 }
 
-/// The first `n` training questions as calibration samples (prompt → T5 encoder and
-/// Q-Former; answer → teacher-forced decoder).
-fn calibration(dense: &Pretrained<B>, data: &Path, n: usize) -> Result<Vec<CalibrationSample<B>>> {
+/// The first `n` training questions as calibration samples (the prompt → the language model
+/// and the Q-Former; the answer teacher-forced after it).
+fn calibration<M: VisionLanguageModel<B>>(
+    dense: &Pretrained<B, M>,
+    data: &Path,
+    n: usize,
+) -> Result<Vec<CalibrationSample<B>>> {
     let device = Default::default();
     let ann = data.join("annotations/vqa_train.json");
-    let examples = read_examples(&ann, &data.join("images"), "").map_err(|e| anyhow!(e))?;
-    let processor = ImageProcessorConfig::from_file_for(
-        &dense.dir.join("preprocessor_config.json"),
-        dense.config.vision.image_size,
-    )?;
-    let tok = TextTokenizer::from_file(&dense.dir.join("tokenizer.json"))?;
-    let qtok = TextTokenizer::from_file(&dense.dir.join("qformer_tokenizer/tokenizer.json"))?;
-    let t5 = dense.config.text.as_t5().ok_or_else(|| {
-        anyhow!(
-            "{}: text_config: the experiment runner calibrates T5 language models only",
-            dense.dir.join("config.json").display()
-        )
-    })?;
-    let (h, w) = processor.output_size();
+    let examples = read_examples(&ann, &data.join("images"), "")?;
+    let processor = Processor::for_model(&dense.dir, &dense.model)?;
     let mut out = Vec::new();
     for ex in examples.iter().take(n) {
-        let pixels = processor.preprocess(&load_rgb(&ex.image)?);
-        let prompt = tok.encode(&ex.text_input)?;
-        let q = qtok.encode(&ex.text_input)?;
-        let target = tok.encode(ex.text_output.as_deref().unwrap_or(""))?;
-        let mut dec = vec![t5.decoder_start_token()];
-        dec.extend(&target[..target.len().saturating_sub(1)]);
-        out.push(CalibrationSample {
-            inputs: VlmInputs {
-                pixel_values: Tensor::from_data(TensorData::new(pixels, [1, 3, h, w]), &device),
-                qformer_text: Some((
-                    ids_tensor::<B>(std::slice::from_ref(&q), &device),
-                    Tensor::ones([1, q.len()], &device),
-                )),
-                input_ids: ids_tensor::<B>(std::slice::from_ref(&prompt), &device),
-                attention_mask: Tensor::ones([1, prompt.len()], &device),
-            },
-            decoder_input_ids: ids_tensor::<B>(&[dec], &device),
-        });
+        out.push(processor.calibration_sample(
+            &dense.model,
+            &ex.image,
+            &ex.text_input,
+            ex.text_output.as_deref().unwrap_or(""),
+            &device,
+        )?);
     }
     Ok(out)
 }
 
 /// Runs one cell: prune, score, optionally RESSA and score again.
 #[allow(clippy::too_many_arguments)]
-fn run_cell(
+fn run_cell<M>(
     spec: &CellSpec,
     id: &str,
     cfg: &ExperimentConfig,
@@ -362,7 +356,11 @@ fn run_cell(
     samples: &[CalibrationSample<B>],
     test: &TestSet,
     scratch: &Path,
-) -> Result<Cell> {
+) -> Result<Cell>
+where
+    M: VisionLanguageModel<AD> + AutodiffModule<AD>,
+    M::InnerModule: VisionLanguageModel<B, Config = M::Config>,
+{
     let t = Instant::now();
     let device = Default::default();
     if scratch.exists() {
@@ -376,7 +374,7 @@ fn run_cell(
         .pattern
         .parse()
         .map_err(|e| anyhow!("pattern {}: {e}", spec.pattern))?;
-    let mut pretrained = Pretrained::<B>::load(dense_dir, &device)?;
+    let mut pretrained = Pretrained::<B, M::InnerModule>::load(dense_dir, &device)?;
     let calib = CalibrationConfig {
         method,
         pattern,
@@ -431,8 +429,8 @@ fn run_cell(
             checkpoints: Some(scratch.join("checkpoints")),
         };
         let r0 = Instant::now();
-        let report = repair::<AD>(&rc, false, &device, &mut |_| {}).map_err(|e| anyhow!(e))?;
-        let repaired = Pretrained::<B>::load(&rc.out, &device)?;
+        let report = repair::<AD>(&rc, false, &device, &mut |_| {})?;
+        let repaired = Pretrained::<B, M::InnerModule>::load(&rc.out, &device)?;
         let metrics = evaluate(&repaired, test, &cfg.eval, &device)?;
         let v = &report.train.validations;
         ressa = Some(Ressa {
@@ -462,6 +460,106 @@ fn run_cell(
     })
 }
 
+/// The study's model-dependent part, for the dense model's family.
+struct Study<'a> {
+    cfg: &'a ExperimentConfig,
+    data_dir: &'a Path,
+    data_key: &'a str,
+    cache: &'a Path,
+    test: &'a TestSet,
+    timings: &'a mut BTreeMap<String, f64>,
+}
+
+impl AutodiffFamilyVisitor<AD> for Study<'_> {
+    type Output = Result<(Metrics, Metrics, Vec<Cell>)>;
+
+    fn visit<M>(self, _config: M::Config) -> Self::Output
+    where
+        M: VisionLanguageModel<AD> + AutodiffModule<AD>,
+        M::InnerModule: VisionLanguageModel<B, Config = M::Config>,
+    {
+        let Study {
+            cfg,
+            data_dir,
+            data_key,
+            cache,
+            test,
+            timings,
+        } = self;
+        let (data_dir, data_key) = (data_dir.to_path_buf(), data_key.to_string());
+        let t = Instant::now();
+        let (dense_dir, dense_key) = dense::<M>(cfg, &data_dir, &data_key, cache)?;
+        timings.insert("dense_model_s".to_string(), t.elapsed().as_secs_f64());
+
+        let device = Default::default();
+        let eval_key = hash(&[EVAL_VERSION, &json(&cfg.eval), data_key.as_bytes()]);
+        let dense_metrics_path = cache.join(format!("dense-{dense_key}-eval-{eval_key}.json"));
+        let t = Instant::now();
+        let dense_model = Pretrained::<B, M::InnerModule>::load(&dense_dir, &device)?;
+        let dense_metrics: Metrics = match std::fs::read(&dense_metrics_path) {
+            Ok(b) => serde_json::from_slice(&b)?,
+            Err(_) => {
+                let m = evaluate(&dense_model, test, &cfg.eval, &device)?;
+                write_atomic(&dense_metrics_path, &json(&m))?;
+                m
+            }
+        };
+        timings.insert("dense_eval_s".to_string(), t.elapsed().as_secs_f64());
+        tracing::info!(?dense_metrics, "dense model");
+        let chance = test.blind_baseline(&data_dir)?;
+        let samples = calibration(&dense_model, &data_dir, cfg.calibration.samples)?;
+        drop(dense_model);
+
+        let specs = cells(cfg)?;
+        let progress = bar(specs.len() as u64, "cells");
+        let mut done = Vec::new();
+        let t = Instant::now();
+        let (mut reused, mut ran) = (0, 0);
+        for spec in &specs {
+            let ressa_json = if spec.ressa {
+                json(&cfg.ressa)
+            } else {
+                Vec::new()
+            };
+            let id = hash(&[
+                b"cell",
+                dense_key.as_bytes(),
+                eval_key.as_bytes(),
+                &json(spec),
+                &json(&cfg.calibration),
+                &ressa_json,
+            ]);
+            let path = cache.join(format!("cell-{id}.json"));
+            progress.set_message(format!(
+                "{} {} v{:.2} l{:.2}",
+                spec.method, spec.pattern, spec.vision, spec.language
+            ));
+            let cell: Cell = match std::fs::read(&path) {
+                Ok(b) => {
+                    reused += 1;
+                    serde_json::from_slice(&b).with_context(|| path.display().to_string())?
+                }
+                Err(_) => {
+                    let scratch = cache.join(format!("cell-{id}"));
+                    let cell = run_cell::<M>(
+                        spec, &id, cfg, &dense_dir, &data_dir, &samples, test, &scratch,
+                    )?;
+                    write_atomic(&path, &json(&cell))?;
+                    ran += 1;
+                    cell
+                }
+            };
+            progress.inc(1);
+            done.push(cell);
+        }
+        progress.finish_and_clear();
+        timings.insert("cells_s".to_string(), t.elapsed().as_secs_f64());
+        tracing::info!(ran, reused, "cells");
+
+        Ok((dense_metrics, chance, done))
+    }
+}
+
 pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
     let start = Instant::now();
     let mut cfg = ExperimentConfig::from_file(config_path)?;
@@ -479,75 +577,17 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
     // The tasks are read before the dense model is trained: a bad task fails in seconds.
     let test = TestSet::load(&data_dir, &cfg.eval)
         .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
-    let t = Instant::now();
-    let (dense_dir, dense_key) = dense(&cfg, &data_dir, &data_key, &cache)?;
-    timings.insert("dense_model_s".to_string(), t.elapsed().as_secs_f64());
-
-    let device = Default::default();
-    let eval_key = hash(&[EVAL_VERSION, &json(&cfg.eval), data_key.as_bytes()]);
-    let dense_metrics_path = cache.join(format!("dense-{dense_key}-eval-{eval_key}.json"));
-    let t = Instant::now();
-    let dense_model = Pretrained::<B>::load(&dense_dir, &device)?;
-    let dense_metrics: Metrics = match std::fs::read(&dense_metrics_path) {
-        Ok(b) => serde_json::from_slice(&b)?,
-        Err(_) => {
-            let m = evaluate(&dense_model, &test, &cfg.eval, &device)?;
-            write_atomic(&dense_metrics_path, &json(&m))?;
-            m
-        }
+    let study = Study {
+        cfg: &cfg,
+        data_dir: &data_dir,
+        data_key: &data_key,
+        cache: &cache,
+        test: &test,
+        timings: &mut timings,
     };
-    timings.insert("dense_eval_s".to_string(), t.elapsed().as_secs_f64());
-    tracing::info!(?dense_metrics, "dense model");
-    let chance = test.blind_baseline(&data_dir)?;
-    let samples = calibration(&dense_model, &data_dir, cfg.calibration.samples)?;
-    drop(dense_model);
-
-    let specs = cells(&cfg)?;
-    let progress = bar(specs.len() as u64, "cells");
-    let mut done = Vec::new();
-    let t = Instant::now();
-    let (mut reused, mut ran) = (0, 0);
-    for spec in &specs {
-        let ressa_json = if spec.ressa {
-            json(&cfg.ressa)
-        } else {
-            Vec::new()
-        };
-        let id = hash(&[
-            b"cell",
-            dense_key.as_bytes(),
-            eval_key.as_bytes(),
-            &json(spec),
-            &json(&cfg.calibration),
-            &ressa_json,
-        ]);
-        let path = cache.join(format!("cell-{id}.json"));
-        progress.set_message(format!(
-            "{} {} v{:.2} l{:.2}",
-            spec.method, spec.pattern, spec.vision, spec.language
-        ));
-        let cell: Cell = match std::fs::read(&path) {
-            Ok(b) => {
-                reused += 1;
-                serde_json::from_slice(&b).with_context(|| path.display().to_string())?
-            }
-            Err(_) => {
-                let scratch = cache.join(format!("cell-{id}"));
-                let cell = run_cell(
-                    spec, &id, &cfg, &dense_dir, &data_dir, &samples, &test, &scratch,
-                )?;
-                write_atomic(&path, &json(&cell))?;
-                ran += 1;
-                cell
-            }
-        };
-        progress.inc(1);
-        done.push(cell);
-    }
-    progress.finish_and_clear();
-    timings.insert("cells_s".to_string(), t.elapsed().as_secs_f64());
+    let (dense_metrics, chance, done) =
+        visit_family_autodiff::<AD, _>(&dense_config_path(&cfg), study)??;
     timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
-    tracing::info!(ran, reused, "cells");
 
     let results = Results {
         schema: "ressa-experiment/1".into(),

@@ -1,0 +1,117 @@
+//! Where commands write: never over or into an input, never half a file.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+/// The absolute, symlink-resolved form of `p` (its parent resolved when `p` does not exist).
+fn resolve(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (parent.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+/// Refuses an output `out` (flag `flag`) that is one of `inputs`, lies inside an input
+/// directory, or holds an input.
+pub fn refuse_alias(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    check(flag, out, inputs, true)
+}
+
+/// [`refuse_alias`] for inputs beside which outputs may live (an image root, a data list's
+/// directory): `out` is neither one of them nor holds one.
+pub fn refuse_overwrite(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    check(flag, out, inputs, false)
+}
+
+fn check(flag: &str, out: &Path, inputs: &[(&str, &Path)], not_inside: bool) -> Result<()> {
+    let o = resolve(out);
+    for (what, input) in inputs {
+        let i = resolve(input);
+        if o == i {
+            bail!(
+                "{flag} {}: is the {what}; inputs are never overwritten",
+                out.display()
+            );
+        }
+        if not_inside && i.is_dir() && o.starts_with(&i) {
+            bail!(
+                "{flag} {}: lies inside the {what} {}; write outputs elsewhere",
+                out.display(),
+                input.display()
+            );
+        }
+        if o.is_dir() && i.starts_with(&o) {
+            bail!(
+                "{flag} {}: holds the {what} {}; write outputs elsewhere",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a hidden temporary sibling of `path` and renames it over `path`.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_refused_and_siblings_allowed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let inputs = tmp.path().join("in.safetensors");
+        std::fs::write(&inputs, b"x").unwrap();
+        let given = [("model", model.as_path()), ("inputs", inputs.as_path())];
+        assert!(refuse_alias("--out", &inputs, &given).is_err());
+        assert!(refuse_alias("--out", &model.join("model.safetensors"), &given).is_err());
+        assert!(refuse_alias("--out", tmp.path(), &given).is_err());
+        // The same file through `..` is still the input.
+        let dotted = model.join("..").join("in.safetensors");
+        assert!(refuse_alias("--out", &dotted, &given).is_err());
+        assert!(refuse_alias("--out", &tmp.path().join("logits.safetensors"), &given).is_ok());
+        let images = [("image directory", tmp.path())];
+        assert!(refuse_overwrite("--out", &tmp.path().join("out"), &images).is_ok());
+        assert!(refuse_overwrite("--out", tmp.path(), &images).is_err());
+        write_file_atomically(&tmp.path().join("o.bin"), b"ok").unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("o.bin")).unwrap(), b"ok");
+        let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(names.len(), 3, "no temporary file left");
+    }
+}
