@@ -237,3 +237,33 @@ max_caption_tokens = 4
     assert!(ressa.loss_before.is_finite() && ressa.loss_after.is_finite());
     assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
 }
+
+/// CI's reduced form of `configs/shapes-tiny-llama.toml`: the LLaMA toy trained from scratch,
+/// pruned (grid + one-tower cells), repaired and scored.
+#[test]
+fn the_llama_toy_study_runs_in_its_reduced_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("study");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment", "configs/shapes-ci-llama.toml", "--work-dir"])
+        .arg(&work)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: ressa_report::results::Results =
+        serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
+    results.validate().unwrap();
+    // 2 methods × (50 %, 2:4), 1 language-only + 1 vision-only.
+    assert_eq!(results.cells.len(), 6);
+    assert_eq!(
+        results.cells.iter().filter(|c| c.ressa.is_some()).count(),
+        4
+    );
+    for c in results.cells.iter().filter_map(|c| c.ressa.as_ref()) {
+        assert_eq!(c.steps, 2);
+        assert!(c.loss_before.is_finite() && c.loss_after.is_finite());
+    }
+    assert!(work.join("report.md").exists());
+}

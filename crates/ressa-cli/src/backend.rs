@@ -136,3 +136,17 @@ pub fn run_model_job<J: ModelJob>(
         )?
     })
 }
+
+static REVISION: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// `--revision`, for [`model_dir`].
+pub fn set_revision(revision: Option<String>) {
+    let _ = REVISION.set(revision);
+}
+
+/// A model given as a directory, or as a repo id in the local Hugging Face cache (at
+/// `--revision`).
+pub fn model_dir(spec: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let revision = REVISION.get().and_then(|r| r.as_deref());
+    Ok(ressa_models::resolve_model_dir(spec, revision)?)
+}

@@ -246,7 +246,8 @@ fn to_eval_id(id: &Id) -> ressa_eval::Id {
     }
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     if args.sparse_kernels {
         kind.check_sparse_kernels()?;
     }

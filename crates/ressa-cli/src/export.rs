@@ -52,7 +52,8 @@ pub struct Args {
     pub format: Format,
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
     export(kind, &args)
 }

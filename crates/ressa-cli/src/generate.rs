@@ -61,7 +61,8 @@ impl Args {
     }
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     if args.prompt.trim().is_empty() {
         bail!(
             "--prompt is empty: give an instruction, e.g. \"Question: what is in the picture? Short answer:\""

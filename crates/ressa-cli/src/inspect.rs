@@ -23,7 +23,8 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     let dir = args.model.clone();
     run_model_job(kind, &dir, args)
 }

@@ -38,7 +38,8 @@ pub struct Args {
     out: PathBuf,
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     refuse_alias(
         "--out",
         &args.out,

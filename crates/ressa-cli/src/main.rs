@@ -28,6 +28,10 @@ struct Cli {
     /// Compute backend (those compiled in through cargo features).
     #[arg(long, value_enum, default_value_t = BackendKind::default(), global = true)]
     backend: BackendKind,
+    /// Revision (branch, tag or commit) of a `--model`/`--dense` given as a repo id
+    /// (`org/name`) found in the local Hugging Face cache; default `main`.
+    #[arg(long, global = true)]
+    revision: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    backend::set_revision(cli.revision.clone());
     let result = match cli.command {
         Command::Generate(args) => generate::run(cli.backend, args),
         Command::Logits(args) => logits::run(cli.backend, args),

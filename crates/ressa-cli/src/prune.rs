@@ -14,7 +14,8 @@ use ressa_models::pretrained::save_model_dir_with;
 use ressa_models::prunable::{BlockOptions, CalibrationSample, Tower};
 use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_prune::calibrate::{
-    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune_with,
+    Allocation, AllocationKind, CalibrationConfig, Propagation, TowerSparsity,
+    calibrate_and_prune_with,
 };
 use ressa_prune::{ComparisonGroup, Method, OwlConfig};
 use ressa_sparse::SparsityPattern;
@@ -27,9 +28,8 @@ pub struct Args {
     /// HF model directory to prune.
     #[arg(long)]
     model: PathBuf,
-    /// magnitude | wanda | sparsegpt | dsnot
-    #[arg(long)]
-    method: String,
+    #[arg(long, value_enum)]
+    method: Method,
     /// Fraction of weights removed in the vision and language towers (the paper's V+L);
     /// the Q-Former stays dense unless --qformer is given.
     #[arg(long)]
@@ -46,9 +46,9 @@ pub struct Args {
     /// Language model sparsity (overrides --sparsity; 0 leaves it dense).
     #[arg(long)]
     language: Option<f64>,
-    /// uniform | owl
-    #[arg(long, default_value = "uniform")]
-    allocation: String,
+    /// How a tower's sparsity is spread over its blocks.
+    #[arg(long, value_enum, default_value_t = AllocationKind::Uniform)]
+    allocation: AllocationKind,
     /// OWL outlier threshold M.
     #[arg(long, default_value_t = 5.0)]
     owl_m: f64,
@@ -70,13 +70,13 @@ pub struct Args {
     /// Seed of the caption prefix split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// pruned (inputs of later blocks from the pruned blocks) | dense (RESSA path)
-    #[arg(long, default_value = "pruned")]
-    propagation: String,
-    /// Wanda's comparison group for every tower: per-output | per-matrix (default: per matrix
-    /// for the vision tower, per output elsewhere, as the reference).
-    #[arg(long)]
-    wanda_group: Option<String>,
+    /// Inputs of later blocks from the pruned blocks, or from the dense ones (RESSA path).
+    #[arg(long, value_enum, default_value_t = Propagation::Pruned)]
+    propagation: Propagation,
+    /// Wanda's comparison group for every tower (default: per matrix for the vision tower, per
+    /// output elsewhere, as the reference).
+    #[arg(long, value_enum)]
+    wanda_group: Option<ComparisonGroup>,
     /// Reproduce the reference's calibration of T5 blocks ≥ 1 without relative position bias.
     #[arg(long)]
     reference_t5_bias: bool,
@@ -93,7 +93,7 @@ fn check_ratio(name: &str, v: f64) -> Result<f64> {
 }
 
 fn settings(args: &Args) -> Result<CalibrationConfig> {
-    let method: Method = args.method.parse().map_err(|e| anyhow!("--method: {e}"))?;
+    let method = args.method;
     let pattern: SparsityPattern = args
         .pattern
         .parse()
@@ -130,32 +130,17 @@ fn settings(args: &Args) -> Result<CalibrationConfig> {
     if sparsity.vision == 0.0 && sparsity.qformer == 0.0 && sparsity.language == 0.0 {
         bail!("every tower has sparsity 0: nothing to prune");
     }
-    let allocation = match args.allocation.as_str() {
-        "uniform" => Allocation::Uniform,
-        "owl" => Allocation::Owl(OwlConfig {
-            m: args.owl_m,
-            lambda: args.owl_lambda,
-        }),
-        other => bail!("--allocation {other}: expected uniform or owl"),
-    };
-    let propagation = match args.propagation.as_str() {
-        "pruned" => Propagation::Pruned,
-        "dense" => Propagation::Dense,
-        other => bail!("--propagation {other}: expected pruned or dense"),
-    };
-    let wanda_group = match args.wanda_group.as_deref() {
-        None => None,
-        Some("per-output") => Some(ComparisonGroup::PerOutput),
-        Some("per-matrix") => Some(ComparisonGroup::PerMatrix),
-        Some(other) => bail!("--wanda-group {other}: expected per-output or per-matrix"),
-    };
+    let allocation = args.allocation.with(OwlConfig {
+        m: args.owl_m,
+        lambda: args.owl_lambda,
+    });
     Ok(CalibrationConfig {
         method,
         pattern,
         sparsity,
         allocation,
-        propagation,
-        wanda_group,
+        propagation: args.propagation,
+        wanda_group: args.wanda_group,
         dsnot: None,
         block: BlockOptions {
             t5_position_bias_after_block0: !args.reference_t5_bias,
@@ -170,7 +155,8 @@ fn pattern_sparsity(p: SparsityPattern) -> f64 {
     }
 }
 
-pub fn run(kind: BackendKind, args: Args) -> Result<()> {
+pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
+    args.model = crate::backend::model_dir(&args.model)?;
     let cfg = settings(&args)?;
     if args.out.exists()
         && std::fs::read_dir(&args.out)
@@ -183,6 +169,21 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
         );
     }
     refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
+    // Validated before the model is read: what needs calibration data has it.
+    let needs = if cfg.method != Method::Magnitude {
+        Some(format!("--method {}", cfg.method))
+    } else if matches!(cfg.allocation, Allocation::Owl(_)) {
+        Some("--allocation owl".to_string())
+    } else {
+        None
+    };
+    if let Some(what) = needs
+        && (args.calibration.is_none() || args.images.is_none())
+    {
+        bail!(
+            "{what} needs calibration data: give --calibration ANNOTATIONS.json and --images DIR"
+        );
+    }
     if let Some(c) = &args.calibration {
         refuse_overwrite("--out", &args.out, &[("calibration list", c)])?;
     }
@@ -217,10 +218,7 @@ fn samples<B: Backend, M: VisionLanguageModel<B>>(
     device: &B::Device,
 ) -> Result<(Vec<CalibrationSample<B>>, usize)> {
     let (Some(annotations), Some(images)) = (&args.calibration, &args.images) else {
-        bail!(
-            "--calibration ANNOTATIONS.json and --images DIR are required for {}",
-            args.method
-        );
+        bail!("--calibration ANNOTATIONS.json and --images DIR are required together");
     };
     let items = read_caption_list(annotations)?;
     let sampler = match args.shuffle_seed {

@@ -164,7 +164,11 @@ fn config(args: Args) -> Result<(RepairConfig, bool)> {
 }
 
 pub fn run(kind: BackendKind, args: Args) -> Result<()> {
-    let (cfg, resume) = config(args)?;
+    let (mut cfg, resume) = config(args)?;
+    cfg.pruned = crate::backend::model_dir(&cfg.pruned)?;
+    if let Some(d) = &cfg.dense {
+        cfg.dense = Some(crate::backend::model_dir(d)?);
+    }
     let mut models: Vec<(&str, &std::path::Path)> = vec![("pruned model directory", &cfg.pruned)];
     if let Some(d) = &cfg.dense {
         models.push(("dense model directory", d));

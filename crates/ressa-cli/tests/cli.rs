@@ -612,3 +612,56 @@ fn sparse_kernels_generate_and_eval_the_same() {
         );
     }
 }
+
+/// `--model org/name` is found in the local Hugging Face cache (`HF_HUB_CACHE` layout: refs
+/// naming a snapshot whose files link to blobs), at `--revision`.
+#[test]
+fn a_repo_id_is_read_from_the_hf_cache() {
+    let src = fixture("blip2-t5");
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--tiny--blip2-t5");
+    let blobs = repo.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (rev, commit) in [("main", "c0ffee"), ("v1", "beef01")] {
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join(rev), format!("{commit}\n")).unwrap();
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                let name = p.file_name().unwrap();
+                let blob = blobs.join(format!("{commit}-{}", name.to_string_lossy()));
+                std::fs::copy(&p, &blob).unwrap();
+                std::os::unix::fs::symlink(&blob, snap.join(name)).unwrap();
+            }
+        }
+    }
+    let run = |extra: &[&str]| {
+        let mut args = vec!["inspect", "--json", "--model", "tiny/blip2-t5"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ressa"))
+            .args(&args)
+            .env("HF_HUB_CACHE", cache.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let direct = ressa(&["inspect", "--json", "--model", s(&src)]);
+    for extra in [&[][..], &["--revision", "v1"], &["--revision", "beef01"]] {
+        let out = run(extra);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, direct.stdout, "{extra:?}");
+    }
+    assert_clean_error(&run(&["--revision", "nope"]), "revision `nope`");
+    let out = Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(["inspect", "--model", "tiny/missing"])
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "tiny/missing");
+}

@@ -31,6 +31,15 @@ pub struct TowerSparsity {
 }
 
 impl TowerSparsity {
+    /// Only the language tower at `s` (a model with one tower, say).
+    pub fn language(s: f64) -> Self {
+        Self {
+            vision: 0.0,
+            qformer: 0.0,
+            language: s,
+        }
+    }
+
     pub fn of(&self, tower: Tower) -> f64 {
         match tower {
             Tower::Vision => self.vision,
@@ -49,8 +58,36 @@ pub enum Allocation {
     Owl(OwlConfig),
 }
 
+/// The kind of an [`Allocation`] (flags and configs; OWL's parameters come separately).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum AllocationKind {
+    Uniform,
+    Owl,
+}
+
+impl AllocationKind {
+    /// The allocation, with `owl`'s parameters for [`AllocationKind::Owl`].
+    pub fn with(self, owl: OwlConfig) -> Allocation {
+        match self {
+            AllocationKind::Uniform => Allocation::Uniform,
+            AllocationKind::Owl => Allocation::Owl(owl),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocationKind::Uniform => "uniform",
+            AllocationKind::Owl => "owl",
+        }
+    }
+}
+
 /// Where the next block's inputs come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Propagation {
     /// Through the pruned block (weights zeroed as soon as the block's masks are known).
     Pruned,
@@ -77,6 +114,22 @@ pub struct CalibrationConfig {
 }
 
 impl CalibrationConfig {
+    /// `method` at `pattern` and `sparsity`, everything else as the reference: uniform
+    /// allocation, inputs through the pruned blocks, the reference's comparison groups and
+    /// DSnoT settings, default block options.
+    pub fn new(method: Method, pattern: SparsityPattern, sparsity: TowerSparsity) -> Self {
+        Self {
+            method,
+            pattern,
+            sparsity,
+            allocation: Allocation::Uniform,
+            propagation: Propagation::Pruned,
+            wanda_group: None,
+            dsnot: None,
+            block: BlockOptions::default(),
+        }
+    }
+
     fn pruner_config(&self, tower: Tower) -> PrunerConfig {
         let mut cfg = PrunerConfig::default_for(self.method);
         match &mut cfg {
@@ -212,6 +265,11 @@ fn collect_stats<B: Backend, M: Prunable<B>>(
 ) -> Result<Vec<Tensor<B, 3>>, CalibrateError> {
     let mut outputs = Vec::with_capacity(inputs.len());
     let mut failure: Option<CalibrateError> = None;
+    let listed: Vec<Arc<str>> = model
+        .block_linears(stack, b)
+        .iter()
+        .map(|l| Arc::clone(&l.key))
+        .collect();
     for input in inputs {
         let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
             if failure.is_some() {
@@ -223,6 +281,13 @@ fn collect_stats<B: Backend, M: Prunable<B>>(
                 key.first()
                     .map_or(block_name.to_string(), |k| k.to_string())
             };
+            // A tap must name the block's own linears: a stray key would prune nothing.
+            if let Some(stray) = key.iter().find(|k| !listed.contains(k)) {
+                failure = Some(CalibrateError::Input(format!(
+                    "{block_name}: the block tapped `{stray}`, which is not one of its prunable linears"
+                )));
+                return;
+            }
             let idx = match groups.iter().position(|(k, _)| *k == key) {
                 Some(i) => i,
                 None => match pruner_cfg.build(d) {
@@ -251,12 +316,12 @@ fn collect_stats<B: Backend, M: Prunable<B>>(
     }
 }
 
-/// [`calibrate_and_prune`] handing every mask to `sink` instead of keeping them, so a whole
-/// model's masks need not be in memory; returns the per-layer report.
 /// Pruned weights held back until their stack ends (dense propagation): stack, block, linear
 /// key, values.
 type Pending<S> = Vec<(S, usize, Arc<str>, Vec<f32>)>;
 
+/// [`calibrate_and_prune`] handing every mask to `sink` instead of keeping them, so a whole
+/// model's masks need not be in memory; returns the per-layer report.
 pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
     model: &mut M,
     samples: &[M::Sample],

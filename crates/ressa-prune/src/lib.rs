@@ -51,7 +51,11 @@ pub use wanda::{WandaConfig, WandaPruner};
 pub type Result<T, E = PruneError> = std::result::Result<T, E>;
 
 /// Which entries compete with each other in unstructured selection.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ComparisonGroup {
     /// Each output (PyTorch row, burn column) prunes `floor(s * d_in)` of its own inputs.
     /// Upstream Wanda and the reference's T5 pruner.
@@ -182,14 +186,19 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// The pruning method of a [`Pruner`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The pruning method of a [`Pruner`] (`magnitude`, `wanda`, `sparsegpt`, `dsnot` in flags
+/// and configs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Method {
     /// |W| baseline.
+    #[serde(alias = "mag")]
     Magnitude,
     /// Wanda: |W| times the input's L2 norm.
     Wanda,
     /// SparseGPT: OBS reconstruction with the layer Hessian.
+    #[cfg_attr(feature = "clap", value(name = "sparsegpt"))]
     SparseGpt,
     /// DSnoT: training-free prune-and-regrow on a Wanda or magnitude mask.
     Dsnot,

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use ressa_data::shapes::ShapesConfig;
+use ressa_prune::Method;
+use ressa_prune::calibrate::AllocationKind;
 use ressa_train::TrainConfig;
 use ressa_train::pretrain::PretrainConfig;
 use serde::{Deserialize, Serialize};
@@ -78,14 +80,14 @@ impl Default for Calibration {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grid {
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// "50%", "70%", "2:4", "4:8", …
     pub settings: Vec<String>,
     /// "uniform" (every matrix at the tower's sparsity) and/or "owl" (OWL's per-block
     /// sparsities). OWL cells are made for the unstructured settings only; N:M settings run
     /// uniform only (a grid whose allocations and settings leave no cell is an error).
     #[serde(default = "uniform_only")]
-    pub allocations: Vec<String>,
+    pub allocations: Vec<AllocationKind>,
     /// OWL's outlier threshold `M` (default 5, the OWL paper's).
     #[serde(default = "owl_m")]
     pub owl_m: f64,
@@ -97,15 +99,12 @@ pub struct Grid {
     pub ressa: bool,
 }
 
-/// The allocations a grid may list.
-pub const ALLOCATIONS: [&str; 2] = ["uniform", "owl"];
-
 fn yes() -> bool {
     true
 }
 
-fn uniform_only() -> Vec<String> {
-    vec!["uniform".into()]
+fn uniform_only() -> Vec<AllocationKind> {
+    vec![AllocationKind::Uniform]
 }
 
 fn owl_m() -> f64 {
@@ -148,7 +147,7 @@ where
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Split {
-    pub method: String,
+    pub method: Method,
     pub sums: Vec<f64>,
     pub vision: Vec<f64>,
 }
@@ -157,7 +156,7 @@ pub struct Split {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Towers {
-    pub method: String,
+    pub method: Method,
     pub sparsities: Vec<f64>,
 }
 
@@ -186,7 +185,7 @@ pub struct Task {
     /// Unique, shown as the report's column (`VQAv2`, `GQA`, …).
     pub name: String,
     /// `vqa` or `caption`.
-    pub kind: String,
+    pub kind: TaskKind,
     /// VQA: a list of {`question_id`, `question`, `image`, `answer`} — `answer` a list of human
     /// answers (VQA accuracy) or one string (GQA: exact match); optional `question_type` /
     /// `answer_type` per item. Caption: NoCaps eval format (`image`, `img_id`, `caption` list).
@@ -204,21 +203,14 @@ pub struct Task {
 }
 
 /// A task kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     Vqa,
     Caption,
 }
 
 impl TaskKind {
-    pub fn parse(s: &str) -> Option<TaskKind> {
-        match s {
-            "vqa" => Some(TaskKind::Vqa),
-            "caption" => Some(TaskKind::Caption),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Vqa => "vqa",
@@ -280,12 +272,7 @@ impl Eval {
                     t.name
                 );
             }
-            let kind = TaskKind::parse(&t.kind).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{key}.kind: {:?} is not one of \"vqa\", \"caption\"",
-                    t.kind
-                )
-            })?;
+            let kind = t.kind;
             if kind == TaskKind::Caption && t.question_types.is_some() {
                 bail!("{key}.question_types: only VQA tasks have question types");
             }
@@ -386,12 +373,7 @@ impl ExperimentConfig {
             if g.allocations.is_empty() {
                 bail!("{key}.allocations: is empty (expected e.g. [\"uniform\", \"owl\"])");
             }
-            for a in &g.allocations {
-                if !ALLOCATIONS.contains(&a.as_str()) {
-                    bail!("{key}.allocations: {a:?} is not one of \"uniform\", \"owl\"");
-                }
-            }
-            if g.allocations.iter().all(|a| a == "owl") && !unstructured {
+            if g.allocations.iter().all(|a| *a == AllocationKind::Owl) && !unstructured {
                 bail!(
                     "{key}.allocations: \"owl\" applies to unstructured settings (e.g. \"50%\") \
                      only, and {key}.settings has none"
@@ -574,7 +556,7 @@ file = "annotations/nocaps_val_eval.json"
             (
                 &["annotations/a.json"],
                 "[[eval.tasks]]\nname = \"A\"\nkind = \"retrieval\"\nfile = \"annotations/a.json\"\n",
-                "eval.tasks[0].kind: \"retrieval\" is not one of \"vqa\", \"caption\"",
+                "kind = \"retrieval\"   |        ^^^^^^^^^^^ unknown variant `retrieval`, expected `vqa` or `caption`",
             ),
             (
                 &["annotations/a.json"],
@@ -635,7 +617,10 @@ file = "annotations/nocaps_val_eval.json"
             &grid("[\"uniform\", \"owl\"]", "[\"50%\", \"2:4\"]"),
         );
         let ok = ok.unwrap();
-        assert_eq!(ok.grid[0].allocations, ["uniform", "owl"]);
+        assert_eq!(
+            ok.grid[0].allocations,
+            [AllocationKind::Uniform, AllocationKind::Owl]
+        );
         assert_eq!((ok.grid[0].owl_m, ok.grid[0].owl_lambda), (5.0, 0.08));
         for (g, expected) in [
             (
@@ -644,7 +629,7 @@ file = "annotations/nocaps_val_eval.json"
             ),
             (
                 grid("[\"owl\", \"lamp\"]", "[\"50%\"]"),
-                "grid.allocations: \"lamp\" is not one of \"uniform\", \"owl\"",
+                "unknown variant `lamp`, expected `uniform` or `owl`",
             ),
             (grid("[]", "[\"50%\"]"), "grid.allocations: is empty"),
             (
@@ -666,8 +651,8 @@ file = "annotations/nocaps_val_eval.json"
     fn the_repository_configs_load() {
         let tiny = ExperimentConfig::from_file(&configs("shapes-tiny.toml")).unwrap();
         assert_eq!(tiny.grid.len(), 2);
-        assert_eq!(tiny.grid[0].allocations, ["uniform"]);
-        assert_eq!(tiny.grid[1].allocations, ["owl"]);
+        assert_eq!(tiny.grid[0].allocations, [AllocationKind::Uniform]);
+        assert_eq!(tiny.grid[1].allocations, [AllocationKind::Owl]);
         assert!(tiny.eval.tasks.is_empty());
         let ci = ExperimentConfig::from_file(&configs("shapes-ci.toml")).unwrap();
         assert_eq!(ci.eval.tasks.len(), 3);

@@ -27,7 +27,7 @@ use ressa_models::{
     visit_family_autodiff,
 };
 use ressa_prune::calibrate::{
-    Allocation, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
+    Allocation, AllocationKind, CalibrationConfig, Propagation, TowerSparsity, calibrate_and_prune,
 };
 use ressa_prune::{Method, OwlConfig};
 use ressa_report::results::{Cell, Group, Metrics, OwlParams, Ressa, Results, Task};
@@ -85,7 +85,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CellSpec {
     group: Group,
-    method: String,
+    method: Method,
     pattern: String,
     vision: f64,
     language: f64,
@@ -104,18 +104,17 @@ fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
             for s in &g.settings {
                 let (pattern, sparsity) = parse_setting(s)?;
                 for a in &g.allocations {
-                    let owl = match a.as_str() {
-                        "uniform" => None,
-                        "owl" if pattern == "unstructured" => Some(OwlParams {
+                    let owl = match a {
+                        AllocationKind::Uniform => None,
+                        AllocationKind::Owl if pattern == "unstructured" => Some(OwlParams {
                             m: g.owl_m,
                             lambda: g.owl_lambda,
                         }),
-                        "owl" => continue,
-                        other => return Err(anyhow!("grid.allocations: unknown {other:?}")),
+                        AllocationKind::Owl => continue,
                     };
                     let spec = CellSpec {
                         group: Group::Grid,
-                        method: m.clone(),
+                        method: *m,
                         pattern: pattern.clone(),
                         vision: sparsity,
                         language: sparsity,
@@ -138,7 +137,7 @@ fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
                 }
                 out.push(CellSpec {
                     group: Group::Split,
-                    method: s.method.clone(),
+                    method: s.method,
                     pattern: "unstructured".into(),
                     vision: v,
                     language: l,
@@ -153,7 +152,7 @@ fn cells(cfg: &ExperimentConfig) -> Result<Vec<CellSpec>> {
             for (group, v, l) in [(Group::LanguageOnly, 0.0, s), (Group::VisionOnly, s, 0.0)] {
                 out.push(CellSpec {
                     group,
-                    method: t.method.clone(),
+                    method: t.method,
                     pattern: "unstructured".into(),
                     vision: v,
                     language: l,
@@ -366,10 +365,7 @@ where
     if scratch.exists() {
         std::fs::remove_dir_all(scratch)?;
     }
-    let method: Method = spec
-        .method
-        .parse()
-        .map_err(|e| anyhow!("method {}: {e}", spec.method))?;
+    let method = spec.method;
     let pattern: SparsityPattern = spec
         .pattern
         .parse()
@@ -447,7 +443,7 @@ where
     Ok(Cell {
         id: id.to_string(),
         group: spec.group,
-        method: spec.method.clone(),
+        method: spec.method.to_string(),
         pattern: spec.pattern.clone(),
         vision: spec.vision,
         language: spec.language,
