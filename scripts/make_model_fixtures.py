@@ -4,7 +4,9 @@
 Run from the repository root with a venv holding torch + transformers (+ pillow, safetensors):
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors pillow
-    /tmp/venv/bin/python scripts/make_model_fixtures.py
+    /tmp/venv/bin/python scripts/make_model_fixtures.py [NAME ...]
+
+With fixture names (e.g. `instructblip-t5-untied`), only those directories are rewritten.
 
 Output: tests/fixtures/models/<name>/ with the HF model directory files (config.json,
 model.safetensors or shards, tokenizer.json, qformer_tokenizer/tokenizer.json,
@@ -38,6 +40,7 @@ from transformers import (
     T5Config,
 )
 
+ONLY = set(sys.argv[1:])
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "fixtures", "models")
 
@@ -145,7 +148,57 @@ def randomize(model, seed: int):
         shared[1] *= 3.0
 
 
-def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts, pad_prompts, shards, hub_layout, seed):
+def untie_embeddings(model, seed: int):
+    """Gives the T5's `shared`, `encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head` each its
+    own storage and its own noise, as after fine-tuning an untied checkpoint: `save_pretrained`
+    (which drops aliases by storage pointer) then writes all four, and a reader that takes `shared`
+    for the decoder or the head gives clearly different logits."""
+    lm = model.language_model
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        base = lm.shared.weight.detach().clone()
+        for module in (lm.shared, lm.encoder.embed_tokens, lm.decoder.embed_tokens, lm.lm_head):
+            module.weight = torch.nn.Parameter(base + 0.3 * torch.randn(base.shape, generator=g))
+    names = ["shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head"]
+    ws = [lm.get_parameter(f"{n}.weight") for n in names]
+    assert len({w.data_ptr() for w in ws}) == 4
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(ws[i], ws[j]), (names[i], names[j])
+
+
+UNTIED_KEYS = [
+    f"language_model.{n}.weight" for n in ("shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head")
+]
+
+
+def reload_untied(d: str, kind: str, model):
+    """Checks the saved file holds the four embedding/head tensors, all different, and returns the
+    model as `transformers` reads it back from `d` (each tensor used as stored)."""
+    stored = load_file(os.path.join(d, "model.safetensors"))
+    for k in UNTIED_KEYS:
+        assert k in stored, f"{k} not written"
+    for i in range(4):
+        for j in range(i):
+            diff = (stored[UNTIED_KEYS[i]] - stored[UNTIED_KEYS[j]]).abs().max().item()
+            assert diff > 0.1, (UNTIED_KEYS[i], UNTIED_KEYS[j], diff)
+    cls = InstructBlipForConditionalGeneration if kind == "instructblip" else Blip2ForConditionalGeneration
+    loaded = cls.from_pretrained(d).eval()
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    theirs = dict(loaded.named_parameters(remove_duplicate=False))
+    for k in UNTIED_KEYS:
+        assert torch.equal(theirs[k], stored[k]), f"{k} not used as stored"
+        assert torch.equal(theirs[k], ours[k])
+    assert len({theirs[k].data_ptr() for k in UNTIED_KEYS}) == 4, "transformers re-tied them"
+    return loaded
+
+
+def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts, pad_prompts, shards, hub_layout, seed,
+         untie=False):
+    """`untie`: four different embedding/head tensors (`untie_embeddings`), `tie_word_embeddings:
+    false` in the written config, references from the model as reloaded from disk."""
+    if ONLY and name not in ONLY:
+        return
     print(f"== {name}")
     torch.manual_seed(seed)
     d = os.path.join(OUT, name)
@@ -171,7 +224,12 @@ def make(name, kind, vision, qformer, text, num_query, batch, prompts, qprompts,
         )
         model = Blip2ForConditionalGeneration(cfg).eval()
     randomize(model, seed)
+    if untie:
+        untie_embeddings(model, seed)
     model.save_pretrained(d)
+    if untie:
+        untie_text_config(d)
+        model = reload_untied(d, kind, model)
 
     t5_tok = t5_tokenizer(text.vocab_size, image_token)
     t5_tok.save(os.path.join(d, "tokenizer.json"))
@@ -304,6 +362,8 @@ def make_llama(name, vision, qformer, text, num_query, prompts, qprompts, seed):
     """InstructBLIP with a LLaMA (decoder-only) language model. The language-model input is
     [query outputs ; prompt] as in LAVIS, the prompts LEFT-padded (what decoder-only generation
     expects); logits cover the whole sequence, generation continues after the prompt."""
+    if ONLY and name not in ONLY:
+        return
     print(f"== {name}")
     torch.manual_seed(seed)
     d = os.path.join(OUT, name)
@@ -548,6 +608,26 @@ def main():
         num_query=4, batch=2, prompts=prompts, qprompts=q_words, pad_prompts=True, shards=1, hub_layout=False,
         seed=3,
     )
+    # F: untied T5 as a fine-tuned FlanT5 checkpoint stores it: `shared`, `encoder.embed_tokens`,
+    # `decoder.embed_tokens` and `lm_head` four different tensors, `tie_word_embeddings: false`;
+    # gated-gelu without `dense_act_fn` (the tanh GELU, as FlanT5), right-padded batch of two.
+    # Written with transformers 5.25.0 / torch 2.15.0 (reference.json records the versions):
+    # T5Config forces `tie_word_embeddings` true, but `from_pretrained` keeps the four tensors
+    # apart because the file stores them with different values (`reload_untied` checks it).
+    make(
+        "instructblip-t5-untied",
+        "instructblip",
+        InstructBlipVisionConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=32, patch_size=8, qkv_bias=True),
+        InstructBlipQFormerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, cross_attention_frequency=2, encoder_hidden_size=24,
+                                  max_position_embeddings=64),
+        T5Config(vocab_size=60, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=2,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                 pad_token_id=0, eos_token_id=1, bos_token_id=1),
+        num_query=4, batch=2, prompts=prompts, qprompts=q_words, pad_prompts=True, shards=1, hub_layout=False,
+        seed=6, untie=True,
+    )
     llama_prompts = ["what is the color of the circle short answer:", "how many shapes answer:"]
     # D: LLaMA with grouped-query attention (4 query heads, 2 key/value heads), theta 5e5,
     # untied lm_head, left-padded batch of two.
@@ -576,6 +656,8 @@ def main():
                     eos_token_id=2, pad_token_id=0),
         num_query=3, prompts=llama_prompts[::-1], qprompts=q_words[::-1], seed=5,
     )
+    if ONLY:
+        return
     full_size_counts()
     vicuna_counts()
     relative_buckets()

@@ -32,7 +32,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ressa_data::lavis::{self, Id};
@@ -253,6 +253,13 @@ pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
     }
     // Settings that do not need the model, checked before anything is read.
     generation(&args, true)?;
+    const MAX_WORKERS: usize = 256;
+    if args.workers > MAX_WORKERS {
+        bail!(
+            "--workers {}: at most {MAX_WORKERS} image decoding threads (0 = one per CPU)",
+            args.workers
+        );
+    }
     let template = prompt_template(&args)?;
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
@@ -659,63 +666,56 @@ fn score(
     }
 }
 
-/// The predictions file: a temporary file beside the target, renamed over it on success and
-/// removed on failure.
+/// The predictions file: a registered temporary beside the target (removed on failure or
+/// interrupt), renamed over it on success.
 struct OutputFile {
-    tmp: PathBuf,
+    tmp: ressa_scratch::Scratch,
     target: PathBuf,
-    committed: bool,
 }
 
 impl OutputFile {
     fn create(target: &Path) -> Result<Self> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| anyhow!("--out {}: not a file path", target.display()))?;
-        if target.is_dir() {
-            bail!("--out {}: is a directory", target.display());
+        if target.file_name().is_none() {
+            bail!("--out {}: not a file path", target.display());
         }
-        let tmp = target.with_file_name(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::File::create(&tmp).with_context(|| {
+        if target.is_dir() {
+            bail!(
+                "--out {}: is a directory, expected a file path",
+                target.display()
+            );
+        }
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            ressa_scratch::sweep_stale(parent);
+        }
+        let tmp = ressa_scratch::Scratch::beside(target, "partial");
+        std::fs::File::create(tmp.path()).with_context(|| {
             format!(
                 "--out {}: cannot create {}",
                 target.display(),
-                tmp.display()
+                tmp.path().display()
             )
         })?;
         Ok(Self {
             tmp,
             target: target.to_path_buf(),
-            committed: false,
         })
     }
 
-    fn commit(mut self, bytes: &[u8]) -> Result<()> {
-        let mut f = std::fs::File::create(&self.tmp)
-            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
+    fn commit(self, bytes: &[u8]) -> Result<()> {
+        let path = self.tmp.path();
+        let mut f = std::fs::File::create(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.target).with_context(|| {
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::rename(path, &self.target).with_context(|| {
             format!(
                 "cannot rename {} to {}",
-                self.tmp.display(),
+                path.display(),
                 self.target.display()
             )
         })?;
-        self.committed = true;
+        self.tmp.persist();
         Ok(())
-    }
-}
-
-impl Drop for OutputFile {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }

@@ -64,6 +64,15 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // SIGINT / SIGTERM: remove the run's temporaries (partial outputs, mask spills) and exit
+    // as a shell does for an interrupt.
+    if let Err(e) = ctrlc::set_handler(|| {
+        ressa_scratch::remove_all();
+        eprintln!("error: interrupted; partial outputs removed");
+        std::process::exit(130);
+    }) {
+        tracing::warn!(error = %e, "no signal handler: an interrupted run may leave temporaries");
+    }
     let cli = Cli::parse();
     backend::set_revision(cli.revision.clone());
     let result = match cli.command {

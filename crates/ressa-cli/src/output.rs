@@ -1,9 +1,9 @@
 //! Where commands write: never over or into an input, never half a file.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
+use ressa_scratch::Scratch;
 
 /// The absolute, symlink-resolved form of `p` (its parent resolved when `p` does not exist).
 fn resolve(p: &Path) -> PathBuf {
@@ -62,29 +62,23 @@ fn check(flag: &str, out: &Path, inputs: &[(&str, &Path)], not_inside: bool) -> 
     Ok(())
 }
 
-/// Writes `bytes` to a hidden temporary sibling of `path` and renames it over `path`.
+/// Writes `bytes` to a hidden temporary sibling of `path` and renames it over `path` (the
+/// temporary is removed on error or interrupt; stale ones of killed runs are swept first).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        ressa_scratch::sweep_stale(parent);
+    }
+    let scratch = Scratch::beside(path, "partial");
     let result = (|| -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::File::create(scratch.path())?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(scratch.path(), path)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| path.display().to_string())
+    result.with_context(|| path.display().to_string())?;
+    scratch.persist();
+    Ok(())
 }
 
 #[cfg(test)]

@@ -158,17 +158,8 @@ fn pattern_sparsity(p: SparsityPattern) -> f64 {
 pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
     args.model = crate::backend::model_dir(&args.model)?;
     let cfg = settings(&args)?;
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{}: output directory exists and is not empty",
-            args.out.display()
-        );
-    }
     refuse_alias("--out", &args.out, &[("model directory", &args.model)])?;
+    ressa_models::pretrained::check_output_dir(&args.out)?;
     // Validated before the model is read: what needs calibration data has it.
     let needs = if cfg.method != Method::Magnitude {
         Some(format!("--method {}", cfg.method))
@@ -306,9 +297,11 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
-    let spill_path = parent.join(format!(".ressa-masks.{}.spill", std::process::id()));
+    ressa_scratch::sweep_stale(parent);
+    let spill_scratch = ressa_scratch::Scratch::beside(&args.out, "masks");
+    let spill_path = spill_scratch.path().to_path_buf();
     let mut spill = ressa_sparse::sidecar::MaskSpill::create(&spill_path)
-        .map_err(|e| anyhow!("{}: {e}", spill_path.display()))?;
+        .map_err(|e| anyhow!("--out {}: cannot write beside it: {e}", args.out.display()))?;
     let layers = calibrate_and_prune_with(
         &mut pretrained.model,
         &calibration,

@@ -248,8 +248,18 @@ fn run_on<B: burn::tensor::backend::AutodiffBackend>(
         TrainEvent::Checkpoint { step, path } => {
             tracing::debug!(step, path = %path.display(), "checkpoint")
         }
-    })?;
+    });
     bar.finish_and_clear();
+    let report = report.map_err(|e| {
+        let dir = cfg.checkpoint_dir();
+        match ressa_train::checkpoint::list(&dir) {
+            Ok(kept) if !kept.is_empty() => anyhow::Error::from(e).context(format!(
+                "checkpoints kept in {} (pass --resume to continue, or remove them)",
+                dir.display()
+            )),
+            _ => e.into(),
+        }
+    })?;
     tracing::info!(
         out = %cfg.out.display(),
         steps = report.train.steps,

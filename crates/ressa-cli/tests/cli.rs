@@ -82,10 +82,12 @@ fn read_tensor(p: &Path, key: &str) -> (Vec<usize>, Vec<f64>) {
 fn logits_match_transformers() {
     // Each fixture's reference holds the tensors `ressa logits` reads: T5 batch 1 (b) and a
     // right-padded batch of 2 (a); decoder-only left-padded batches of 2 (no
-    // `decoder_input_ids`; logits over [queries ; prompt]).
+    // `decoder_input_ids`; logits over [queries ; prompt]). The untied T5 stores `shared`, both
+    // `embed_tokens` and `lm_head` as four different tensors.
     for name in [
         "instructblip-t5-b",
         "instructblip-t5-a",
+        "instructblip-t5-untied",
         "instructblip-llama-gqa",
         "instructblip-llama-mha",
     ] {

@@ -301,3 +301,65 @@ fn llama_prunes_with_every_method_and_repairs() {
     }
     assert!(checked > 0);
 }
+
+/// SIGTERM (and SIGINT) mid-run: the handler removes the run's temporaries and exits 130 with
+/// one `error:` line; nothing but the checkpoints (what `--resume` needs) is left, and the
+/// partial output of a killed (SIGKILL) run of a dead process is swept by the next run.
+#[test]
+fn an_interrupted_run_leaves_only_its_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    let out = tmp.path().join("interrupted");
+    let mut args = repair_args(&pruned, &out, &[]);
+    let i = args.iter().position(|a| a == "--steps").unwrap();
+    args[i + 1] = "100000".into();
+    // Debris of a killed run whose process is gone (PID above Linux's pid_max).
+    let stale = tmp.path().join(".interrupted.partial.tmp-4194304-0");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ckpts = tmp.path().join("interrupted.checkpoints");
+    let start = Instant::now();
+    while !std::fs::read_dir(&ckpts).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!out.exists());
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    // The repair itself writes no temporary before its end; the stale one of the dead process
+    // is swept when the next output is written.
+    assert!(left.iter().all(|n| n.contains("4194304")), "{left:?}");
+    let o = ressa(&repair_args(&pruned, &tmp.path().join("interrupted2"), &[]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !stale.exists(),
+        "the dead process's partial output is swept"
+    );
+}

@@ -188,6 +188,34 @@ fn load_vqa_annotations(paths: &[PathBuf]) -> Result<(PathBuf, Vec<VqaAnnotation
 }
 
 /// Check that the prediction ids are exactly the ground-truth ids.
+/// Every prediction id once: a repeated question would be scored twice (GQA) or silently by
+/// its last answer (`VQA.loadRes`); both hide a broken predictions file.
+fn check_unique_predictions<'a>(
+    ids: impl Iterator<Item = &'a Id>,
+    what: &str,
+    pred_path: &Path,
+) -> Result<(), EvalError> {
+    let mut count: HashMap<&Id, usize> = HashMap::new();
+    let mut first_dup = None;
+    for id in ids {
+        let c = count.entry(id).or_default();
+        *c += 1;
+        if *c == 2 && first_dup.is_none() {
+            first_dup = Some(id);
+        }
+    }
+    match first_dup {
+        Some(id) => Err(EvalError::invalid(
+            pred_path,
+            format!(
+                "{what} id {id} has {} predictions; each {what} takes exactly one",
+                count[id]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_same_ids<'a>(
     gt_ids: impl Iterator<Item = &'a Id>,
     pred_ids: impl Iterator<Item = &'a Id>,
@@ -274,7 +302,8 @@ impl VqaReport {
 /// VQA accuracy over an official annotation list, as `VQAEval.evaluate()` with
 /// `VQA.loadRes` does it: the question ids are the annotation ids in file
 /// order, the prediction ids must be exactly the same set (`loadRes` asserts
-/// it), and a repeated id uses its last entry in either file. (One difference
+/// it), and a repeated annotation id uses its last entry. A question predicted
+/// twice is an error (`loadRes` would keep the last answer silently). (One difference
 /// for malformed input only: the Python code would run `processPunctuation` a
 /// second time on the answers of an annotation id listed twice, because it
 /// edits them in place; here every evaluation starts from the file's answers.)
@@ -291,6 +320,11 @@ pub fn evaluate_vqa(
     if annotations.is_empty() {
         return Err(EvalError::invalid(gt_path, "no annotations"));
     }
+    check_unique_predictions(
+        predictions.iter().map(|p| &p.question_id),
+        "question",
+        pred_path,
+    )?;
     check_same_ids(
         annotations.iter().map(|a| &a.question_id),
         predictions.iter().map(|p| &p.question_id),
@@ -346,7 +380,8 @@ pub struct GqaReport {
 }
 
 /// GQA exact match as LAVIS `GQATask._report_metrics` computes it (in
-/// prediction order). Every ground-truth question must be predicted.
+/// prediction order). Every ground-truth question must be predicted, once (LAVIS would count a
+/// repeated prediction twice).
 pub fn evaluate_gqa(
     gt: &[GqaAnnotation],
     predictions: &[VqaPrediction],
@@ -356,6 +391,11 @@ pub fn evaluate_gqa(
     if predictions.is_empty() {
         return Err(EvalError::invalid(pred_path, "no predictions"));
     }
+    check_unique_predictions(
+        predictions.iter().map(|p| &p.question_id),
+        "question",
+        pred_path,
+    )?;
     check_same_ids(
         gt.iter().map(|a| &a.question_id),
         predictions.iter().map(|p| &p.question_id),

@@ -139,3 +139,49 @@ fn vqa_question_without_answers_is_an_error() {
     let msg = err(Task::Vqav2, preds.path(), &[anns.path().to_path_buf()]);
     assert!(msg.contains("question 1 has no answers"), "{msg}");
 }
+
+/// A question predicted twice is refused with its id (GQA would count it twice: 120 right +
+/// 100 duplicate wrong answers scored 46.4 instead of 85.0; VQA kept the last one silently).
+#[test]
+fn duplicate_question_predictions_are_refused() {
+    use ressa_eval::formats::{GqaAnnotation, VqaAnnotation, VqaPrediction};
+    use ressa_eval::{Id, evaluate_gqa, evaluate_vqa};
+    let p = std::path::Path::new("preds.json");
+    let g = std::path::Path::new("gt.json");
+    let gqa: Vec<GqaAnnotation> = serde_json::from_value(serde_json::json!([
+        {"question_id": "q1", "answer": "yes"}, {"question_id": "q2", "answer": "no"}
+    ]))
+    .unwrap();
+    let pred = |id: &str, a: &str| VqaPrediction {
+        question_id: Id::Str(id.into()),
+        answer: a.into(),
+    };
+    let preds = vec![pred("q1", "yes"), pred("q2", "no"), pred("q2", "yes")];
+    let msg = evaluate_gqa(&gqa, &preds, p, g).unwrap_err().to_string();
+    assert!(
+        msg.contains("preds.json") && msg.contains("question id \"q2\" has 2 predictions"),
+        "{msg}"
+    );
+    assert_eq!(
+        evaluate_gqa(&gqa, &preds[..2], p, g).unwrap().accuracy,
+        100.0
+    );
+    let vqa: Vec<VqaAnnotation> = serde_json::from_value(serde_json::json!([
+        {"question_id": 1, "answers": [{"answer": "yes", "answer_id": 1}]},
+    ]))
+    .unwrap();
+    let preds = vec![
+        VqaPrediction {
+            question_id: Id::Int(1),
+            answer: "no".into(),
+        },
+        VqaPrediction {
+            question_id: Id::Int(1),
+            answer: "yes".into(),
+        },
+    ];
+    let msg = evaluate_vqa(&vqa, &preds, None, p, g)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("question id 1 has 2 predictions"), "{msg}");
+}

@@ -108,49 +108,58 @@ pub fn save_model_dir_with<B: Backend, M: VisionLanguageModel<B>>(
     })
 }
 
+/// An output directory: absent or empty (a file is not one).
+pub fn check_output_dir(out: &Path) -> Result<()> {
+    let refuse = |message: &str| {
+        Err(ModelError::io(
+            out,
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, message.to_string()),
+        ))
+    };
+    if out.is_file() {
+        return refuse("is a file; the output is a directory (give a new path)");
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return refuse("output directory exists and is not empty");
+    }
+    Ok(())
+}
+
 /// Fills a temporary sibling of `out` with `fill` and renames it to `out`, so a failed or
 /// killed run leaves no half-written output; `out` must not exist or be empty.
 pub fn write_dir_atomically<E: From<ModelError>>(
     out: &Path,
     fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(ModelError::io(
-            out,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "output directory exists and is not empty",
-            ),
-        )
-        .into());
-    }
+    check_output_dir(out)?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| {
-        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        fill(&tmp)?;
-        if out.exists() {
-            std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e).into())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    // Partial outputs of killed runs (their process gone) go first.
+    let swept = ressa_scratch::sweep_stale(parent);
+    if swept > 0 {
+        tracing::info!(dir = %parent.display(), swept, "removed temporaries of earlier runs");
     }
-    result
+    // Registered while it lives: removed on error, on SIGINT/SIGTERM (the CLI's handler).
+    let scratch = ressa_scratch::Scratch::beside(
+        &parent.join(out.file_name().unwrap_or_default()),
+        "partial",
+    );
+    let tmp = scratch.path().to_path_buf();
+    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    fill(&tmp)?;
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
+    scratch.persist();
+    Ok(())
 }
 
 /// The checkpoint's own weight files (`model.safetensors`, `model-0000N-of-0000M.safetensors`,

@@ -126,6 +126,18 @@ impl WeightStore {
             let mut files = Vec::new();
             let mut file_of_name = HashMap::new();
             for name in names {
+                // A shard is a file of the model directory itself: no `..`, no absolute path,
+                // no subdirectory (transformers writes `model-0000i-of-0000n.safetensors`).
+                let plain = Path::new(name)
+                    .file_name()
+                    .is_some_and(|f| f == std::ffi::OsStr::new(name.as_str()));
+                if !plain || name == ".." || name == "." {
+                    return Err(ModelError::config(
+                        &index_path,
+                        "weight_map",
+                        format!("shard `{name}` is not a file name inside the model directory"),
+                    ));
+                }
                 file_of_name.insert(name.clone(), files.len());
                 files.push(MappedFile::open(&dir.join(name))?);
             }

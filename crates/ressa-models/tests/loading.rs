@@ -113,21 +113,49 @@ fn tensors_of(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
+/// Every fixture model directory (each with a `config.json`), sorted by name.
+fn all_fixtures() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture(""))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").is_file())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn save_reproduces_every_tensor_in_the_source_layout() {
     let _device: common::Dev = Default::default();
-    for name in [
+    let names = all_fixtures();
+    // The list is read from disk; make sure it is not silently short.
+    for expected in [
         "instructblip-t5-a",
         "instructblip-t5-b",
         "blip2-t5",
+        "instructblip-t5-untied",
         "instructblip-llama-gqa",
         "instructblip-llama-mha",
     ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing");
+    }
+    for name in &names {
         let src = fixture(name);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("saved");
         save_copy(&src, &out).unwrap();
         assert_eq!(tensors_of(&src), tensors_of(&out), "{name}");
+        // Exactly the source's keys, each in the same file with the same dtype, shape and bytes.
+        let (before, after) = (common::raw_tensors(&src), common::raw_tensors(&out));
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>(),
+            "{name}: key set"
+        );
+        for (k, t) in &before {
+            assert!(&after[k] == t, "{name}: {k} not byte-identical");
+        }
         let files = |d: &Path| {
             let mut v: Vec<String> = walk(d)
                 .into_iter()
@@ -222,6 +250,35 @@ fn missing_shard_is_named() {
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+/// Shard names of the index stay inside the model directory: `../x`, absolute paths and
+/// subdirectories are refused before anything is opened.
+#[test]
+fn shard_names_outside_the_directory_are_refused() {
+    for bad in [
+        "../model-00002-of-00002.safetensors",
+        "/etc/passwd",
+        "sub/x.safetensors",
+        "..",
+    ] {
+        let (_t, dir) = scratch_copy("instructblip-t5-b");
+        let index = dir.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index).unwrap();
+        let text = text.replacen(
+            "\"model-00002-of-00002.safetensors\"",
+            &format!("{:?}", bad),
+            1,
+        );
+        std::fs::write(&index, text).unwrap();
+        let err = load_err(&dir);
+        assert!(
+            err.contains("model.safetensors.index.json")
+                && err.contains("weight_map")
+                && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
 }
 
 /// Rewrites model.safetensors of a copy with `edit` applied to its tensor map.

@@ -10,7 +10,13 @@ use ressa_models::generate::{GenerationConfig, generate};
 use ressa_models::vlm::logits;
 use ressa_models::{InstructBlipLlama, InstructBlipT5, Pretrained, VisionLanguageModel, VlmInputs};
 
-const FIXTURES: [&str; 3] = ["instructblip-t5-a", "instructblip-t5-b", "blip2-t5"];
+const FIXTURES: [&str; 4] = [
+    "instructblip-t5-a",
+    "instructblip-t5-b",
+    "blip2-t5",
+    // `shared`, both `embed_tokens` and `lm_head` stored apart, all different.
+    "instructblip-t5-untied",
+];
 /// InstructBLIP with a LLaMA language model, with and without grouped-query attention.
 const LLAMA_FIXTURES: [&str; 2] = ["instructblip-llama-gqa", "instructblip-llama-mha"];
 const TOL: f32 = 1e-4;

@@ -151,7 +151,11 @@ pub fn read_masks(path: impl AsRef<Path>) -> Result<BTreeMap<String, Mask>, Spar
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    deserialize_masks(&bytes)
+    // Content errors name the file too.
+    deserialize_masks(&bytes).map_err(|e| match e {
+        SparseError::Io { .. } => e,
+        e => SparseError::Format(format!("{}: {e}", path.display())),
+    })
 }
 
 #[cfg(test)]

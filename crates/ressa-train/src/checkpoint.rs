@@ -88,7 +88,8 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     Ok(out)
 }
 
-fn step_dir(dir: &Path, step: u64) -> PathBuf {
+/// The directory of the checkpoint at `step` under `dir`.
+pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:08}"))
 }
 

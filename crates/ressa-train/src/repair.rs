@@ -453,16 +453,7 @@ pub fn repair<B: AutodiffBackend>(
             ));
         }
     };
-    if cfg.out.exists()
-        && std::fs::read_dir(&cfg.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(TrainError::file(
-            &cfg.out,
-            "output directory exists and is not empty",
-        ));
-    }
+    ressa_models::pretrained::check_output_dir(&cfg.out)?;
     struct Job<'a, B: AutodiffBackend> {
         cfg: &'a RepairConfig,
         dense_dir: &'a Path,

@@ -608,7 +608,13 @@ where
                     ),
                 ));
             }
-            load_adapter_tensors(&mut model, &ckpt.adapters, device)?;
+            // Tensor problems name the checkpoint they came from.
+            let at = checkpoint::step_dir(dir, ckpt.state.step);
+            let in_ckpt = |e: TrainError| match e {
+                TrainError::Input(m) => TrainError::file(&at, m),
+                e => e,
+            };
+            load_adapter_tensors(&mut model, &ckpt.adapters, device).map_err(in_ckpt)?;
             opt.steps = ckpt.state.step;
             for (key, t) in &ckpt.adapters {
                 let m = ckpt.moments.get(&format!("{key}.m"));
@@ -618,8 +624,8 @@ where
                     opt.moments.insert(
                         key.clone(),
                         Moments {
-                            m: device_tensor(m, shape, key, device)?,
-                            v: device_tensor(v, shape, key, device)?,
+                            m: device_tensor(m, shape, key, device).map_err(in_ckpt)?,
+                            v: device_tensor(v, shape, key, device).map_err(in_ckpt)?,
                         },
                     );
                 }

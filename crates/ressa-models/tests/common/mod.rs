@@ -101,3 +101,43 @@ pub fn max_abs_diff<const D: usize>(ours: Tensor<B, D>, reference: &(Vec<usize>,
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max)
 }
+
+/// One stored tensor exactly as a checkpoint holds it: the file, dtype, shape and raw bytes.
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Every tensor of an HF model directory (`model.safetensors`, or the shards its index names),
+/// read with the `safetensors` crate alone, so a comparison does not go through ressa's reader.
+pub fn raw_tensors(dir: &std::path::Path) -> std::collections::BTreeMap<String, RawTensor> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: std::collections::BTreeSet<String> = if index.exists() {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        json["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    } else {
+        ["model.safetensors".to_string()].into()
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for file in files {
+        let path = dir.join(&file);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, t) in st.tensors() {
+            let entry = (
+                file.clone(),
+                t.dtype(),
+                t.shape().to_vec(),
+                t.data().to_vec(),
+            );
+            assert!(
+                out.insert(name.clone(), entry).is_none(),
+                "{name} stored twice"
+            );
+        }
+    }
+    out
+}
