@@ -27,7 +27,7 @@ use ressa_data::loader::Example;
 use ressa_data::prompts::{CAPTION_PROMPT, MAX_WORDS, pre_caption, pre_question, vqa_prompt};
 use ressa_models::nn::host_f32;
 use ressa_models::pretrained::save_model_dir_with;
-use ressa_models::prunable::prunable_linears;
+use ressa_models::prunable::{Prunable, prunable_linears};
 use ressa_models::weights::WeightStore;
 use ressa_models::{
     AutodiffFamilyVisitor, ModelError, Pretrained, Processor, VisionLanguageModel,
@@ -535,6 +535,44 @@ pub fn repair<B: AutodiffBackend>(
             on_event,
         },
     )?
+}
+
+/// The student's starting weights of an in-memory pruned model: where its kept values differ
+/// from the dense model's (SparseGPT rewrites them), by linear key, in burn orientation. The
+/// two models list the same prunable linears in the same order (one family, one config).
+pub fn student_weights<B1: Backend, P: Prunable<B1>, B2: Backend, D: Prunable<B2>>(
+    pruned: &P,
+    dense: &D,
+) -> Result<StudentWeights> {
+    let (p, d) = (prunable_linears(pruned), prunable_linears(dense));
+    if p.len() != d.len() {
+        return Err(TrainError::Input(format!(
+            "the pruned model has {} prunable linears, the dense one {}",
+            p.len(),
+            d.len()
+        )));
+    }
+    let mut student = StudentWeights::new();
+    for ((_, pl), (_, dl)) in p.iter().zip(&d) {
+        if pl.key != dl.key || pl.dims() != dl.dims() {
+            return Err(TrainError::Input(format!(
+                "pruned linear `{}` {:?} does not match dense `{}` {:?}",
+                pl.key,
+                pl.dims(),
+                dl.key,
+                dl.dims()
+            )));
+        }
+        let (pw, dw) = (host_f32(pl.weight.val()), host_f32(dl.weight.val()));
+        if pw
+            .iter()
+            .zip(&dw)
+            .any(|(a, b)| *a != 0.0 && a.to_bits() != b.to_bits())
+        {
+            student.insert(pl.key.to_string(), pw);
+        }
+    }
+    Ok(student)
 }
 
 /// Masks of a pruned model repaired without a teacher (λ = 0): its sidecar or its zeros; its

@@ -18,9 +18,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use ressa_data::shapes;
-use ressa_models::pretrained::{
-    save_model_dir, save_model_dir_with, write_initial_checkpoint, write_random_checkpoint,
-};
+use ressa_models::pretrained::{save_model_dir, write_initial_checkpoint, write_random_checkpoint};
 use ressa_models::prunable::{BlockOptions, CalibrationSample};
 use ressa_models::{
     AutodiffFamilyVisitor, FamilyConfig, Pretrained, Processor, VisionLanguageModel,
@@ -33,7 +31,7 @@ use ressa_prune::{Method, OwlConfig};
 use ressa_report::results::{Cell, Group, Metrics, OwlParams, Ressa, Results, Task};
 use ressa_sparse::SparsityPattern;
 use ressa_train::TrainEvent;
-use ressa_train::repair::{DataConfig, RepairConfig, read_examples, repair, train_data};
+use ressa_train::repair::{DataConfig, read_examples, repair_model, student_weights, train_data};
 use serde::{Deserialize, Serialize};
 
 use crate::copy_dir;
@@ -395,38 +393,37 @@ where
     let pruned_metrics = evaluate(&pretrained, test, &cfg.eval, &device)?;
     let mut ressa = None;
     if spec.ressa {
-        let pruned_dir = scratch.join("pruned");
-        save_model_dir_with(
-            &pretrained.model,
-            &pretrained.layout,
-            dense_dir,
-            &pruned_dir,
-            &mut |d| {
-                ressa_sparse::sidecar::write_masks(
-                    d.join("masks.safetensors"),
-                    result.masks.iter().map(|(k, m)| (k.as_str(), m)),
-                )
-                .map_err(|e| ressa_models::ModelError::Input(e.to_string()))
-            },
-        )?;
+        // RESSA in memory: the dense weights (autodiff), the masks and the pruner's rewritten
+        // kept values straight from calibration; nothing is saved or reloaded.
         let train = cfg.ressa.clone().expect("checked");
-        let rc = RepairConfig {
-            pruned: pruned_dir,
-            dense: Some(dense_dir.to_path_buf()),
-            out: scratch.join("ressa"),
-            data: DataConfig {
+        let dense = Pretrained::<AD, M>::load(dense_dir, &device)?;
+        let student = student_weights(&pretrained.model, &dense.model)?;
+        let processor = Processor::for_model(dense_dir, &dense.model)?;
+        let data = train_data(
+            processor,
+            &DataConfig {
                 train: data.join("annotations/vqa_train.json"),
                 images: data.join("images"),
                 val: Some(data.join("annotations/vqa_val.json")),
                 caption_prompt: None,
                 max_examples: None,
             },
-            train,
-            checkpoints: Some(scratch.join("checkpoints")),
-        };
+        )?;
         let r0 = Instant::now();
-        let report = repair::<AD>(&rc, false, &device, &mut |_| {})?;
-        let repaired = Pretrained::<B, M::InnerModule>::load(&rc.out, &device)?;
+        let (config, layout) = (dense.config.clone(), dense.layout.clone());
+        let repaired = repair_model::<AD, M>(
+            dense.model,
+            &result.masks,
+            &student,
+            &data,
+            &train,
+            None,
+            false,
+            &device,
+            &mut |_| {},
+        )?;
+        let report = repaired.report;
+        let repaired = Pretrained::from_parts(repaired.model, config, layout, dense_dir);
         let metrics = evaluate(&repaired, test, &cfg.eval, &device)?;
         let v = &report.train.validations;
         ressa = Some(Ressa {
