@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use ressa_eval::Task;
 
 #[derive(clap::Args)]
@@ -25,8 +25,7 @@ fn parse_task(s: &str) -> Result<Task, String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let metrics = ressa_eval::score_files(args.task, &args.predictions, &args.annotations)
-        .map_err(|e| anyhow!("{e}"))?;
+    let metrics = ressa_eval::score_files(args.task, &args.predictions, &args.annotations)?;
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }

@@ -602,12 +602,12 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
             })
             .collect(),
     };
-    results.validate().map_err(|e| anyhow!(e))?;
+    results.validate()?;
     write_atomic(
         &work.join("results.json"),
         &serde_json::to_vec_pretty(&results)?,
     )?;
-    let files = ressa_report::write_report(&results, &work).map_err(|e| anyhow!("{e}"))?;
+    let files = ressa_report::write_report(&results, &work)?;
     tracing::info!(?files, "report written");
     println!("{}", work.join("report.md").display());
     Ok(())
