@@ -167,7 +167,7 @@ fn generation(args: &Args, encoder_decoder: bool) -> Result<GenerationConfig> {
         early_stopping: false,
         repetition_penalty: args.repetition_penalty,
     };
-    generation.validate()?;
+    crate::generate::check_flags(&generation)?;
     Ok(generation)
 }
 

@@ -61,6 +61,36 @@ impl Args {
     }
 }
 
+/// The generation settings checked under their flag names (then as the library checks them).
+pub(crate) fn check_flags(g: &GenerationConfig) -> Result<()> {
+    if g.num_beams == 0 {
+        bail!("--beams 0: expected at least 1 (1 = greedy)");
+    }
+    if g.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0: expected at least 1");
+    }
+    if g.min_new_tokens > g.max_new_tokens {
+        bail!(
+            "--min-new-tokens {} exceeds --max-new-tokens {}",
+            g.min_new_tokens,
+            g.max_new_tokens
+        );
+    }
+    if !(g.repetition_penalty.is_finite() && g.repetition_penalty > 0.0) {
+        bail!(
+            "--repetition-penalty {}: expected a positive finite number (1 = off)",
+            g.repetition_penalty
+        );
+    }
+    if !g.length_penalty.is_finite() {
+        bail!(
+            "--length-penalty {}: expected a finite number",
+            g.length_penalty
+        );
+    }
+    Ok(g.validate()?)
+}
+
 pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
     args.model = crate::backend::model_dir(&args.model)?;
     if args.prompt.trim().is_empty() {
@@ -68,7 +98,14 @@ pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
             "--prompt is empty: give an instruction, e.g. \"Question: what is in the picture? Short answer:\""
         );
     }
-    args.generation().validate()?;
+    if args
+        .qformer_prompt
+        .as_deref()
+        .is_some_and(|q| q.trim().is_empty())
+    {
+        bail!("--qformer-prompt is empty: give the Q-Former's instruction, or leave the flag out");
+    }
+    check_flags(&args.generation())?;
     if args.sparse_kernels {
         kind.check_sparse_kernels()?;
     }

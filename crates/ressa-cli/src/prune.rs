@@ -112,6 +112,12 @@ fn settings(args: &Args) -> Result<CalibrationConfig> {
         (None, false) => 0.0,
     };
     let tower = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
+        // A tower without its own flag takes --sparsity, and is named so.
+        let name = if v.is_none() && args.sparsity.is_some() && name != "qformer" {
+            "sparsity"
+        } else {
+            name
+        };
         let v = check_ratio(name, v.unwrap_or(default))?;
         // With N:M a tower is either pruned N:M or dense.
         let nm_sparsity = pattern_sparsity(pattern);
@@ -128,7 +134,21 @@ fn settings(args: &Args) -> Result<CalibrationConfig> {
         language: tower("language", args.language, base)?,
     };
     if sparsity.vision == 0.0 && sparsity.qformer == 0.0 && sparsity.language == 0.0 {
-        bail!("every tower has sparsity 0: nothing to prune");
+        bail!(
+            "--sparsity / --vision / --qformer / --language: every tower has sparsity 0, nothing to prune"
+        );
+    }
+    if args.samples == 0 {
+        bail!("--samples 0: expected at least 1 calibration sample");
+    }
+    if !(args.owl_m.is_finite() && args.owl_m > 0.0) {
+        bail!("--owl-m {}: expected a positive number", args.owl_m);
+    }
+    if !(0.0..1.0).contains(&args.owl_lambda) {
+        bail!(
+            "--owl-lambda {}: expected a number in [0, 1)",
+            args.owl_lambda
+        );
     }
     let allocation = args.allocation.with(OwlConfig {
         m: args.owl_m,

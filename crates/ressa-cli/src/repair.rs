@@ -132,6 +132,9 @@ fn config(args: Args) -> Result<(RepairConfig, bool)> {
         t.lr = v;
     }
     if let Some(r) = args.rank {
+        if r == 0 {
+            bail!("--rank 0: expected at least 1 (a pruned tower's mask lives in its adapter)");
+        }
         t.adapters.vision.rank = r;
         t.adapters.qformer.rank = r;
         t.adapters.language.rank = r;

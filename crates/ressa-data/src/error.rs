@@ -42,3 +42,27 @@ fn json_message(e: &serde_json::Error) -> String {
 }
 
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// Parses the JSON `text` of `path`; a type error names the field it is in (`[3].question_id`).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let error = e.into_inner();
+        if field.is_empty() || field == "." || error.is_syntax() || error.is_eof() {
+            DataError::Json {
+                path: path.to_path_buf(),
+                error,
+            }
+        } else {
+            DataError::Field {
+                path: path.to_path_buf(),
+                field,
+                message: error.to_string(),
+            }
+        }
+    })
+}

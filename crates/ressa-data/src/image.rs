@@ -57,10 +57,7 @@ impl ImageProcessorConfig {
             path: path.to_path_buf(),
             error,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|error| DataError::Json {
-            path: path.to_path_buf(),
-            error,
-        })?;
+        let cfg: Self = crate::error::parse_json(&text, path)?;
         let field = |field: &str, message: String| DataError::Field {
             path: path.to_path_buf(),
             field: field.into(),

@@ -52,10 +52,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         error,
     })?;
-    serde_json::from_str(&text).map_err(|error| DataError::Json {
-        path: path.to_path_buf(),
-        error,
-    })
+    crate::error::parse_json(&text, path)
 }
 
 fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {

@@ -132,8 +132,14 @@ impl TextTokenizer {
     }
 
     /// Ids the tokenizer can produce: its vocabulary with the added tokens.
+    /// One past the largest id the tokenizer can produce (added tokens included): what a
+    /// model's vocabulary must cover.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
     }
 
     /// The id of `token`, if the vocabulary has it.

@@ -7,20 +7,21 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// A file could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    // The cause is part of the message (not a `source`), so error chains print it once.
+    #[error("{}: cannot read: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file is not valid JSON or does not have the expected shape.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Json {
         /// The file.
         path: PathBuf,
         /// serde_json's error, which includes line and column.
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A file parsed but its content is unusable (missing ids, empty lists, ...).
     #[error("{}: {message}", path.display())]

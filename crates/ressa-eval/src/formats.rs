@@ -180,13 +180,23 @@ pub struct GqaAnnotation {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EvalError> {
-    let bytes = fs::read(path).map_err(|source| EvalError::Io {
+    let bytes = fs::read(path).map_err(|error| EvalError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
-    serde_json::from_slice(&bytes).map_err(|source| EvalError::Json {
-        path: path.to_path_buf(),
-        source,
+    // A type error names the field it is in (`[3].answer`).
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let error = e.into_inner();
+        if field.is_empty() || field == "." || error.is_syntax() || error.is_eof() {
+            EvalError::Json {
+                path: path.to_path_buf(),
+                error,
+            }
+        } else {
+            EvalError::invalid(path, format!("field `{field}`: {error}"))
+        }
     })
 }
 

@@ -506,10 +506,7 @@ impl<T: LmConfig> InstructBlipConfig<T> {
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: BlipConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            error: source,
-        })?;
+        let raw: BlipConfig = crate::error::parse_json(text, path)?;
         let architecture = match raw.model_type.as_str() {
             "instructblip" => Architecture::InstructBlip,
             "blip-2" | "blip_2" => Architecture::Blip2,
@@ -529,8 +526,8 @@ impl<T: LmConfig> InstructBlipConfig<T> {
                 format!("`{model_type}`, expected {}", T::MODEL_TYPES.join(" or ")),
             ));
         }
-        let text_cfg: T = serde_json::from_value(raw.text_config.clone())
-            .map_err(|e| ModelError::config(path, "text_config", e.to_string()))?;
+        let text_cfg: T = serde_path_to_error::deserialize(raw.text_config.clone())
+            .map_err(|e| crate::error::json_error(path, "text_config", e))?;
         let cfg = Self {
             architecture,
             vision: raw.vision_config.clone(),

@@ -68,3 +68,39 @@ impl ModelError {
         }
     }
 }
+
+/// Parses the JSON `text` of `path`; a type error names the field it is in.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| json_error(path, "", e))
+}
+
+/// A `serde_path_to_error` failure as an error naming `prefix` + the field path.
+pub(crate) fn json_error(
+    path: &std::path::Path,
+    prefix: &str,
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> ModelError {
+    let at = e.path().to_string();
+    let error = e.into_inner();
+    let field = match (prefix, at.as_str()) {
+        (p, "" | ".") => p.to_string(),
+        ("", a) => a.to_string(),
+        (p, a) => format!("{p}.{a}"),
+    };
+    if field.is_empty() || error.is_syntax() || error.is_eof() {
+        ModelError::Json {
+            path: path.to_path_buf(),
+            error,
+        }
+    } else {
+        ModelError::Config {
+            path: path.to_path_buf(),
+            field,
+            message: error.to_string(),
+        }
+    }
+}

@@ -226,7 +226,10 @@ pub struct QFormer<B: Backend> {
 impl<B: Backend> QFormer<B> {
     pub fn load(cfg: &QFormerConfig, reads_text: bool, vb: &Loader<B>) -> Result<Self> {
         let d = cfg.hidden_size;
-        let blip2_layout = !vb.contains_or("embeddings.layernorm.weight", reads_text);
+        // A text-reading Q-Former with neither layer norm is reported as InstructBLIP's
+        // missing `embeddings.layernorm`, not BLIP-2's.
+        let blip2_layout = !vb.contains_or("embeddings.layernorm.weight", reads_text)
+            && !(reads_text && !vb.contains_or("layernorm.weight", false));
         let (text_embeddings, layernorm) = if blip2_layout {
             (None, vb.layer_norm("layernorm", d, cfg.layer_norm_eps)?)
         } else {

@@ -182,7 +182,7 @@ pub fn check_inputs<B: Backend>(inputs: &VlmInputs<B>, spec: &InputSpec) -> Resu
     }
     if l == 0 {
         return Err(ModelError::Input(
-            "the prompt is empty: give at least one token".into(),
+            "input_ids are empty (no prompt token): give at least one token".into(),
         ));
     }
     check_id_tensor(&inputs.input_ids, spec.vocab_size, "input_ids")?;

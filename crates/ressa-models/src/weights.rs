@@ -116,10 +116,7 @@ impl WeightStore {
             struct Index {
                 weight_map: BTreeMap<String, String>,
             }
-            let index: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: index_path.clone(),
-                error: source,
-            })?;
+            let index: Index = crate::error::parse_json(&text, &index_path)?;
             let mut names: Vec<&String> = index.weight_map.values().collect();
             names.sort();
             names.dedup();

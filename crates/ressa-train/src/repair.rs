@@ -476,7 +476,7 @@ pub fn repair<B: AutodiffBackend>(
                 on_event,
             } = self;
             let pretrained = Pretrained::<B, M>::load_with(dense_dir, config, device)?;
-            let (masks, student) = if dense_dir == cfg.pruned {
+            let (masks, student) = if cfg.dense.is_none() {
                 masks_and_student_self(&cfg.pruned, &pretrained.model)?
             } else {
                 masks_and_student(&cfg.pruned, &pretrained.model, dense_dir)?

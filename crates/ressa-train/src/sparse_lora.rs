@@ -134,11 +134,16 @@ pub fn attach<B: Backend, M: Prunable<B> + Module<B>>(
             return;
         }
         if t.rank == 0 {
-            if mask.is_some_and(|m| m.count_pruned() > 0) && student.contains_key(name) {
-                error = Some(TrainError::Input(format!(
-                    "{key}: the {} tower has no adapters but its pruned weights differ from the dense ones",
-                    tower.name()
-                )));
+            // Without an adapter the merge would give back the dense weight: a pruned linear
+            // needs one (its mask lives in the SparseLoRA update).
+            if mask.is_some_and(|m| m.count_pruned() > 0) {
+                error = Some(TrainError::config(
+                    "rank",
+                    format!(
+                        "{key}: the {} tower is pruned but its adapter rank is 0; give it a rank of at least 1",
+                        tower.name()
+                    ),
+                ));
             }
             return;
         }
