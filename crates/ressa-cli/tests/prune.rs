@@ -150,6 +150,231 @@ fn wanda_prunes_vision_and_language_exactly() {
         );
     }
     assert_eq!(report["calibration_samples"], 4);
+    let per_layer = check_stack_linears("tests/fixtures/models/instructblip-t5-a", &out_dir);
+    assert_eq!(per_layer.len(), 8 + 36);
+    for (name, (zeros, numel, d_out, rows)) in &per_layer {
+        let d_in = numel / d_out;
+        if name.starts_with("vision") {
+            // Per matrix: floor(0.5 · numel) zeros.
+            assert_eq!(*zeros, numel / 2, "{name}: zeros in model.safetensors");
+        } else {
+            // Per output: floor(0.5 · d_in) zeros in every row.
+            assert!(
+                rows.iter().all(|&z| z == d_in / 2),
+                "{name}: zeros per output row {rows:?}, expected {} each",
+                d_in / 2
+            );
+        }
+    }
+}
+
+/// The 2-D weights of the fixture's vision and language stacks (every one a prunable linear;
+/// T5's `relative_attention_bias` is an embedding), by tower.
+fn stack_linears(src: &str) -> BTreeMap<String, &'static str> {
+    tensors(&repo(src))
+        .into_iter()
+        .filter(|(k, (shape, _))| shape.len() == 2 && !k.contains("relative_attention_bias"))
+        .filter_map(|(k, _)| {
+            if k.starts_with("vision_model.encoder.layers.") {
+                Some((k, "vision"))
+            } else if k.starts_with("language_model.encoder.block.")
+                || k.starts_with("language_model.decoder.block.")
+            {
+                Some((k, "language"))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Exactly the vision and language stack linears were pruned (counted from the source's keys),
+/// the masks file lists exactly those, and each mask equals the zero pattern of the written
+/// weight. Returns per layer `(zeros, numel, d_out, zeros per output row)` measured from the
+/// written `model.safetensors`.
+fn check_stack_linears(
+    src: &str,
+    out_dir: &Path,
+) -> BTreeMap<String, (usize, usize, usize, Vec<usize>)> {
+    let expected = stack_linears(src);
+    let count = |t: &str| expected.values().filter(|v| **v == t).count();
+    // The tiny T5 fixture: ViT 2 × (qkv, projection, fc1, fc2); T5 encoder 2 × 7, decoder 2 × 11.
+    assert_eq!(count("vision"), 8, "{expected:?}");
+    assert_eq!(count("language"), 2 * 7 + 2 * 11, "{expected:?}");
+    let before = tensors(&repo(src));
+    let after = tensors(out_dir);
+    let masks = ressa_sparse::sidecar::read_masks(out_dir.join("masks.safetensors")).unwrap();
+    assert_eq!(
+        masks.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "masks.safetensors must list exactly the stack linears"
+    );
+    let mut out = BTreeMap::new();
+    for name in expected.keys() {
+        let (shape, values) = &after[name];
+        let (d_out, d_in) = (shape[0], shape[1]);
+        assert!(
+            before[name].1.iter().all(|v| *v != 0.0),
+            "{name}: the dense fixture has no exact zeros"
+        );
+        let mask = &masks[name];
+        assert_eq!(mask.shape(), (d_in, d_out), "{name}");
+        let mut rows = vec![0usize; d_out];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                let v = values[o * d_in + i];
+                assert_eq!(
+                    mask.get(i, o).unwrap(),
+                    v != 0.0,
+                    "{name}[{o}, {i}]: mask and zero pattern differ"
+                );
+                if v == 0.0 {
+                    rows[o] += 1;
+                } else {
+                    assert_eq!(
+                        v,
+                        before[name].1[o * d_in + i],
+                        "{name}: kept value changed"
+                    );
+                }
+            }
+        }
+        let zeros = rows.iter().sum();
+        assert!(zeros > 0, "{name} was not pruned");
+        out.insert(name.clone(), (zeros, d_in * d_out, d_out, rows));
+    }
+    out
+}
+
+/// `--allocation owl` reaches the pruner: measured from the written weights, the two blocks of
+/// every stack get OWL's sparsities. With two blocks OWL's normalised ratios are 0 and 2λ, so
+/// (whatever the outlier ratios, if they differ) the targets are exactly `S − λ` and `S + λ`:
+/// the block sparsities differ, average S, and each matches sparsity.json's per-layer target.
+#[test]
+fn owl_allocation_reaches_the_weights() {
+    let model = "tests/fixtures/models/instructblip-t5-a";
+    let (sparsity, lambda) = (0.5, 0.08);
+    let (_t, out_dir, out) = prune(
+        model,
+        &[
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--allocation",
+            "owl",
+            "--owl-lambda",
+            "0.08",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let per_layer = check_stack_linears(model, &out_dir);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("sparsity.json")).unwrap())
+            .unwrap();
+    let targets: BTreeMap<&str, f64> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["name"].as_str().unwrap(), l["target"].as_f64().unwrap()))
+        .collect();
+    // Per block: zeros, weights, the OWL target of each of its layers.
+    type Block = (usize, usize, Vec<f64>);
+    let mut blocks: BTreeMap<&str, BTreeMap<usize, Block>> = BTreeMap::new();
+    for (name, (zeros, numel, d_out, rows)) in &per_layer {
+        let d_in = numel / d_out;
+        let (stack, rest) = [
+            "vision_model.encoder.layers.",
+            "language_model.encoder.block.",
+            "language_model.decoder.block.",
+        ]
+        .iter()
+        .find_map(|p| name.strip_prefix(p).map(|r| (*p, r)))
+        .unwrap();
+        let b: usize = rest.split('.').next().unwrap().parse().unwrap();
+        let target = targets[name.as_str()];
+        // Each linear, measured: its block's target within one weight per matrix (vision,
+        // per-matrix groups) or per output row (language, per-output groups).
+        if stack.starts_with("vision") {
+            assert_eq!(*zeros, (target * *numel as f64).floor() as usize, "{name}");
+        } else {
+            let want = (target * d_in as f64).floor() as usize;
+            assert!(
+                rows.iter().all(|&z| z == want),
+                "{name}: {rows:?} vs {want}"
+            );
+        }
+        let e = blocks.entry(stack).or_default().entry(b).or_default();
+        e.0 += zeros;
+        e.1 += numel;
+        e.2.push(target);
+    }
+    assert_eq!(blocks.len(), 3);
+    for (stack, bs) in &blocks {
+        assert_eq!(bs.len(), 2, "{stack}");
+        let mut measured = Vec::new();
+        for (b, (zeros, numel, ts)) in bs {
+            assert!(
+                ts.iter().all(|t| t == &ts[0]),
+                "{stack}{b}: one target per block {ts:?}"
+            );
+            let m = *zeros as f64 / *numel as f64;
+            // Within one weight per row of each of its linears (the floor of each group).
+            let slack: usize = per_layer
+                .iter()
+                .filter(|(n, _)| n.starts_with(&format!("{stack}{b}.")))
+                .map(|(_, (_, _, d_out, _))| *d_out)
+                .sum();
+            assert!(
+                (m - ts[0]).abs() <= slack as f64 / *numel as f64,
+                "{stack}{b}: measured {m} vs OWL target {}",
+                ts[0]
+            );
+            measured.push((m, ts[0], slack as f64 / *numel as f64));
+        }
+        let (lo, hi) = if measured[0].1 < measured[1].1 {
+            (measured[0], measured[1])
+        } else {
+            (measured[1], measured[0])
+        };
+        // Independent of the tool's report: OWL with two blocks gives S ∓ λ.
+        assert!(
+            (lo.1 - (sparsity - lambda)).abs() < 1e-9 && (hi.1 - (sparsity + lambda)).abs() < 1e-9,
+            "{stack}: targets {} and {}, expected {} and {}",
+            lo.1,
+            hi.1,
+            sparsity - lambda,
+            sparsity + lambda
+        );
+        assert!(
+            hi.0 - lo.0 > lambda,
+            "{stack}: measured block sparsities {} and {} are not OWL's spread",
+            lo.0,
+            hi.0
+        );
+        // The mean of the measured block sparsities is S within one weight per group.
+        let mean = (lo.0 + hi.0) / 2.0;
+        assert!(
+            (mean - sparsity).abs() <= (lo.2 + hi.2) / 2.0,
+            "{stack}: mean measured sparsity {mean} vs {sparsity}"
+        );
+    }
+    println!(
+        "OWL blocks (measured sparsity, target): {:?}",
+        blocks
+            .iter()
+            .map(|(s, bs)| (
+                *s,
+                bs.values()
+                    .map(|(z, n, t)| (*z as f64 / *n as f64, t[0]))
+                    .collect::<Vec<_>>()
+            ))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -79,10 +79,37 @@ fn file(dir: &Path, name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
 }
 
+/// Steps of the complete checkpoints in `dir` (from the directory names), ascending.
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.strip_prefix("step-")?.parse::<u64>().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
 #[test]
 fn a_killed_run_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let pruned = pruned(tmp.path());
+    // Every checkpoint is kept (the default keeps 2), so the resumed run's own checkpoints can
+    // be compared with the uninterrupted run's at the same steps. Flags override the paths.
+    let toml = tmp.path().join("keep.toml");
+    std::fs::write(
+        &toml,
+        "pruned = \"p\"\nout = \"o\"\n[data]\ntrain = \"t\"\nimages = \"i\"\n[train]\nkeep_checkpoints = 1000\n",
+    )
+    .unwrap();
+    let keep = ["--config", s(&toml)];
+    let repair_args = |pruned: &Path, out: &Path, extra: &[&str]| {
+        let mut a = repair_args(pruned, out, extra);
+        a.extend(keep.iter().map(|x| x.to_string()));
+        a
+    };
     let full = tmp.path().join("full");
     let o = ressa(&repair_args(&pruned, &full, &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -141,8 +168,66 @@ fn a_killed_run_resumes_bit_identically() {
         "{err}"
     );
 
+    // The killed run's newest checkpoint is where the resume must continue from; the older
+    // ones are removed, so a run that silently starts over (and, being deterministic, ends
+    // with the same bytes) is seen writing them again.
+    let before = checkpoint_steps(&ckpts);
+    let last = *before.last().unwrap();
+    assert!(last >= kill_at);
+    for &step in &before[..before.len() - 1] {
+        std::fs::remove_dir_all(ckpts.join(format!("step-{step:08}"))).unwrap();
+    }
+    let last_state = file(&ckpts.join(format!("step-{last:08}")), "state.json");
+
     let o = ressa(&repair_args(&pruned, &killed, &["--resume"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // From the checkpoint files themselves: the resumed run wrote exactly steps last+1..=40
+    // (checkpoint every 1), none before, and left the one it resumed from untouched.
+    let every = 1;
+    let total = 40;
+    let after = checkpoint_steps(&ckpts);
+    assert_eq!(
+        after,
+        (last..=total).collect::<Vec<_>>(),
+        "checkpoints after resuming from step {last}"
+    );
+    assert_eq!(after[1], last + every, "first checkpoint after the resume");
+    assert_eq!(
+        file(&ckpts.join(format!("step-{last:08}")), "state.json"),
+        last_state
+    );
+    let full_ckpts = tmp.path().join("full.checkpoints");
+    assert_eq!(
+        checkpoint_steps(&full_ckpts),
+        (1..=total).collect::<Vec<_>>()
+    );
+    // 6 training examples, batch 2: 3 steps an epoch; after step k the data position is
+    // epoch k / 3, example 2·(k mod 3).
+    let n_train = 6u64;
+    let per_epoch = n_train / 2;
+    for step in last..=total {
+        let name = format!("step-{step:08}");
+        let (mine, theirs) = (ckpts.join(&name), full_ckpts.join(&name));
+        let state: serde_json::Value = serde_json::from_slice(&file(&mine, "state.json")).unwrap();
+        assert_eq!(state["step"], step, "{name}: optimizer steps done");
+        assert_eq!(state["epoch"], step / per_epoch, "{name}: epoch");
+        assert_eq!(
+            state["position"],
+            2 * (step % per_epoch),
+            "{name}: data position"
+        );
+        for f in [
+            "state.json",
+            "adapters.safetensors",
+            "optimizer.safetensors",
+        ] {
+            assert!(
+                file(&mine, f) == file(&theirs, f),
+                "{name}/{f}: the resumed run differs from the uninterrupted run"
+            );
+        }
+    }
     for f in [
         "model.safetensors",
         "adapters/adapter_model.safetensors",

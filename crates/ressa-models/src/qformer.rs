@@ -228,8 +228,9 @@ impl<B: Backend> QFormer<B> {
         let d = cfg.hidden_size;
         // A text-reading Q-Former with neither layer norm is reported as InstructBLIP's
         // missing `embeddings.layernorm`, not BLIP-2's.
-        let blip2_layout = !vb.contains_or("embeddings.layernorm.weight", reads_text)
-            && !(reads_text && !vb.contains_or("layernorm.weight", false));
+        let embeddings_norm = vb.contains_or("embeddings.layernorm.weight", reads_text);
+        let top_norm = vb.contains_or("layernorm.weight", false);
+        let blip2_layout = !embeddings_norm && (!reads_text || top_norm);
         let (text_embeddings, layernorm) = if blip2_layout {
             (None, vb.layer_norm("layernorm", d, cfg.layer_norm_eps)?)
         } else {
