@@ -30,6 +30,42 @@ impl Batch {
     }
 }
 
+/// A `TemplateProcessing` post-processor must define every special token its templates use
+/// (the tokenizers crate panics on the first encode otherwise).
+fn check_template_tokens(path: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let mut processors = vec![&v["post_processor"]];
+    if let Some(list) = v["post_processor"]["processors"].as_array() {
+        processors.extend(list);
+    }
+    for pp in processors {
+        if pp["type"] != "TemplateProcessing" {
+            continue;
+        }
+        for template in ["single", "pair"] {
+            for piece in pp[template].as_array().into_iter().flatten() {
+                if let Some(id) = piece["SpecialToken"]["id"].as_str()
+                    && pp["special_tokens"].get(id).is_none()
+                {
+                    return Err(DataError::Field {
+                        path: path.to_path_buf(),
+                        field: format!("post_processor.{template}"),
+                        message: format!(
+                            "uses the special token `{id}`, which post_processor.special_tokens does not define"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
@@ -45,21 +81,31 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             message: e.to_string().replace('\n', " "),
         })?;
-        Ok(Self {
+        check_template_tokens(path)?;
+        let t = Self {
             inner,
             path: path.to_path_buf(),
-        })
+        };
+        // A probe at open: a file that cannot encode fails here, naming itself.
+        t.encode("a")?;
+        Ok(t)
     }
 
     /// Token ids with the tokenizer's special tokens (e.g. `</s>`, `[CLS] … [SEP]`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| DataError::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+        // The tokenizers crate panics on some inconsistent files (a post-processor naming a
+        // special token it has no id for): that is this file's error, not a crash.
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, true)
+        }))
+        .map_err(|_| DataError::Tokenizer {
+            path: self.path.clone(),
+            message: "the tokenizer failed on its own configuration (post_processor or special tokens inconsistent)".into(),
+        })?
+        .map_err(|e| DataError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 

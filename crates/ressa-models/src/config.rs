@@ -313,6 +313,21 @@ pub trait LmConfig: DeserializeOwned + Clone + std::fmt::Debug + Send + Sync {
     }
 }
 
+/// The largest size any config field may name: far above every real model (vocabularies of
+/// 256 k, widths of 16 k, 128 k positions), low enough that products of two sizes cannot
+/// overflow and a hostile file fails here instead of in an allocation.
+pub const MAX_SIZE: usize = 1 << 24;
+
+/// Every `(field, value)` at most [`MAX_SIZE`].
+fn bounded(path: &Path, fields: &[(&str, usize)]) -> Result<()> {
+    for &(field, v) in fields {
+        check(v <= MAX_SIZE, path, field, || {
+            format!("{v} is beyond any model's size (at most {MAX_SIZE})")
+        })?;
+    }
+    Ok(())
+}
+
 fn check(ok: bool, path: &Path, field: &str, msg: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
@@ -326,6 +341,29 @@ impl LmConfig for T5Config {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let t = self;
+        bounded(
+            path,
+            &[
+                ("text_config.vocab_size", t.vocab_size),
+                ("text_config.d_model", t.d_model),
+                ("text_config.d_kv", t.d_kv),
+                ("text_config.d_ff", t.d_ff),
+                ("text_config.num_layers", t.num_layers),
+                (
+                    "text_config.num_decoder_layers",
+                    t.num_decoder_layers.unwrap_or(0),
+                ),
+                ("text_config.num_heads", t.num_heads),
+                (
+                    "text_config.relative_attention_num_buckets",
+                    t.relative_attention_num_buckets,
+                ),
+                (
+                    "text_config.relative_attention_max_distance",
+                    t.relative_attention_max_distance,
+                ),
+            ],
+        )?;
         let act = t.activation_name();
         check(
             Activation::from_hf(&act).is_some(),
@@ -387,6 +425,22 @@ impl LmConfig for LlamaConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let l = self;
+        bounded(
+            path,
+            &[
+                ("text_config.vocab_size", l.vocab_size),
+                ("text_config.hidden_size", l.hidden_size),
+                ("text_config.intermediate_size", l.intermediate_size),
+                ("text_config.num_hidden_layers", l.num_hidden_layers),
+                ("text_config.num_attention_heads", l.num_attention_heads),
+                ("text_config.num_key_value_heads", l.kv_heads()),
+                ("text_config.head_dim", l.head_size()),
+                (
+                    "text_config.max_position_embeddings",
+                    l.max_position_embeddings,
+                ),
+            ],
+        )?;
         check(
             Activation::from_hf(&l.hidden_act).is_some(),
             path,
@@ -552,6 +606,21 @@ impl<T: LmConfig> InstructBlipConfig<T> {
         validate_vision(&self.vision, path)?;
         let v = &self.vision;
         let q = &self.qformer;
+        bounded(
+            path,
+            &[
+                ("qformer_config.vocab_size", q.vocab_size),
+                ("qformer_config.hidden_size", q.hidden_size),
+                ("qformer_config.num_hidden_layers", q.num_hidden_layers),
+                ("qformer_config.num_attention_heads", q.num_attention_heads),
+                ("qformer_config.intermediate_size", q.intermediate_size),
+                (
+                    "qformer_config.max_position_embeddings",
+                    q.max_position_embeddings,
+                ),
+                ("num_query_tokens", self.num_query_tokens),
+            ],
+        )?;
         check(
             q.num_attention_heads > 0 && q.hidden_size.is_multiple_of(q.num_attention_heads),
             path,
@@ -601,6 +670,17 @@ impl<T: LmConfig> InstructBlipConfig<T> {
 
 /// Checks a ViT config (heads, patches, activation), naming `vision_config.<field>`.
 pub fn validate_vision(v: &VisionConfig, path: &Path) -> Result<()> {
+    bounded(
+        path,
+        &[
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+        ],
+    )?;
     check(
         v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
         path,
