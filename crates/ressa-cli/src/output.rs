@@ -34,11 +34,20 @@ pub fn refuse_overwrite(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Res
     check(flag, out, inputs, false)
 }
 
+/// Whether `a` and `b` are the same file (device and inode: hard links included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 fn check(flag: &str, out: &Path, inputs: &[(&str, &Path)], not_inside: bool) -> Result<()> {
     let o = resolve(out);
     for (what, input) in inputs {
         let i = resolve(input);
-        if o == i {
+        if o == i || same_file(out, input) {
             bail!(
                 "{flag} {}: is the {what}; inputs are never overwritten",
                 out.display()
@@ -99,6 +108,11 @@ mod tests {
         // The same file through `..` is still the input.
         let dotted = model.join("..").join("in.safetensors");
         assert!(refuse_alias("--out", &dotted, &given).is_err());
+        // A hard link to the input is the input.
+        let link = tmp.path().join("link.safetensors");
+        std::fs::hard_link(&inputs, &link).unwrap();
+        assert!(refuse_alias("--out", &link, &given).is_err());
+        std::fs::remove_file(&link).unwrap();
         assert!(refuse_alias("--out", &tmp.path().join("logits.safetensors"), &given).is_ok());
         let images = [("image directory", tmp.path())];
         assert!(refuse_overwrite("--out", &tmp.path().join("out"), &images).is_ok());
