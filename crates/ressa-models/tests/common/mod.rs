@@ -3,12 +3,20 @@
 
 use std::path::PathBuf;
 
+#[cfg(not(feature = "test-ndarray"))]
 use burn::backend::Flex;
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
+/// The backend the parity tests run on: Flex, or burn-ndarray with the `test-ndarray` feature.
+#[cfg(not(feature = "test-ndarray"))]
 pub type B = Flex;
+#[cfg(not(feature = "test-ndarray"))]
 pub type Dev = burn::backend::flex::FlexDevice;
+#[cfg(feature = "test-ndarray")]
+pub type B = burn::backend::NdArray;
+#[cfg(feature = "test-ndarray")]
+pub type Dev = burn::backend::ndarray::NdArrayDevice;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
