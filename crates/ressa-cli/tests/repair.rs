@@ -416,9 +416,10 @@ fn an_interrupted_run_leaves_only_its_checkpoints() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let pid = child.id().to_string();
+    // The shell's builtin `kill`: no procps needed.
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
+        Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
             .status()
             .unwrap()
             .success()
