@@ -22,7 +22,10 @@ the initially pruned inputs only; zero-`D` kept entries sit between the negative
 ones). `dsnot_literal()` reproduces the reference's own lists and scatter writes (all inputs in
 the regrowth order with kept ones keyed 0, the reorder quirk that maps zero-`D` entries to
 `P[0]`, writes on inactive rows, out-of-range pointers); the generator records per case whether
-the two agree (`dsnot_literal_agrees` in the case metadata).
+the two agree (`dsnot_literal_agrees` in the case metadata) and, unless the literal code indexes
+out of range, stores the literal mask (`literal_mask.<case>`, `[d_out, d_in]` u8) and the
+outputs (PyTorch rows) where its prune count differs from the requested one
+(`literal_broken_outputs.<case>`, int64 row indices, possibly empty).
 
 Usage: python scripts/make_pruner_fixtures.py [--out tests/fixtures/pruners]
 """
@@ -433,6 +436,21 @@ def cases():
     return out
 
 
+def requested_prune_count(d_in, case):
+    """Prune count per output that the case asks for (the crate's and `dsnot()`'s count)."""
+    if case["pattern"] == "unstructured":
+        x = d_in * case["sparsity"]
+        return round(x) if case["rounding"] == "round" else int(x)
+    n, m = map(int, case["pattern"].split(":"))
+    return d_in // m * n
+
+
+def literal_broken_outputs(lit, d_in, case):
+    """Outputs (PyTorch rows) where the literal reference's prune count differs from the request."""
+    counts = (~lit).sum(dim=1)
+    return torch.nonzero(counts != requested_prune_count(d_in, case)).reshape(-1).to(torch.int64)
+
+
 def run_case(case, W, stats, H, block):
     scaler, mu, var = stats
     if case["method"] == "magnitude":
@@ -445,8 +463,10 @@ def run_case(case, W, stats, H, block):
     kw = dict(initial=case["initial"], max_cycle=case["max_cycle"], thr=case["thr"], p=case["p"],
               same_sign=case["same_sign"], rounding=case["rounding"])
     keep = dsnot(W, scaler, mu, var, case["pattern"], case["sparsity"], **kw)
+    case.pop("_literal", None)
     try:
         lit = dsnot_literal(W, scaler, mu, var, case["pattern"], case["sparsity"], **kw)
+        case["_literal"] = (lit, literal_broken_outputs(lit, W.shape[1], case))
         case["dsnot_literal_agrees"] = bool(torch.equal(lit, keep))
         # rows where the literal lists give another mask, and how many of those rows end with
         # a different prune count (i.e. the reference breaks its own sparsity / N:M there)
@@ -485,6 +505,12 @@ def main():
         for case in cases():
             keep, Wn = run_case(case, W, stats, H, spec["block"])
             tensors[f"mask.{case['name']}"] = keep.to(torch.uint8).contiguous()
+            literal = case.pop("_literal", None)
+            if literal is not None:
+                # the reference's literal DSnoT lists: its mask and the outputs where its prune
+                # count differs from the requested one (absent when it indexes out of range)
+                tensors[f"literal_mask.{case['name']}"] = literal[0].to(torch.uint8).contiguous()
+                tensors[f"literal_broken_outputs.{case['name']}"] = literal[1].contiguous()
             if Wn is not None:
                 tensors[f"weight.{case['name']}"] = Wn.float().contiguous()
             done.append(case)

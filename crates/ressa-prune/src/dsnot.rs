@@ -34,10 +34,11 @@
 //!
 //! The fixture tests (`tests/fixtures/pruners`, made by `scripts/make_pruner_fixtures.py`)
 //! check these rules against an independent PyTorch implementation. The generator also runs
-//! the reference's literal lists and records per case whether they agree: they do for every
-//! Wanda-initialised unstructured case; where they differ (N:M on these small layers, and
-//! magnitude-initialised cases with dead inputs), every differing output is one whose prune
-//! count the literal lists change, i.e. where the reference breaks its own sparsity.
+//! the reference's literal lists and stores their masks: of the 32 cases, 23 agree (every
+//! Wanda-initialised unstructured case among them), 8 differ (N:M on these small layers, and
+//! magnitude-initialised cases with dead inputs) and in 1 the reference indexes out of range;
+//! every differing output is one whose prune count the literal lists change, i.e. where the
+//! reference breaks its own sparsity (`dsnot_deviations_from_literal_reference`).
 
 use ressa_sparse::{Mask, SparsityPattern};
 

@@ -5,6 +5,9 @@
 //! per case, the expected keep mask (`[d_out, d_in]`, 1 = keep) and, for SparseGPT, the
 //! reconstructed weights. Every weight and mask is transposed explicitly to burn's
 //! `[d_in, d_out]` here. Masks must match exactly; SparseGPT weights within 1e-4 relative.
+//! DSnoT cases also carry the literal reference's mask (`literal_mask.<case>`) and the outputs
+//! where it breaks the requested prune count (`literal_broken_outputs.<case>`); the documented
+//! deviations are asserted against those as differences.
 
 use std::path::PathBuf;
 
@@ -348,4 +351,122 @@ fn owl_matches_reference() {
         let mean = got.iter().sum::<f64>() / got.len() as f64;
         assert!((mean - target).abs() < 1e-12);
     }
+}
+
+/// Prune count per output that a DSnoT case asks for (independent of the crate's own count).
+fn requested_prune_count(case: &Value, d_in: usize) -> usize {
+    let pattern = case["pattern"].as_str().unwrap();
+    if pattern == "unstructured" {
+        let x = d_in as f64 * case["sparsity"].as_f64().unwrap();
+        match case["rounding"].as_str().unwrap() {
+            // Python's `round`: ties to even
+            "round" => x.round_ties_even() as usize,
+            "floor" => x.floor() as usize,
+            r => panic!("unknown rounding {r}"),
+        }
+    } else {
+        let (n, m) = pattern.split_once(':').unwrap();
+        let (n, m): (usize, usize) = (n.parse().unwrap(), m.parse().unwrap());
+        d_in / m * n
+    }
+}
+
+/// The documented deviations from the reference (`dsnot.rs`, "Deviations from the reference"),
+/// asserted as differences against the literal reference's masks (`literal_mask.<case>`).
+///
+/// Per DSnoT case: where the literal lists agree, ressa's mask equals the literal mask; where
+/// they do not, the two masks differ exactly on the recorded outputs
+/// (`literal_broken_outputs.<case>`), on each of those the literal prune count differs from the
+/// requested count while ressa's equals it (the reference breaks its own sparsity), and every
+/// other output is identical. Cases where the literal code indexes out of range have no literal
+/// mask.
+#[test]
+fn dsnot_deviations_from_literal_reference() {
+    let (mut agree, mut differ, mut out_of_range) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failures = Vec::new();
+    for name in LAYERS {
+        let layer = Layer::load(name);
+        let st = SafeTensors::deserialize(&layer.bytes).unwrap();
+        for case in layer.cases.iter().filter(|c| c["method"] == "dsnot") {
+            let cname = case["name"].as_str().unwrap();
+            let id = format!("{name}/{cname}");
+            let mut pruner = config_of(case, &layer).build(layer.d_in).unwrap();
+            layer.feed(pruner.as_mut());
+            let out = pruner.prune(layer.weights(), &spec_of(case)).unwrap();
+            let ours = out.mask.to_pytorch_bools(); // [d_out, d_in]
+            let (d_out, d_in) = (layer.d_out, layer.d_in);
+            let requested = requested_prune_count(case, d_in);
+            let pruned_in =
+                |m: &[bool], o: usize| m[o * d_in..(o + 1) * d_in].iter().filter(|k| !**k).count();
+            let ours_miscounted: Vec<usize> = (0..d_out)
+                .filter(|&o| pruned_in(&ours, o) != requested)
+                .collect();
+            if !ours_miscounted.is_empty() {
+                failures.push(format!(
+                    "{id}: ressa's prune count is not {requested} on outputs {ours_miscounted:?}"
+                ));
+            }
+            let Ok(lit) = st.tensor(&format!("literal_mask.{cname}")) else {
+                assert!(
+                    case["dsnot_literal_agrees"].is_null(),
+                    "{id}: literal mask missing"
+                );
+                out_of_range.push(id);
+                continue;
+            };
+            assert_eq!(lit.dtype(), Dtype::U8);
+            assert_eq!(lit.shape(), &[d_out, d_in]);
+            let lit: Vec<bool> = lit.data().iter().map(|&b| b != 0).collect();
+            let broken = st
+                .tensor(&format!("literal_broken_outputs.{cname}"))
+                .unwrap();
+            assert_eq!(broken.dtype(), Dtype::I64);
+            let broken: Vec<usize> = broken
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+                .collect();
+            // outputs where ressa's mask and the literal one differ
+            let differing: Vec<usize> = (0..d_out)
+                .filter(|&o| ours[o * d_in..(o + 1) * d_in] != lit[o * d_in..(o + 1) * d_in])
+                .collect();
+            // outputs where the literal prune count is not the requested one
+            let miscounted: Vec<usize> = (0..d_out)
+                .filter(|&o| pruned_in(&lit, o) != requested)
+                .collect();
+            assert_eq!(
+                miscounted, broken,
+                "{id}: recorded broken outputs vs the literal mask's counts"
+            );
+            let agrees = case["dsnot_literal_agrees"].as_bool().unwrap();
+            if agrees {
+                if ours != lit || !broken.is_empty() {
+                    failures.push(format!(
+                        "{id}: the literal reference agrees, but ressa differs on outputs {differing:?}"
+                    ));
+                }
+                agree.push(id);
+            } else {
+                // (a) + (c): ressa differs from the literal mask exactly on the recorded outputs
+                // (b): there the literal count is broken (checked above), ressa's is not
+                if broken.is_empty() || differing != broken {
+                    failures.push(format!(
+                        "{id}: masks differ on outputs {differing:?}, the literal reference breaks the \
+                         prune count ({requested}) on outputs {broken:?}"
+                    ));
+                }
+                differ.push(id);
+            }
+        }
+    }
+    eprintln!(
+        "DSnoT vs literal reference: {} agree, {} differ (only on outputs where the reference \
+         breaks its prune count), {} out of range\n  differ: {differ:?}\n  out of range: {out_of_range:?}",
+        agree.len(),
+        differ.len(),
+        out_of_range.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(agree.len() + differ.len() + out_of_range.len(), 32);
+    assert_eq!((agree.len(), differ.len(), out_of_range.len()), (23, 8, 1));
 }
