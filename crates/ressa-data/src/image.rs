@@ -1,6 +1,8 @@
-//! Image preprocessing as `transformers`' `BlipImageProcessor` (PIL backend) does it:
-//! convert to RGB, resize with PIL's bicubic filter, rescale by 1/255, normalize with the
-//! config's mean and std, channels first.
+//! Image preprocessing as `transformers`' `BlipImageProcessor` and `CLIPImageProcessor` (PIL
+//! backends) do it: convert to RGB, resize with PIL's bicubic filter (to `size.{height, width}`,
+//! or the shortest edge to `size.shortest_edge` keeping the aspect ratio), center-crop to
+//! `crop_size` when `do_center_crop`, rescale by 1/255, normalize with the config's mean and std,
+//! channels first.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,15 @@ use crate::error::{DataError, Result};
 #[serde(default)]
 pub struct ImageProcessorConfig {
     pub do_resize: bool,
+    /// `{height, width}`; a `{shortest_edge: n}` file reads as n × n here and sets
+    /// [`ImageProcessorConfig::shortest_edge`].
     pub size: ImageSize,
+    /// CLIP: `size.shortest_edge`, the length the shorter side is resized to.
+    #[serde(skip)]
+    pub shortest_edge: Option<usize>,
+    /// CLIP: crop the center `crop_size` after resizing.
+    pub do_center_crop: bool,
+    pub crop_size: Option<ImageSize>,
     /// PIL resampling filter id; 3 = bicubic (the only one implemented).
     pub resample: u32,
     pub do_rescale: bool,
@@ -25,9 +35,33 @@ pub struct ImageProcessorConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawSize")]
 pub struct ImageSize {
     pub height: usize,
     pub width: usize,
+}
+
+/// `size` as files spell it: `{height, width}` or `{shortest_edge}`.
+#[derive(Deserialize)]
+struct RawSize {
+    height: Option<usize>,
+    width: Option<usize>,
+    shortest_edge: Option<usize>,
+}
+
+impl TryFrom<RawSize> for ImageSize {
+    type Error = String;
+
+    fn try_from(r: RawSize) -> std::result::Result<Self, String> {
+        match (r.height, r.width, r.shortest_edge) {
+            (Some(height), Some(width), _) => Ok(Self { height, width }),
+            (None, None, Some(s)) => Ok(Self {
+                height: s,
+                width: s,
+            }),
+            _ => Err("expected `height` and `width`, or `shortest_edge`".into()),
+        }
+    }
 }
 
 impl Default for ImageProcessorConfig {
@@ -40,6 +74,9 @@ impl Default for ImageProcessorConfig {
                 height: 384,
                 width: 384,
             },
+            shortest_edge: None,
+            do_center_crop: false,
+            crop_size: None,
             resample: 3,
             do_rescale: true,
             rescale_factor: 1.0 / 255.0,
@@ -57,7 +94,14 @@ impl ImageProcessorConfig {
             path: path.to_path_buf(),
             error,
         })?;
-        let cfg: Self = crate::error::parse_json(&text, path)?;
+        let mut cfg: Self = crate::error::parse_json(&text, path)?;
+        let raw: serde_json::Value = crate::error::parse_json(&text, path)?;
+        cfg.shortest_edge = raw
+            .get("size")
+            .and_then(|s| s.get("shortest_edge"))
+            .and_then(|s| s.as_u64())
+            .filter(|_| raw["size"].get("height").is_none())
+            .map(|s| s as usize);
         let field = |field: &str, message: String| DataError::Field {
             path: path.to_path_buf(),
             field: field.into(),
@@ -84,6 +128,42 @@ impl ImageProcessorConfig {
         if cfg.size.height == 0 || cfg.size.width == 0 {
             return Err(field("size", "height and width must be positive".into()));
         }
+        let crop = cfg.crop_size.as_ref().filter(|_| cfg.do_center_crop);
+        if let Some(c) = crop
+            && (c.height == 0 || c.width == 0)
+        {
+            return Err(field(
+                "crop_size",
+                "height and width must be positive".into(),
+            ));
+        }
+        if cfg.do_center_crop && cfg.crop_size.is_none() {
+            return Err(field(
+                "crop_size",
+                "do_center_crop is set but crop_size is missing".into(),
+            ));
+        }
+        if cfg.do_resize && cfg.shortest_edge.is_some() && crop.is_none() {
+            return Err(field(
+                "size",
+                "shortest_edge without a center crop gives every image its own size; only \
+                 shortest_edge + do_center_crop is supported"
+                    .into(),
+            ));
+        }
+        // The crop must fit inside every resized image (HF pads otherwise; not implemented).
+        if let Some(c) = crop
+            && cfg.do_resize
+            && (c.height > cfg.size.height || c.width > cfg.size.width)
+        {
+            return Err(field(
+                "crop_size",
+                format!(
+                    "{}×{} is larger than the resized image ({}×{} or its shortest edge)",
+                    c.height, c.width, cfg.size.height, cfg.size.width
+                ),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -91,10 +171,22 @@ impl ImageProcessorConfig {
     pub fn preprocess(&self, img: &image::RgbImage) -> Vec<f32> {
         let resized;
         let img = if self.do_resize {
-            resized = resize_bicubic(img, self.size.width, self.size.height);
+            let (w, h) = match self.shortest_edge {
+                Some(s) => shortest_edge_size(img.width() as usize, img.height() as usize, s),
+                None => (self.size.width, self.size.height),
+            };
+            resized = resize_bicubic(img, w, h);
             &resized
         } else {
             img
+        };
+        let cropped;
+        let img = match self.crop_size.as_ref().filter(|_| self.do_center_crop) {
+            Some(c) => {
+                cropped = center_crop(img, c.width, c.height);
+                &cropped
+            }
+            None => img,
         };
         let (w, h) = img.dimensions();
         let (w, h) = (w as usize, h as usize);
@@ -116,9 +208,12 @@ impl ImageProcessorConfig {
         out
     }
 
-    /// Output size (height, width).
+    /// Output size (height, width): the crop when center-cropping, else `size`.
     pub fn output_size(&self) -> (usize, usize) {
-        (self.size.height, self.size.width)
+        match self.crop_size.as_ref().filter(|_| self.do_center_crop) {
+            Some(c) => (c.height, c.width),
+            None => (self.size.height, self.size.width),
+        }
     }
 
     /// [`ImageProcessorConfig::from_file`] for a vision model that takes `image_size` ×
@@ -131,7 +226,8 @@ impl ImageProcessorConfig {
                 field: "size".into(),
                 message: format!(
                     "{}×{} does not match the vision model's image_size {image_size}",
-                    cfg.size.height, cfg.size.width
+                    cfg.output_size().0,
+                    cfg.output_size().1
                 ),
             });
         }
@@ -151,6 +247,23 @@ pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
         message: e.to_string().replace(['\n', '\r'], " ").trim().to_string(),
     })?;
     Ok(img.to_rgb8())
+}
+
+/// (width, height) after resizing the shorter side of a `w` × `h` image to `s`, the longer to
+/// `int(s · long / short)` (`transformers`' `get_resize_output_image_size`, not square).
+pub fn shortest_edge_size(w: usize, h: usize, s: usize) -> (usize, usize) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = ((s * long) as f64 / short.max(1) as f64) as usize;
+    if w <= h { (s, new_long) } else { (new_long, s) }
+}
+
+/// The center `cw` × `ch` of `img` (`transformers`' `center_crop`: top = (h − ch) // 2,
+/// left = (w − cw) // 2); `cw`, `ch` at most the image's size.
+pub fn center_crop(img: &image::RgbImage, cw: usize, ch: usize) -> image::RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (cw, ch) = (cw.min(w), ch.min(h));
+    let (left, top) = ((w - cw) / 2, (h - ch) / 2);
+    image::imageops::crop_imm(img, left as u32, top as u32, cw as u32, ch as u32).to_image()
 }
 
 /// Pillow's bicubic kernel (a = -0.5, support 2).
@@ -261,6 +374,49 @@ pub fn resize_bicubic(img: &image::RgbImage, out_w: usize, out_h: usize) -> imag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shortest_edge_keeps_the_aspect_ratio_and_the_crop_is_centered() {
+        assert_eq!(shortest_edge_size(56, 37, 28), (42, 28));
+        assert_eq!(shortest_edge_size(40, 61, 28), (28, 42));
+        assert_eq!(shortest_edge_size(336, 336, 336), (336, 336));
+        let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let c = center_crop(&img, 2, 2);
+        assert_eq!(c.dimensions(), (2, 2));
+        assert_eq!(c.get_pixel(0, 0).0, [1, 1, 0]);
+    }
+
+    #[test]
+    fn clip_configs_need_a_center_crop_with_shortest_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preprocessor_config.json");
+        std::fs::write(
+            &path,
+            r#"{"size": {"shortest_edge": 336}, "do_center_crop": true,
+                "crop_size": {"height": 336, "width": 336}}"#,
+        )
+        .unwrap();
+        let cfg = ImageProcessorConfig::from_file_for(&path, 336).unwrap();
+        assert_eq!(
+            (cfg.shortest_edge, cfg.output_size()),
+            (Some(336), (336, 336))
+        );
+        std::fs::write(&path, r#"{"size": {"shortest_edge": 336}}"#).unwrap();
+        let err = ImageProcessorConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("size") && err.contains("center crop"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"size": {"shortest_edge": 224}, "do_center_crop": true,
+                "crop_size": {"height": 336, "width": 336}}"#,
+        )
+        .unwrap();
+        let err = ImageProcessorConfig::from_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crop_size"), "{err}");
+    }
 
     #[test]
     fn identity_size_keeps_pixels() {

@@ -12,6 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use crate::config::peek_model_types;
 use crate::error::{ModelError, Result};
 use crate::instructblip::{InstructBlipLlama, InstructBlipT5};
+use crate::llava::Llava;
 use crate::vlm::VisionLanguageModel;
 
 /// A job generic over the model family.
@@ -41,6 +42,10 @@ macro_rules! families {
                 type $m<B> = InstructBlipLlama<B>;
                 $call
             }
+            ("llava", "llama") => {
+                type $m<B> = Llava<B>;
+                $call
+            }
             (top, text) => Err(unknown(top, text, $path)),
         }
     }};
@@ -57,6 +62,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "instructblip",
         "llama",
         "InstructBLIP with a LLaMA-family (Vicuna) decoder",
+    ),
+    (
+        "llava",
+        "llama",
+        "LLaVA-1.5: CLIP vision tower, MLP projector, LLaMA-family (Vicuna) decoder",
     ),
 ];
 

@@ -1,4 +1,5 @@
-//! Models for ressa: vision-language model families (InstructBLIP / BLIP-2 over T5 or LLaMA),
+//! Models for ressa: vision-language model families (InstructBLIP / BLIP-2 over T5 or LLaMA,
+//! LLaVA-1.5),
 //! loaded from and saved to HF checkpoint directories, generic over the burn backend.
 //!
 //! The seams: [`lm::LanguageModel`] (a language model behind the projection),
@@ -6,6 +7,7 @@
 //! [`prunable::Prunable`] (stacks of blocks of linears, for calibration) and the registry in
 //! [`family`] that maps a `config.json` to a family's type.
 
+pub mod clip;
 pub mod config;
 pub mod error;
 pub mod family;
@@ -13,6 +15,7 @@ pub mod generate;
 pub mod instructblip;
 pub mod linear;
 pub mod llama;
+pub mod llava;
 pub mod lm;
 pub mod nn;
 pub mod pretrained;
@@ -29,6 +32,7 @@ pub use config::{Architecture, InstructBlipConfig, LlamaConfig, LmConfig, T5Conf
 pub use error::{ModelError, Result};
 pub use family::{AutodiffFamilyVisitor, FamilyVisitor, visit_family, visit_family_autodiff};
 pub use instructblip::{EncoderOutputs, InstructBlip, InstructBlipLlama, InstructBlipT5};
+pub use llava::{Llava, LlavaConfig};
 pub use lm::{LanguageModel, LmInput, SpecialTokens, TeacherForced};
 pub use pretrained::Pretrained;
 pub use processor::{Processor, resolve_model_dir};

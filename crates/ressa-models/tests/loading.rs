@@ -137,6 +137,7 @@ fn save_reproduces_every_tensor_in_the_source_layout() {
         "instructblip-t5-untied",
         "instructblip-llama-gqa",
         "instructblip-llama-mha",
+        "llava-gqa",
     ] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing");
     }
