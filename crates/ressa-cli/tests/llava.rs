@@ -154,3 +154,130 @@ fn inspect_and_prune_go_through_the_registry() {
     ]));
     assert_eq!(text.lines().count(), 1);
 }
+
+/// The whole pipeline on LLaVA through the generic commands: Wanda prune of both towers,
+/// RESSA repair (every pruned linear keeps exactly its zeros), VQA eval scored against the
+/// official files, and a sparse-bitmask export that loads again.
+#[test]
+fn prune_repair_eval_export_on_llava() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cal = repo.join("tests/fixtures/calibration");
+    let data = repo.join("tests/fixtures/data");
+    let pruned = tmp.path().join("pruned");
+    ok(&ressa(&[
+        "prune",
+        "--model",
+        s(&fixture()),
+        "--method",
+        "wanda",
+        "--vision",
+        "0.5",
+        "--language",
+        "0.5",
+        "--calibration",
+        s(&cal.join("captions.json")),
+        "--images",
+        s(&cal),
+        "--samples",
+        "4",
+        "--out",
+        s(&pruned),
+    ]));
+    let masks = ressa_sparse::sidecar::read_masks(pruned.join("masks.safetensors")).unwrap();
+    assert!(
+        masks.keys().any(|k| k.starts_with("vision_tower.")),
+        "vision pruned"
+    );
+    assert!(
+        masks.keys().any(|k| k.starts_with("language_model.")),
+        "language pruned"
+    );
+    assert!(
+        !masks.keys().any(|k| k.contains("multi_modal_projector")),
+        "projector dense"
+    );
+    let repaired = tmp.path().join("repaired");
+    ok(&ressa(&[
+        "repair",
+        "--model",
+        s(&pruned),
+        "--dense",
+        s(&fixture()),
+        "--data",
+        s(&cal.join("captions.json")),
+        "--images",
+        s(&cal),
+        "--out",
+        s(&repaired),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repaired.join("repair.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["exact_sparsity"].as_u64().unwrap() as usize,
+        masks.len()
+    );
+    assert_eq!(report["train"]["steps"], 4);
+    // The merged weights: zero exactly where the masks prune.
+    let bytes = std::fs::read(repaired.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for (key, mask) in &masks {
+        let t = st.tensor(key).unwrap();
+        let w: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // Stored [d_out, d_in]; masks are [d_in, d_out].
+        let (d_in, d_out) = mask.shape();
+        let keep = mask.to_bools();
+        for o in 0..d_out {
+            for i in 0..d_in {
+                assert_eq!(
+                    w[o * d_in + i] != 0.0,
+                    keep[i * d_out + o],
+                    "{key}[{o}, {i}]"
+                );
+            }
+        }
+    }
+    let out = ressa(&[
+        "eval",
+        "--model",
+        s(&repaired),
+        "--task",
+        "vqav2",
+        "--annotations",
+        s(&data.join("annotations/vqa_val_eval.json")),
+        "--images",
+        s(&data.join("images/coco")),
+        "--out",
+        s(&tmp.path().join("pred.json")),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--ground-truth",
+        s(&data.join("annotations/v2_mscoco_val2014_annotations.json")),
+        s(&data.join("annotations/v2_OpenEnded_mscoco_val2014_questions.json")),
+    ]);
+    let metrics: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(metrics["num_predictions"], 4.0);
+    assert!(metrics["accuracy"].as_f64().is_some());
+    let bitmask = tmp.path().join("bitmask");
+    ok(&ressa(&[
+        "export",
+        s(&repaired),
+        "--format",
+        "bitmask",
+        "--out",
+        s(&bitmask),
+    ]));
+    ok(&ressa(&["inspect", "--model", s(&bitmask)]));
+}
