@@ -449,3 +449,102 @@ fn an_interrupted_run_leaves_only_its_checkpoints() {
         "the dead process's partial output is swept"
     );
 }
+
+/// Nonsense that used to exit 0: a NaN in the dense model, a diverging learning rate, a
+/// checkpoint claiming a step beyond the run. Each fails in one line naming it; no model is
+/// written.
+#[test]
+fn non_finite_runs_and_impossible_checkpoints_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one_error = |o: &Output, needle: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{needle}: exit 0");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains(needle), "{needle}: {err}");
+    };
+
+    // A dense model with a NaN in a (non-prunable) layer norm, pruned as it is.
+    let dense = tmp.path().join("nan-dense");
+    std::fs::create_dir(&dense).unwrap();
+    let src = repo("tests/fixtures/models/instructblip-t5-a");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            let d = dense.join(p.file_name().unwrap());
+            std::fs::create_dir(&d).unwrap();
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+            }
+        } else {
+            std::fs::copy(&p, dense.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = dense.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let key = "vision_model.post_layernorm.weight";
+    let view = st.tensor(key).unwrap();
+    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let mut patched = bytes.clone();
+    patched[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    drop(st);
+    std::fs::write(&weights, patched).unwrap();
+    let pruned = tmp.path().join("nan-pruned");
+    let o = ressa(
+        &[
+            "prune",
+            "--model",
+            s(&dense),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--out",
+            s(&pruned),
+        ]
+        .map(String::from),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("nan-out");
+    let mut args = repair_args(&pruned, &out, &[]);
+    let i = args.iter().position(|a| a == "--dense").unwrap();
+    args[i + 1] = s(&dense).to_string();
+    one_error(&ressa(&args), "training stopped");
+    assert!(!out.exists());
+
+    // A diverging learning rate.
+    let pruned = self::pruned(tmp.path());
+    let out = tmp.path().join("diverged");
+    let mut args = repair_args(&pruned, &out, &[]);
+    let i = args.iter().position(|a| a == "--lr").unwrap();
+    args[i + 1] = "1e30".into();
+    one_error(&ressa(&args), "training stopped");
+    assert!(!out.exists());
+
+    // A checkpoint that claims step 99999 of a 40-step run.
+    let good = tmp.path().join("good");
+    let o = ressa(&repair_args(&pruned, &good, &[]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpts = tmp.path().join("forged.checkpoints");
+    std::fs::create_dir(&ckpts).unwrap();
+    let last = std::fs::read_dir(tmp.path().join("good.checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let forged = ckpts.join(last.file_name().unwrap());
+    std::fs::create_dir(&forged).unwrap();
+    for f in std::fs::read_dir(&last).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, forged.join(f.file_name().unwrap())).unwrap();
+    }
+    let state = forged.join("state.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    v["step"] = 99999.into();
+    std::fs::write(&state, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = tmp.path().join("forged");
+    one_error(&ressa(&repair_args(&pruned, &out, &["--resume"])), "99999");
+    assert!(!out.join("model.safetensors").exists());
+}
