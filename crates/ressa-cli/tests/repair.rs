@@ -548,3 +548,78 @@ fn non_finite_runs_and_impossible_checkpoints_are_refused() {
     one_error(&ressa(&repair_args(&pruned, &out, &["--resume"])), "99999");
     assert!(!out.join("model.safetensors").exists());
 }
+
+/// A masks file that contradicts the pruned model's zeros, and a "dense" model whose kept
+/// weights are not the ones the pruned model kept, are refused before training, naming the
+/// tensor.
+#[test]
+fn masks_and_dense_weights_must_agree_with_the_pruned_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    let one_error = |o: &Output, needles: &[&str]| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{needles:?}: exit 0");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            needles.iter().all(|n| lines[0].contains(n)),
+            "{needles:?}: {err}"
+        );
+    };
+    let copy_dir = |src: &Path, dst: &Path| {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                let d = dst.join(p.file_name().unwrap());
+                std::fs::create_dir_all(&d).unwrap();
+                for f in std::fs::read_dir(&p).unwrap() {
+                    let f = f.unwrap().path();
+                    std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+                }
+            } else {
+                std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+
+    // A mask that keeps every entry of a 70 %-pruned weight (it would train the zeros back).
+    let lying = tmp.path().join("lying");
+    copy_dir(&pruned, &lying);
+    let mut masks = ressa_sparse::sidecar::read_masks(lying.join("masks.safetensors")).unwrap();
+    let key = masks.keys().next().unwrap().clone();
+    let (d_in, d_out) = masks[&key].shape();
+    masks.insert(key.clone(), ressa_sparse::Mask::ones(d_in, d_out).unwrap());
+    ressa_sparse::sidecar::write_masks(
+        lying.join("masks.safetensors"),
+        masks.iter().map(|(k, m)| (k.as_str(), m)),
+    )
+    .unwrap();
+    let out = tmp.path().join("out-lying");
+    one_error(&ressa(&repair_args(&lying, &out, &[])), &[&key]);
+    assert!(!out.exists());
+
+    // A dense model whose kept weights differ from the pruned model's (another model of the
+    // same shapes): one prunable weight scaled.
+    let other = tmp.path().join("other-dense");
+    copy_dir(&repo("tests/fixtures/models/instructblip-t5-a"), &other);
+    let weights = other.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor(&key).unwrap();
+    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let len = view.data().len();
+    let mut patched = bytes.clone();
+    for c in patched[start..start + len].chunks_exact_mut(4) {
+        let v = f32::from_le_bytes(c.try_into().unwrap()) * 1.5;
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+    drop(st);
+    std::fs::write(&weights, patched).unwrap();
+    let out = tmp.path().join("out-other");
+    let mut args = repair_args(&pruned, &out, &[]);
+    let i = args.iter().position(|a| a == "--dense").unwrap();
+    args[i + 1] = s(&other).to_string();
+    one_error(&ressa(&args), &[&key]);
+    assert!(!out.exists());
+}
