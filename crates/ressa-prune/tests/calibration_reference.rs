@@ -144,16 +144,16 @@ fn compare(got: &BTreeMap<String, Mask>, want: &Reference, label: &str) -> (usiz
             "{label} {name}"
         );
         let ours = mask.to_pytorch_bools();
-        for j in 0..*d_out {
+        for (j, &m) in margin.iter().enumerate().take(*d_out) {
             let row = j * d_in..(j + 1) * d_in;
-            if margin[j] < EPS {
+            if m < EPS {
                 near += 1;
                 continue;
             }
             if ours[row.clone()] == keep[row] {
                 matching += 1;
             } else {
-                mismatches.push(format!("{name} output {j} (margin {:.3e})", margin[j]));
+                mismatches.push(format!("{name} output {j} (margin {m:.3e})"));
             }
         }
     }
