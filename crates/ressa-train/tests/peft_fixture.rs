@@ -304,3 +304,68 @@ fn peft_merged_weights_reproduce_peft_logits() {
         "adapters barely change the logits ({moved})"
     );
 }
+
+/// The writer itself: `write_peft_adapters` on the committed adapters' values writes the
+/// committed files again, byte for byte (so a change to the layout, the orientation or the
+/// config fields fails here, not only in PEFT).
+#[test]
+fn the_writer_reproduces_the_committed_files() {
+    use ressa_models::prunable::Tower;
+    use ressa_train::sparse_lora::{AdapterValues, write_peft_adapters};
+    let cfg = config();
+    let sparse: BTreeSet<String> = cfg["ressa"]["sparse_lora"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let bytes = read(&peft_dir().join("adapters/adapter_model.safetensors"));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let adapters: Vec<AdapterValues> = modules(&cfg)
+        .into_iter()
+        .map(|m| {
+            let (sa, at) = f32s(&st, &format!("base_model.model.{}.lora_A.weight", m.name));
+            let (sb, bt) = f32s(&st, &format!("base_model.model.{}.lora_B.weight", m.name));
+            let (r, d_in, d_out) = (sa[0], sa[1], sb[0]);
+            // Back to burn orientation: A [d_in, r], B [r, d_out].
+            let mut a = vec![0f32; d_in * r];
+            for k in 0..r {
+                for i in 0..d_in {
+                    a[i * r + k] = at[k * d_in + i];
+                }
+            }
+            let mut b = vec![0f32; r * d_out];
+            for j in 0..d_out {
+                for k in 0..r {
+                    b[k * d_out + j] = bt[j * r + k];
+                }
+            }
+            let tower = if m.name.starts_with("vision_model.") {
+                Tower::Vision
+            } else if m.name.starts_with("qformer.") {
+                Tower::QFormer
+            } else {
+                Tower::Language
+            };
+            AdapterValues {
+                sparse: sparse.contains(&m.name),
+                name: m.name,
+                tower,
+                d_in,
+                d_out,
+                rank: r,
+                scale: m.scale,
+                a,
+                b,
+            }
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    write_peft_adapters(tmp.path(), &adapters, DENSE).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert!(
+            read(&tmp.path().join(f)) == read(&peft_dir().join("adapters").join(f)),
+            "{f}: the writer no longer produces the committed (PEFT-checked) file"
+        );
+    }
+}
