@@ -8,34 +8,15 @@
 //! The input being read is written to `$CARGO_TARGET_TMPDIR/mutated_inputs/<test>.last`
 //! first, so an abort still names it.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
-
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{RngSeed, TestCaseError};
+use proptest::test_runner::TestCaseError;
 use ressa_train::repair::RepairConfig;
 
-/// 48 cases per property, the same ones every run (`PROPTEST_CASES=N` runs more,
-/// `PROPTEST_RNG_SEED=S` others).
-fn config() -> ProptestConfig {
-    let default = ProptestConfig::default();
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(48),
-        rng_seed: match std::env::var("PROPTEST_RNG_SEED") {
-            Ok(_) => default.rng_seed,
-            Err(_) => RngSeed::Fixed(0x0072_6573_7361),
-        },
-        failure_persistence: None,
-        max_shrink_iters: 512,
-        ..default
-    }
-}
+#[path = "../../../tests/support/mutation.rs"]
+#[allow(dead_code)]
+mod mutation;
+use mutation::*;
 
 /// A repair configuration with every field set.
 const BASE: &str = r#"pruned = "out/wanda-50"
@@ -88,175 +69,6 @@ alpha = 16.0
 rank = 8
 alpha = 16.0
 "#;
-
-// --- Panics become test failures with their message and location. ---------------------------
-
-static GUARDED: AtomicUsize = AtomicUsize::new(0);
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
-
-fn setup() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if GUARDED.load(Ordering::SeqCst) == 0 {
-                return default(info);
-            }
-            let msg = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(non-string payload)".into());
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
-                .unwrap_or_default();
-            // Where in our sources, when the panic is raised in std or a dependency.
-            let ours = std::backtrace::Backtrace::force_capture()
-                .to_string()
-                .lines()
-                .map(str::trim)
-                .find(|l| {
-                    l.starts_with("at ")
-                        && !l.contains("/rustc/")
-                        && !l.contains("/.cargo/")
-                        && !l.contains("tests/")
-                })
-                .map(|l| format!(" (from {})", &l[3..]))
-                .filter(|_| at.contains("/rustc/") || at.contains("/.cargo/"))
-                .unwrap_or_default();
-            *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(format!("panicked at {at}{ours}: {msg}"));
-        }));
-        // Best effort: an unchecked absurd allocation aborts instead of exhausting memory.
-        let _ = std::process::Command::new("prlimit")
-            .arg(format!("--pid={}", std::process::id()))
-            .arg(format!("--as={}", 16u64 << 30))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    });
-}
-
-/// Runs `f`, turning a panic into a failure that says where it happened.
-fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, TestCaseError> {
-    setup();
-    GUARDED.fetch_add(1, Ordering::SeqCst);
-    let r = catch_unwind(AssertUnwindSafe(f));
-    GUARDED.fetch_sub(1, Ordering::SeqCst);
-    r.map_err(|_| {
-        let msg = LAST_PANIC
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_else(|| "panicked".into());
-        TestCaseError::fail(format!("{what}: {msg}"))
-    })
-}
-
-/// Records the input about to be loaded (read it after an abort).
-fn record(test: &str, input: &dyn std::fmt::Debug) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mutated_inputs");
-    let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(dir.join(format!("{test}.last")), format!("{input:#?}\n"));
-}
-
-// --- Byte mutations. -----------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-enum ByteEdit {
-    Flip { at: Index, bit: u8 },
-    Overwrite { at: Index, bytes: Vec<u8> },
-    Insert { at: Index, bytes: Vec<u8> },
-    Delete { at: Index, len: usize },
-    Truncate { at: Index },
-}
-
-/// Bytes that mean something to JSON and number parsers, or are plain garbage.
-fn interesting_bytes() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        prop::collection::vec(any::<u8>(), 1..16),
-        prop::sample::select(vec![
-            &b"{"[..],
-            b"}",
-            b"[",
-            b"]",
-            b"\"",
-            b":",
-            b",",
-            b"\\",
-            b"0",
-            b"-1",
-            b"1e308",
-            b"null",
-            b"18446744073709551615",
-            b"\xff\xfe",
-            b"\0",
-        ])
-        .prop_map(|b| b.to_vec()),
-    ]
-}
-
-fn byte_edit() -> impl Strategy<Value = ByteEdit> {
-    prop_oneof![
-        3 => (any::<Index>(), 0u8..8).prop_map(|(at, bit)| ByteEdit::Flip { at, bit }),
-        3 => (any::<Index>(), interesting_bytes())
-            .prop_map(|(at, bytes)| ByteEdit::Overwrite { at, bytes }),
-        2 => (any::<Index>(), interesting_bytes())
-            .prop_map(|(at, bytes)| ByteEdit::Insert { at, bytes }),
-        1 => (any::<Index>(), 1usize..64).prop_map(|(at, len)| ByteEdit::Delete { at, len }),
-        1 => any::<Index>().prop_map(|at| ByteEdit::Truncate { at }),
-    ]
-}
-
-/// Applies `edit` inside `bytes[..region]` (the whole file when `region` is its length);
-/// returns what it did, in words.
-fn apply_bytes(bytes: &mut Vec<u8>, region: usize, edit: &ByteEdit) -> String {
-    let region = region.min(bytes.len());
-    if region == 0 {
-        if let ByteEdit::Insert { bytes: b, .. } = edit {
-            bytes.splice(0..0, b.iter().copied());
-            return format!("insert {b:?} at 0");
-        }
-        return "nothing (empty file)".into();
-    }
-    match edit {
-        ByteEdit::Flip { at, bit } => {
-            let i = at.index(region);
-            bytes[i] ^= 1 << bit;
-            format!("flip bit {bit} of byte {i}")
-        }
-        ByteEdit::Overwrite { at, bytes: b } => {
-            let i = at.index(region);
-            for (k, v) in b.iter().enumerate() {
-                if let Some(x) = bytes.get_mut(i + k) {
-                    *x = *v;
-                }
-            }
-            format!(
-                "overwrite bytes {i}.. with {:?}",
-                String::from_utf8_lossy(b)
-            )
-        }
-        ByteEdit::Insert { at, bytes: b } => {
-            let i = at.index(region + 1);
-            bytes.splice(i..i, b.iter().copied());
-            format!("insert {:?} at {i}", String::from_utf8_lossy(b))
-        }
-        ByteEdit::Delete { at, len } => {
-            let i = at.index(region);
-            let end = (i + len).min(bytes.len());
-            bytes.drain(i..end);
-            format!("delete bytes {i}..{end}")
-        }
-        ByteEdit::Truncate { at } => {
-            let i = at.index(region);
-            bytes.truncate(i);
-            format!("truncate to {i} bytes")
-        }
-    }
-}
 
 // --- TOML value mutations. -----------------------------------------------------------------
 
