@@ -49,20 +49,33 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> Result<T> {
     let de = &mut serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let error = e.into_inner();
-        if field.is_empty() || field == "." || error.is_syntax() || error.is_eof() {
-            DataError::Json {
-                path: path.to_path_buf(),
-                error,
-            }
-        } else {
-            DataError::Field {
-                path: path.to_path_buf(),
-                field,
-                message: error.to_string(),
-            }
+    serde_path_to_error::deserialize(de).map_err(|e| json_error(path, e))
+}
+
+/// [`parse_json`] of an already parsed value.
+pub(crate) fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    path: &std::path::Path,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| json_error(path, e))
+}
+
+fn json_error(
+    path: &std::path::Path,
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> DataError {
+    let field = e.path().to_string();
+    let error = e.into_inner();
+    if field.is_empty() || field == "." || error.is_syntax() || error.is_eof() {
+        DataError::Json {
+            path: path.to_path_buf(),
+            error,
         }
-    })
+    } else {
+        DataError::Field {
+            path: path.to_path_buf(),
+            field,
+            message: error.to_string(),
+        }
+    }
 }

@@ -49,17 +49,22 @@ struct RawSize {
     shortest_edge: Option<usize>,
 }
 
-impl TryFrom<RawSize> for ImageSize {
-    type Error = String;
+/// A `size` with neither `{height, width}` nor `{shortest_edge}`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected `height` and `width`, or `shortest_edge`")]
+pub struct SizeError;
 
-    fn try_from(r: RawSize) -> std::result::Result<Self, String> {
+impl TryFrom<RawSize> for ImageSize {
+    type Error = SizeError;
+
+    fn try_from(r: RawSize) -> std::result::Result<Self, SizeError> {
         match (r.height, r.width, r.shortest_edge) {
             (Some(height), Some(width), _) => Ok(Self { height, width }),
             (None, None, Some(s)) => Ok(Self {
                 height: s,
                 width: s,
             }),
-            _ => Err("expected `height` and `width`, or `shortest_edge`".into()),
+            _ => Err(SizeError),
         }
     }
 }
@@ -94,8 +99,10 @@ impl ImageProcessorConfig {
             path: path.to_path_buf(),
             error,
         })?;
-        let mut cfg: Self = crate::error::parse_json(&text, path)?;
+        // One parse: the typed config from the value, which also says whether `size` was
+        // CLIP's `{shortest_edge}`.
         let raw: serde_json::Value = crate::error::parse_json(&text, path)?;
+        let mut cfg: Self = crate::error::from_value(raw.clone(), path)?;
         cfg.shortest_edge = raw
             .get("size")
             .and_then(|s| s.get("shortest_edge"))
