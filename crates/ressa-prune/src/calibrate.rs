@@ -247,6 +247,31 @@ fn block_keys<B: Backend>(
     Ok(keys)
 }
 
+/// The keys of block `b`'s prunable linears.
+fn listed_keys<B: Backend, M: Prunable<B>>(model: &M, stack: M::Stack, b: usize) -> Vec<Arc<str>> {
+    model
+        .block_linears(stack, b)
+        .iter()
+        .map(|l| Arc::clone(&l.key))
+        .collect()
+}
+
+/// A tap's group key; it must name the block's own linears (a stray key would collect
+/// statistics for nothing and prune nothing).
+fn tap_key<B: Backend>(
+    linears: &[&Linear<B>],
+    listed: &[Arc<str>],
+    block_name: &str,
+) -> Result<Vec<Arc<str>>, CalibrateError> {
+    let key: Vec<Arc<str>> = linears.iter().map(|l| Arc::clone(&l.key)).collect();
+    match key.iter().find(|k| !listed.contains(k)) {
+        Some(stray) => Err(CalibrateError::Input(format!(
+            "{block_name}: the block tapped `{stray}`, which is not one of its prunable linears"
+        ))),
+        None => Ok(key),
+    }
+}
+
 /// Pruner state of the linear groups that share an input, keyed by their linears' keys.
 type Groups = Vec<(Vec<Arc<str>>, Box<dyn Pruner>)>;
 
@@ -265,29 +290,24 @@ fn collect_stats<B: Backend, M: Prunable<B>>(
 ) -> Result<Vec<Tensor<B, 3>>, CalibrateError> {
     let mut outputs = Vec::with_capacity(inputs.len());
     let mut failure: Option<CalibrateError> = None;
-    let listed: Vec<Arc<str>> = model
-        .block_linears(stack, b)
-        .iter()
-        .map(|l| Arc::clone(&l.key))
-        .collect();
+    let listed = listed_keys(model, stack, b);
     for input in inputs {
         let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
             if failure.is_some() {
                 return;
             }
             let [n, l, d] = x.dims();
-            let key: Vec<Arc<str>> = linears.iter().map(|l| Arc::clone(&l.key)).collect();
+            let key = match tap_key(linears, &listed, block_name) {
+                Ok(k) => k,
+                Err(e) => {
+                    failure = Some(e);
+                    return;
+                }
+            };
             let name = || {
                 key.first()
                     .map_or(block_name.to_string(), |k| k.to_string())
             };
-            // A tap must name the block's own linears: a stray key would prune nothing.
-            if let Some(stray) = key.iter().find(|k| !listed.contains(k)) {
-                failure = Some(CalibrateError::Input(format!(
-                    "{block_name}: the block tapped `{stray}`, which is not one of its prunable linears"
-                )));
-                return;
-            }
             let idx = match groups.iter().position(|(k, _)| *k == key) {
                 Some(i) => i,
                 None => match pruner_cfg.build(d) {
@@ -571,10 +591,17 @@ fn owl_targets<B: Backend, M: Prunable<B>>(
         let mut stats: Vec<(Vec<Arc<str>>, ActivationStats)> = Vec::new();
         let mut failure = None;
         let mut outputs = Vec::new();
+        let listed = listed_keys(model, stack.id, b);
         for input in &inputs {
             let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
                 let [n, l, d] = x.dims();
-                let key: Vec<Arc<str>> = linears.iter().map(|l| Arc::clone(&l.key)).collect();
+                let key = match tap_key(linears, &listed, &block_name) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                        return;
+                    }
+                };
                 let i = match stats.iter().position(|(k, _)| *k == key) {
                     Some(i) => i,
                     None => match ActivationStats::new(d) {
