@@ -199,7 +199,7 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     ))
 }
 
-fn run_on<B: burn::tensor::backend::AutodiffBackend>(
+fn run_on<B: ressa_models::ops::AutodiffDenseBackend>(
     cfg: &RepairConfig,
     resume: bool,
     device: &B::Device,

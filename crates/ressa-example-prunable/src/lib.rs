@@ -6,6 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use ressa_models::linear::Linear;
 use ressa_models::nn::{Tap, no_tap};
+use ressa_models::ops::DenseBackend;
 use ressa_models::prunable::{BlockOptions, Prunable, StackInfo, Tower, stack_name};
 use ressa_models::{ModelError, Result};
 
@@ -16,7 +17,7 @@ pub struct MlpBlock<B: Backend> {
     pub down: Linear<B>,
 }
 
-impl<B: Backend> MlpBlock<B> {
+impl<B: DenseBackend> MlpBlock<B> {
     /// `x + down(gelu(up(x)))` over `x: [b, t, d]`, reporting `x` (the input of `up`) and
     /// `gelu(up(x))` (the input of `down`) to `tap` before each product.
     pub fn forward_tapped(&self, x: Tensor<B, 3>, tap: Tap<B>) -> Tensor<B, 3> {
@@ -33,7 +34,7 @@ pub struct TinyMlp<B: Backend> {
     pub blocks: Vec<MlpBlock<B>>,
 }
 
-impl<B: Backend> TinyMlp<B> {
+impl<B: DenseBackend> TinyMlp<B> {
     /// `x_{i+1} = x_i + down_i(gelu(up_i(x_i)))` for every block, `x: [b, t, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.blocks
@@ -138,7 +139,7 @@ fn no_block(block: usize, blocks: usize) -> ModelError {
 
 /// Calibration sees the model as one language-tower stack; a sample is an input batch
 /// `[b, t, d]`, and a block's input (and the context) is just the hidden state.
-impl<B: Backend> Prunable<B> for TinyMlp<B> {
+impl<B: DenseBackend> Prunable<B> for TinyMlp<B> {
     type Sample = Tensor<B, 3>;
     type Stack = MlpStack;
     type BlockInput = Tensor<B, 3>;

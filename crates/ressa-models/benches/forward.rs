@@ -38,7 +38,7 @@ fn configs_dir() -> PathBuf {
 }
 
 /// A random checkpoint for `config` (a JSON value) in a temporary directory, loaded.
-fn random_model<B: Backend>(
+fn random_model<B: ressa_models::ops::DenseBackend>(
     config: &serde_json::Value,
     device: &B::Device,
 ) -> (Config, Pretrained<B, InstructBlipT5<B>>, tempfile::TempDir) {
@@ -57,7 +57,12 @@ fn read_config(name: &str) -> serde_json::Value {
 }
 
 /// `b` rows of `l` deterministic token ids below `vocab - 4`.
-fn ids<B: Backend>(b: usize, l: usize, vocab: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+fn ids<B: ressa_models::ops::DenseBackend>(
+    b: usize,
+    l: usize,
+    vocab: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     let rows: Vec<Vec<u32>> = (0..b)
         .map(|r| {
             (0..l)
@@ -68,7 +73,11 @@ fn ids<B: Backend>(b: usize, l: usize, vocab: usize, device: &B::Device) -> Tens
     ressa_models::nn::ids_tensor::<B>(&rows, device)
 }
 
-fn inputs<B: Backend>(cfg: &Config, b: usize, device: &B::Device) -> VlmInputs<B> {
+fn inputs<B: ressa_models::ops::DenseBackend>(
+    cfg: &Config,
+    b: usize,
+    device: &B::Device,
+) -> VlmInputs<B> {
     let (lq, lp) = (12, 24);
     let size = cfg.vision.image_size;
     let vocab = cfg.text.vocab_size;
@@ -89,7 +98,7 @@ fn inputs<B: Backend>(cfg: &Config, b: usize, device: &B::Device) -> VlmInputs<B
     }
 }
 
-fn on_backend<B: Backend>(c: &mut Criterion, backend: &str) {
+fn on_backend<B: ressa_models::ops::DenseBackend>(c: &mut Criterion, backend: &str) {
     let device = Default::default();
     for model_name in ["bench-small", "shapes-tiny"] {
         let (cfg, model, _dir) = random_model::<B>(&read_config(model_name), &device);

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
+use crate::nn::LayerNorm;
+use crate::ops::{self, DenseBackend};
 use burn::module::Param;
-use burn::nn::LayerNorm;
 use burn::prelude::*;
-use burn::tensor::activation;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Activation, MAX_SIZE};
@@ -133,9 +133,9 @@ impl ClipActivation {
         }
     }
 
-    pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn apply<B: DenseBackend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::QuickGelu => x.clone() * activation::sigmoid(x.mul_scalar(1.702)),
+            Self::QuickGelu => activate(x, Activation::QuickGelu),
             Self::Other(a) => activate(x, a),
         }
     }
@@ -152,7 +152,7 @@ pub struct ClipEmbeddings<B: Backend> {
     pub position_embedding: Param<Tensor<B, 2>>,
 }
 
-impl<B: Backend> ClipEmbeddings<B> {
+impl<B: DenseBackend> ClipEmbeddings<B> {
     fn load(cfg: &ClipVisionConfig, vb: &Loader<B>) -> Result<Self> {
         let (e, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         Ok(Self {
@@ -174,7 +174,7 @@ impl<B: Backend> ClipEmbeddings<B> {
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, rows * cols, c * p * p]);
         let kernel = self.patch_weight.val().reshape([e, c * p * p]).transpose();
-        let patches = flat.matmul(kernel.unsqueeze());
+        let patches = ops::linear(flat, kernel, None);
         let cls = self
             .class_embedding
             .val()
@@ -200,7 +200,7 @@ pub struct ClipAttention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> ClipAttention<B> {
+impl<B: DenseBackend> ClipAttention<B> {
     fn load(cfg: &ClipVisionConfig, vb: &Loader<B>) -> Result<Self> {
         let e = cfg.hidden_size;
         Ok(Self {
@@ -241,7 +241,7 @@ pub struct ClipLayer<B: Backend> {
     pub act: ClipActivation,
 }
 
-impl<B: Backend> ClipLayer<B> {
+impl<B: DenseBackend> ClipLayer<B> {
     fn load(cfg: &ClipVisionConfig, vb: &Loader<B>) -> Result<Self> {
         let (e, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         Ok(Self {
@@ -306,7 +306,7 @@ pub struct ClipVisionTower<B: Backend> {
     pub image_size: usize,
 }
 
-impl<B: Backend> ClipVisionTower<B> {
+impl<B: DenseBackend> ClipVisionTower<B> {
     /// Loads a tower whose keys sit under `vb` (`vision_tower.` or, in older hub files,
     /// `vision_tower.vision_model.`).
     pub fn load(cfg: &ClipVisionConfig, vb: &Loader<B>) -> Result<Self> {

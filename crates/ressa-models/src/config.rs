@@ -18,6 +18,8 @@ pub enum Activation {
     Relu,
     /// x·σ(x) (`"silu"`, `"swish"`).
     Silu,
+    /// x·σ(1.702·x) (CLIP's `"quick_gelu"`; read by `clip.rs` only).
+    QuickGelu,
 }
 
 impl Activation {

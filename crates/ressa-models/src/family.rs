@@ -13,6 +13,7 @@ use crate::config::peek_model_types;
 use crate::error::{ModelError, Result};
 use crate::instructblip::{InstructBlipLlama, InstructBlipT5};
 use crate::llava::Llava;
+use crate::ops::{AutodiffDenseBackend, DenseBackend};
 use crate::vlm::VisionLanguageModel;
 
 /// A job generic over the model family.
@@ -93,7 +94,7 @@ fn read(path: &Path) -> Result<(String, String, String)> {
 
 /// Reads `config_path`, finds its family and runs `visitor` with the family's type and
 /// parsed configuration.
-pub fn visit_family<B: Backend, V: FamilyVisitor<B>>(
+pub fn visit_family<B: DenseBackend, V: FamilyVisitor<B>>(
     config_path: &Path,
     visitor: V,
 ) -> Result<V::Output> {
@@ -105,7 +106,7 @@ pub fn visit_family<B: Backend, V: FamilyVisitor<B>>(
 }
 
 /// [`visit_family`] for jobs that train on an autodiff backend.
-pub fn visit_family_autodiff<B: AutodiffBackend, V: AutodiffFamilyVisitor<B>>(
+pub fn visit_family_autodiff<B: AutodiffDenseBackend, V: AutodiffFamilyVisitor<B>>(
     config_path: &Path,
     visitor: V,
 ) -> Result<V::Output> {

@@ -15,6 +15,7 @@ use crate::linear::Linear;
 use crate::llama::Llama;
 use crate::lm::{LanguageModel, LmInput, LmSample};
 use crate::nn::{Tap, host_ids, host_mask};
+use crate::ops::DenseBackend;
 use crate::prunable::{
     BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name,
 };
@@ -80,7 +81,7 @@ impl<T: LmConfig> FamilyConfig for InstructBlipConfig<T> {
     }
 }
 
-impl<B: Backend, L: LanguageModel<B>> InstructBlip<B, L> {
+impl<B: DenseBackend, L: LanguageModel<B>> InstructBlip<B, L> {
     /// Query tokens expanded to the batch, and the instruction text if the Q-Former reads it.
     fn qformer_queries(
         &self,
@@ -167,7 +168,7 @@ impl<B: Backend, L: LanguageModel<B>> InstructBlip<B, L> {
     }
 }
 
-impl<B: Backend, L: LanguageModel<B>> VisionLanguageModel<B> for InstructBlip<B, L> {
+impl<B: DenseBackend, L: LanguageModel<B>> VisionLanguageModel<B> for InstructBlip<B, L> {
     type Lm = L;
     type Config = InstructBlipConfig<L::Config>;
 
@@ -263,7 +264,7 @@ pub struct BlipContext<B: Backend, C> {
     lm: Option<C>,
 }
 
-impl<B: Backend, L: LanguageModel<B>> Prunable<B> for InstructBlip<B, L> {
+impl<B: DenseBackend, L: LanguageModel<B>> Prunable<B> for InstructBlip<B, L> {
     type Sample = CalibrationSample<B>;
     type Stack = BlipStack<L::Stack>;
     type BlockInput = BlipBlockInput<B, L::BlockInput>;

@@ -18,6 +18,7 @@ pub mod llama;
 pub mod llava;
 pub mod lm;
 pub mod nn;
+pub mod ops;
 pub mod pretrained;
 pub mod processor;
 pub mod prunable;

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use crate::ops::{self, DenseBackend};
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -149,25 +150,6 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `x·W_eff + b` over the last dimension; with a packed weight and no adapter, by the
-    /// packed host kernel ([`Linear::pack`]).
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if let (Some(packed), None) = (&self.packed, &self.adapter) {
-            return forward_packed(&packed.0, x);
-        }
-        burn::tensor::module::linear(
-            x,
-            self.effective_weight(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
-    }
-
-    /// The dense path (teacher): `x·W + b`, no mask, no adapter.
-    pub fn forward_dense<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        assert!(!self.dense_released(), "{RELEASED}");
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
-    }
-
     /// Folds the adapter into the weight: `W ← (W + s·A·B) ⊙ M` (exactly the mask's zeros)
     /// and drops it. The result is detached (a frozen plain weight).
     pub fn merge(&mut self) {
@@ -231,6 +213,28 @@ impl<B: Backend> Linear<B> {
     /// The packed kernel in use, if any.
     pub fn packed_kind(&self) -> Option<KernelKind> {
         self.packed.as_ref().map(|p| p.0.kind())
+    }
+}
+
+impl<B: DenseBackend> Linear<B> {
+    /// `x·W_eff + b` over the last dimension; with a packed weight and no adapter, by the
+    /// packed host kernel ([`Linear::pack`]).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let (Some(packed), None) = (&self.packed, &self.adapter) {
+            return forward_packed(&packed.0, x);
+        }
+        assert!(!self.dense_released(), "{RELEASED}");
+        let weight = match &self.adapter {
+            None => self.weight.val(),
+            Some(a) => a.fused_weight(&self.weight),
+        };
+        ops::linear(x, weight, self.bias.as_ref().map(|b| b.val()))
+    }
+
+    /// The dense path (teacher): `x·W + b`, no mask, no adapter.
+    pub fn forward_dense<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        assert!(!self.dense_released(), "{RELEASED}");
+        ops::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -339,6 +343,25 @@ impl<B: Backend> LoraAdapter<B> {
             Some(p) => w.mask_fill(p.val(), 0.0),
             None => w,
         }
+    }
+
+    /// [`LoraAdapter::effective_weight`] as one fused op ([`ops::lora_weight`]; the forward
+    /// pass's path).
+    pub fn fused_weight(&self, weight: &Param<Tensor<B, 2>>) -> Tensor<B, 2>
+    where
+        B: DenseBackend,
+    {
+        let base = match &self.student_weight {
+            Some(w) => w.val(),
+            None => weight.val(),
+        };
+        ops::lora_weight(
+            base,
+            self.lora_a.val(),
+            self.lora_b.val(),
+            self.pruned.as_ref().map(|p| p.val()),
+            self.scale,
+        )
     }
 
     /// Replaces the adapter tensors, keeping their parameter ids (checkpoint restore: the

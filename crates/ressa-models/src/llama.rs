@@ -4,6 +4,7 @@
 //! padding masks, and a KV cache.
 
 use crate::linear::Linear;
+use crate::ops::{self, DenseBackend};
 use burn::module::Param;
 use burn::prelude::*;
 
@@ -26,7 +27,7 @@ pub struct Rope<B: Backend> {
     pub sin: Tensor<B, 4>,
 }
 
-impl<B: Backend> Rope<B> {
+impl<B: DenseBackend> Rope<B> {
     /// Tables for `positions` [B][L], as HF `LlamaRotaryEmbedding` computes them in f32:
     /// inv_freq_i = 1 / theta^(2i / dim), angle = position · inv_freq.
     pub fn new(positions: &[Vec<usize>], head_dim: usize, theta: f64, device: &B::Device) -> Self {
@@ -76,7 +77,7 @@ pub struct LlamaAttention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> LlamaAttention<B> {
+impl<B: DenseBackend> LlamaAttention<B> {
     fn load(cfg: &LlamaConfig, vb: &Loader<B>) -> Result<Self> {
         let (d, h, kv, dh) = (
             cfg.hidden_size,
@@ -119,7 +120,7 @@ pub struct LlamaMlp<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> LlamaMlp<B> {
+impl<B: DenseBackend> LlamaMlp<B> {
     fn load(cfg: &LlamaConfig, vb: &Loader<B>) -> Result<Self> {
         let (d, f, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
@@ -147,7 +148,7 @@ pub struct LlamaCache<B: Backend> {
     pub len: usize,
 }
 
-impl<B: Backend> LlamaCache<B> {
+impl<B: DenseBackend> LlamaCache<B> {
     pub fn new(layers: usize) -> Self {
         Self {
             layers: vec![None; layers],
@@ -174,7 +175,7 @@ pub struct LlamaLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> LlamaLayer<B> {
+impl<B: DenseBackend> LlamaLayer<B> {
     fn load(cfg: &LlamaConfig, vb: &Loader<B>) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
@@ -269,7 +270,7 @@ pub struct Llama<B: Backend> {
     pub bos: Option<u32>,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: DenseBackend> Llama<B> {
     pub fn new_cache(&self) -> LlamaCache<B> {
         LlamaCache::new(self.layers.len())
     }
@@ -321,7 +322,7 @@ impl<B: Backend> Llama<B> {
     pub fn lm_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            None => ops::linear(hidden, self.embed_tokens.val().transpose(), None),
         }
     }
 
@@ -388,7 +389,7 @@ pub struct LlamaDecoding<B: Backend> {
     cache: LlamaCache<B>,
 }
 
-impl<B: Backend> LanguageModel<B> for Llama<B> {
+impl<B: DenseBackend> LanguageModel<B> for Llama<B> {
     type Config = LlamaConfig;
     type Decoding = LlamaDecoding<B>;
 
@@ -577,7 +578,7 @@ impl<B: Backend> LanguageModel<B> for Llama<B> {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: DenseBackend> Llama<B> {
     /// Refuses a sequence longer than the rotary positions the model was trained for.
     pub fn check_positions(&self, len: usize) -> Result<()> {
         if len > self.max_position_embeddings {
@@ -603,7 +604,7 @@ pub struct LlamaBlockInput<B: Backend> {
     pub rope: Rope<B>,
 }
 
-impl<B: Backend> Prunable<B> for Llama<B> {
+impl<B: DenseBackend> Prunable<B> for Llama<B> {
     type Sample = LmSample<B>;
     type Stack = LlamaStack;
     type BlockInput = LlamaBlockInput<B>;

@@ -24,6 +24,7 @@ use crate::linear::Linear;
 use crate::llama::{Llama, LlamaBlockInput, LlamaStack};
 use crate::lm::{LanguageModel, LmInput, LmSample};
 use crate::nn::{Tap, activate, host_ids, host_mask, index_tensor};
+use crate::ops::DenseBackend;
 use crate::prunable::{
     BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name,
 };
@@ -230,7 +231,7 @@ pub struct Llava<B: Backend> {
     pub keys: Arc<ParamKeys>,
 }
 
-impl<B: Backend> Llava<B> {
+impl<B: DenseBackend> Llava<B> {
     /// Image features per image (the placeholder count).
     pub fn image_seq_length(&self) -> usize {
         self.vision_tower.num_positions() - usize::from(!self.keep_cls)
@@ -301,7 +302,7 @@ impl<B: Backend> Llava<B> {
     }
 }
 
-impl<B: Backend> VisionLanguageModel<B> for Llava<B> {
+impl<B: DenseBackend> VisionLanguageModel<B> for Llava<B> {
     type Lm = Llama<B>;
     type Config = LlavaConfig;
 
@@ -392,7 +393,7 @@ pub struct LlavaContext<B: Backend> {
     lm: Option<LlamaBlockInput<B>>,
 }
 
-impl<B: Backend> Prunable<B> for Llava<B> {
+impl<B: DenseBackend> Prunable<B> for Llava<B> {
     type Sample = CalibrationSample<B>;
     type Stack = LlavaStack;
     type BlockInput = LlavaBlockInput<B>;

@@ -1,11 +1,12 @@
 //! Small building blocks shared by the towers: multi-head attention math, activations,
 //! embedding lookups and attention masks.
 
+use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::activation;
 
 use crate::config::Activation;
 use crate::linear::Linear;
+use crate::ops::{self, DenseBackend};
 
 /// Receives the input of one or more linears (which share it) during a calibration forward:
 /// burn has no forward hooks, so blocks report their linears' inputs. A linear names itself
@@ -31,31 +32,29 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     x.swap_dims(1, 2).reshape([b, l, h * dh])
 }
 
-/// Scaled dot-product attention: softmax(q·kᵀ·scale + bias)·v over `[B, H, L, dh]` inputs.
-/// `bias` broadcasts over `[B or 1, H or 1, Lq or 1, Lk]` (position bias and/or key mask).
-pub fn attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    scale: Option<f64>,
-    bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
-    let mut scores = q.matmul(k.swap_dims(2, 3));
-    if let Some(s) = scale {
-        scores = scores.mul_scalar(s);
-    }
-    if let Some(bias) = bias {
-        scores = scores + bias;
-    }
-    activation::softmax(scores, 3).matmul(v)
+pub use crate::ops::attention;
+
+pub fn activate<B: DenseBackend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    ops::activate(x, act)
 }
 
-pub fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
-    match act {
-        Activation::Gelu => activation::gelu(x),
-        Activation::GeluTanh => activation::gelu_approximate(x),
-        Activation::Relu => activation::relu(x),
-        Activation::Silu => activation::silu(x),
+/// PyTorch's `nn.LayerNorm` (`{name}.weight` = γ, `{name}.bias` = β) over the last dimension;
+/// burn's `LayerNorm` keeps its ε private, and the forward here is [`ops::layer_norm`].
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    pub beta: Option<Param<Tensor<B, 1>>>,
+    pub epsilon: f64,
+}
+
+impl<B: DenseBackend> LayerNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        ops::layer_norm(
+            x,
+            self.gamma.val(),
+            self.beta.as_ref().map(|b| b.val()),
+            self.epsilon,
+        )
     }
 }
 

@@ -3,8 +3,9 @@
 //! cross-attention to the image every `cross_attention_frequency` layers (query positions only),
 //! and a separate FFN (`intermediate_query`/`output_query`) for the query positions.
 
+use crate::nn::LayerNorm;
+use crate::ops::DenseBackend;
 use burn::module::Param;
-use burn::nn::LayerNorm;
 
 use crate::linear::Linear;
 use burn::prelude::*;
@@ -27,7 +28,7 @@ pub struct QFormerAttention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> QFormerAttention<B> {
+impl<B: DenseBackend> QFormerAttention<B> {
     fn load(cfg: &QFormerConfig, kv_dim: usize, vb: &Loader<B>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
@@ -93,7 +94,7 @@ pub struct QFormerFfn<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> QFormerFfn<B> {
+impl<B: DenseBackend> QFormerFfn<B> {
     fn load(cfg: &QFormerConfig, suffix: &str, vb: &Loader<B>) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
@@ -126,7 +127,7 @@ pub struct QFormerLayer<B: Backend> {
     pub ffn_query: QFormerFfn<B>,
 }
 
-impl<B: Backend> QFormerLayer<B> {
+impl<B: DenseBackend> QFormerLayer<B> {
     fn load(cfg: &QFormerConfig, index: usize, reads_text: bool, vb: &Loader<B>) -> Result<Self> {
         let crossattention = if index.is_multiple_of(cfg.cross_attention_frequency) {
             Some(QFormerAttention::load(
@@ -223,7 +224,7 @@ pub struct QFormer<B: Backend> {
     pub blip2_layout: bool,
 }
 
-impl<B: Backend> QFormer<B> {
+impl<B: DenseBackend> QFormer<B> {
     pub fn load(cfg: &QFormerConfig, reads_text: bool, vb: &Loader<B>) -> Result<Self> {
         let d = cfg.hidden_size;
         // A text-reading Q-Former with neither layer norm is reported as InstructBLIP's

@@ -4,6 +4,7 @@
 //! activation named in the config, and an untied or tied `lm_head`.
 
 use crate::linear::Linear;
+use crate::ops::{self, DenseBackend};
 use burn::module::Param;
 use burn::prelude::*;
 
@@ -25,17 +26,18 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: DenseBackend> RmsNorm<B> {
     pub(crate) fn load(vb: &Loader<B>, name: &str, d: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.param(&format!("{name}.weight"), [d])?,
             eps,
         })
     }
+}
 
+impl<B: DenseBackend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let var = x.clone().powi_scalar(2).mean_dim(2);
-        x.div(var.add_scalar(self.eps).sqrt()) * self.weight.val().unsqueeze()
+        ops::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -82,7 +84,7 @@ pub struct T5Attention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> T5Attention<B> {
+impl<B: DenseBackend> T5Attention<B> {
     fn load(cfg: &T5Config, with_bias_table: bool, vb: &Loader<B>) -> Result<Self> {
         let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
         let relative_attention_bias = if with_bias_table {
@@ -146,7 +148,7 @@ pub struct T5Ffn<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> T5Ffn<B> {
+impl<B: DenseBackend> T5Ffn<B> {
     fn load(cfg: &T5Config, vb: &Loader<B>) -> Result<Self> {
         let (d, f) = (cfg.d_model, cfg.d_ff);
         let act = Activation::from_hf(&cfg.activation_name()).expect("validated");
@@ -211,7 +213,7 @@ pub struct DecoderCache<B: Backend> {
     pub len: usize,
 }
 
-impl<B: Backend> DecoderCache<B> {
+impl<B: DenseBackend> DecoderCache<B> {
     pub fn new(blocks: usize) -> Self {
         Self {
             blocks: vec![
@@ -250,7 +252,7 @@ pub struct T5Block<B: Backend> {
     pub ffn_norm: RmsNorm<B>,
 }
 
-impl<B: Backend> T5Block<B> {
+impl<B: DenseBackend> T5Block<B> {
     fn load(cfg: &T5Config, index: usize, decoder: bool, vb: &Loader<B>) -> Result<Self> {
         let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
         let l0 = vb.pp("layer.0");
@@ -346,7 +348,7 @@ pub struct T5Stack<B: Backend> {
     pub max_distance: usize,
 }
 
-impl<B: Backend> T5Stack<B> {
+impl<B: DenseBackend> T5Stack<B> {
     fn load(cfg: &T5Config, decoder: bool, vb: &Loader<B>) -> Result<Self> {
         let n = if decoder {
             cfg.decoder_layers()
@@ -479,7 +481,7 @@ pub struct T5<B: Backend> {
     pub tokens: SpecialTokens,
 }
 
-impl<B: Backend> T5<B> {
+impl<B: DenseBackend> T5<B> {
     /// The decoder's token embeddings.
     fn decoder_table(&self) -> Tensor<B, 2> {
         match &self.decoder_embed_tokens {
@@ -502,7 +504,7 @@ impl<B: Backend> T5<B> {
         };
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.shared.val().transpose().unsqueeze()),
+            None => ops::linear(hidden, self.shared.val().transpose(), None),
         }
     }
 
@@ -541,7 +543,7 @@ pub struct T5Decoding<B: Backend> {
     cache: DecoderCache<B>,
 }
 
-impl<B: Backend> LanguageModel<B> for T5<B> {
+impl<B: DenseBackend> LanguageModel<B> for T5<B> {
     type Config = T5Config;
     type Decoding = T5Decoding<B>;
 
@@ -740,7 +742,7 @@ pub struct T5Calibration<B: Backend> {
     encoder: Option<Tensor<B, 3>>,
 }
 
-impl<B: Backend> Prunable<B> for T5<B> {
+impl<B: DenseBackend> Prunable<B> for T5<B> {
     type Sample = LmSample<B>;
     type Stack = T5StackId;
     type BlockInput = T5BlockInput<B>;

@@ -2,8 +2,9 @@
 //! (keys under `vision_model.`): patch embedding, class token, absolute positions, pre-LN blocks
 //! with a fused `qkv` whose bias is q‖0‖v, exact-erf GELU MLP, and `post_layernorm`.
 
+use crate::nn::LayerNorm;
+use crate::ops::{self, DenseBackend};
 use burn::module::Param;
-use burn::nn::LayerNorm;
 
 use crate::linear::Linear;
 use burn::prelude::*;
@@ -23,7 +24,7 @@ pub struct VisionEmbeddings<B: Backend> {
     pub position_embedding: Param<Tensor<B, 3>>,
 }
 
-impl<B: Backend> VisionEmbeddings<B> {
+impl<B: DenseBackend> VisionEmbeddings<B> {
     fn load(cfg: &VisionConfig, vb: &Loader<B>) -> Result<Self> {
         let e = cfg.hidden_size;
         let p = cfg.patch_size;
@@ -47,7 +48,7 @@ impl<B: Backend> VisionEmbeddings<B> {
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, gh * gw, c * p * p]);
         let kernel = self.patch_weight.val().reshape([e, c * p * p]).transpose();
-        let tokens = patches.matmul(kernel.unsqueeze()) + self.patch_bias.val().unsqueeze();
+        let tokens = ops::linear(patches, kernel, Some(self.patch_bias.val()));
         let cls = self.class_embedding.val().expand([b, 1, e]);
         let x = Tensor::cat(vec![cls, tokens], 1);
         let n = x.dims()[1];
@@ -65,7 +66,7 @@ pub struct VisionAttention<B: Backend> {
     pub split_bias: bool,
 }
 
-impl<B: Backend> VisionAttention<B> {
+impl<B: DenseBackend> VisionAttention<B> {
     fn load(cfg: &VisionConfig, vb: &Loader<B>) -> Result<Self> {
         let e = cfg.hidden_size;
         let mut qkv = vb.linear("qkv", e, 3 * e, false)?;
@@ -133,7 +134,7 @@ pub struct VisionLayer<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> VisionLayer<B> {
+impl<B: DenseBackend> VisionLayer<B> {
     fn load(cfg: &VisionConfig, vb: &Loader<B>) -> Result<Self> {
         let (e, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
@@ -190,7 +191,7 @@ pub struct VisionModel<B: Backend> {
     pub image_size: usize,
 }
 
-impl<B: Backend> VisionModel<B> {
+impl<B: DenseBackend> VisionModel<B> {
     pub fn load(cfg: &VisionConfig, vb: &Loader<B>) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VisionLayer::load(cfg, &vb.pp(format!("encoder.layers.{i}"))))

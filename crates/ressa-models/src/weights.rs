@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::nn::LayerNorm;
 use burn::module::{ModuleVisitor, Param, ParamId};
-use burn::nn::{LayerNorm, LayerNormConfig};
 
 use crate::linear::Linear;
 use burn::prelude::*;
@@ -640,10 +640,11 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// An `nn.LayerNorm` stored as `{name}.weight` / `{name}.bias`.
     pub fn layer_norm(&self, name: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
-        let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(&self.device);
-        norm.gamma = self.param(&format!("{name}.weight"), [d])?;
-        norm.beta = Some(self.param(&format!("{name}.bias"), [d])?);
-        Ok(norm)
+        Ok(LayerNorm {
+            gamma: self.param(&format!("{name}.weight"), [d])?,
+            beta: Some(self.param(&format!("{name}.bias"), [d])?),
+            epsilon: eps,
+        })
     }
 }
 

@@ -29,7 +29,7 @@ fn step(c: &mut Criterion) {
     step_on::<burn::backend::Cuda>(c, "cuda");
 }
 
-fn step_on<B: Backend>(c: &mut Criterion, backend: &str) {
+fn step_on<B: ressa_models::ops::DenseBackend>(c: &mut Criterion, backend: &str) {
     let device = Default::default();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/bench-small");
     type M<BB> = InstructBlipT5<BB>;

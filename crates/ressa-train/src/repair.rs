@@ -436,7 +436,7 @@ where
 
 /// Runs a repair end to end on the autodiff backend `B`: loads the dense model (whatever its
 /// family), reads the pruned model's masks, trains, writes the merged model.
-pub fn repair<B: AutodiffBackend>(
+pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
     cfg: &RepairConfig,
     resume: bool,
     device: &B::Device,

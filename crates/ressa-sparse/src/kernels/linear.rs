@@ -279,12 +279,9 @@ impl SparseLinear {
     }
 }
 
-/// `y = x · W` with faer's gemm (runtime-dispatched SIMD kernels), parallelized by splitting
-/// the outputs into column blocks over rayon, each block a sequential faer call followed by
-/// [`clear_upper_state`] on the same thread (faer's own `Par::rayon` runs its kernels on pool
-/// threads we cannot clean up after). Measured against `Par::rayon`: 0.76 / 1.02 / 3.6 vs
-/// 0.87 / 1.11 / 4.9 ms at 4 / 8 / 64 tokens; at 1 token 1.03 vs 0.76 ms, where
-/// [`SparseLinear`] uses the plain loop (0.94 ms) instead.
+/// `y = x · W` by [`super::gemm::gemm`] (faer, column blocks over rayon). Measured against
+/// faer's own `Par::rayon`: 0.76 / 1.02 / 3.6 vs 0.87 / 1.11 / 4.9 ms at 4 / 8 / 64 tokens; at
+/// 1 token 1.03 vs 0.76 ms, where [`SparseLinear`] uses the plain loop (0.94 ms) instead.
 fn dense_gemm(
     x: &[f32],
     tokens: usize,
@@ -294,66 +291,13 @@ fn dense_gemm(
     y: &mut [f32],
 ) -> Result<(), SparseError> {
     crate::kernels::check_operands(x, tokens, d_in, d_out, y)?;
-    if y.is_empty() {
-        return Ok(());
-    }
-    if d_in == 0 {
-        y.fill(0.0);
-        return Ok(());
-    }
-    let a = faer::MatRef::from_row_major_slice(x, tokens, d_in);
-    let b = faer::MatRef::from_row_major_slice(w, d_in, d_out);
-    let c = faer::MatMut::from_row_major_slice_mut(y, tokens, d_out);
-    // two blocks per thread for balance, none narrower than 64 outputs; small products stay
-    // on the calling thread
-    let work = tokens.saturating_mul(d_in).saturating_mul(d_out);
-    let min_cols = if work < 1 << 18 {
-        d_out
-    } else {
-        (d_out / (2 * rayon::current_num_threads())).max(64)
-    };
-    gemm_cols(c, a, b, min_cols);
-    Ok(())
-}
-
-/// Executes `vzeroupper` on this thread.
-///
-/// faer's x86 gemm kernels (`private-gemm-x86`, hand-written AVX-512 assembly) return with the
-/// upper halves of the vector registers dirty. Until something clears them, every legacy-SSE
-/// instruction on that thread pays for it: measured here, the (SSE2-compiled) sparse kernels
-/// ran 1.6–3.3× slower for the rest of the process after one 64-token faer product (CSR, 70 %,
-/// 1 and 4 tokens: 0.38 → 0.62 ms and 0.59 → 1.9 ms).
-fn clear_upper_state() {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU supports AVX (checked just above), which is all `vzeroupper` needs;
-        // it only zeroes the upper halves of the vector registers, which hold no live values
-        // between Rust statements.
-        unsafe { std::arch::x86_64::_mm256_zeroupper() };
-    }
-}
-
-/// `c = a · b` over column halves until `min_cols` wide, halves in parallel.
-fn gemm_cols(
-    c: faer::MatMut<'_, f32>,
-    a: faer::MatRef<'_, f32>,
-    b: faer::MatRef<'_, f32>,
-    min_cols: usize,
-) {
-    let n = c.ncols();
-    if n <= min_cols || n < 32 {
-        faer::linalg::matmul::matmul(c, faer::Accum::Replace, a, b, 1.0f32, faer::Par::Seq);
-        clear_upper_state();
-        return;
-    }
-    // split on a multiple of 16 outputs (whole SIMD registers)
-    let mid = (n / 2).next_multiple_of(16).min(n - 1);
-    let (c0, c1) = c.split_at_col_mut(mid);
-    let (b0, b1) = b.split_at_col(mid);
-    rayon::join(
-        || gemm_cols(c0, a, b0, min_cols),
-        || gemm_cols(c1, a, b1, min_cols),
+    super::gemm::gemm(
+        y,
+        super::gemm::MatRef::row_major(x, tokens, d_in),
+        super::gemm::MatRef::row_major(w, d_in, d_out),
+        false,
     );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -70,6 +70,7 @@
 pub mod bitmask;
 pub mod csr;
 pub mod dense;
+pub mod gemm;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod linear;
