@@ -4,13 +4,16 @@
 
 use std::path::PathBuf;
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use ressa_train::distill::{cross_entropy, distill_loss, kl_divergence};
 use ressa_train::{DistillConfig, KlReduction};
 use safetensors::SafeTensors;
 
-type B = Flex;
+/// Flex, or CUDA with the `test-cuda` feature (`scripts/gpu_check.sh`).
+#[cfg(not(feature = "test-cuda"))]
+type B = burn::backend::Flex;
+#[cfg(feature = "test-cuda")]
+type B = burn::backend::Cuda;
 
 fn read(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<f64>) {
     let t = st.tensor(key).unwrap();

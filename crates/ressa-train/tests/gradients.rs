@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::prelude::*;
 use ressa_models::vlm::teacher_forced;
@@ -12,7 +12,12 @@ use ressa_models::{InstructBlipT5, Pretrained, VlmInputs};
 use ressa_train::distill::cross_entropy;
 use safetensors::SafeTensors;
 
-type AD = Autodiff<Flex>;
+/// Flex, or CUDA with the `test-cuda` feature (`scripts/gpu_check.sh`).
+#[cfg(not(feature = "test-cuda"))]
+type Inner = burn::backend::Flex;
+#[cfg(feature = "test-cuda")]
+type Inner = burn::backend::Cuda;
+type AD = Autodiff<Inner>;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/instructblip-t5-a")

@@ -5,13 +5,18 @@
 //! the autodiff gradients of `A` and `B` through the KL term of `distill_loss` equal central
 //! finite differences of a plain-f64 KL (token mean over the mask, times T²) on the host.
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::prelude::*;
 use ressa_models::linear::{Linear, LoraConfig};
 use ressa_train::distill::{DistillConfig, KlReduction, distill_loss};
 
-type AD = Autodiff<Flex>;
+/// Flex, or CUDA with the `test-cuda` feature (`scripts/gpu_check.sh`).
+#[cfg(not(feature = "test-cuda"))]
+type Inner = burn::backend::Flex;
+#[cfg(feature = "test-cuda")]
+type Inner = burn::backend::Cuda;
+type AD = Autodiff<Inner>;
 
 const D_IN: usize = 5;
 const D_OUT: usize = 7; // the "vocabulary" of the logits

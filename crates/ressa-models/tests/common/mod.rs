@@ -3,20 +3,25 @@
 
 use std::path::PathBuf;
 
-#[cfg(not(feature = "test-ndarray"))]
+#[cfg(not(any(feature = "test-ndarray", feature = "test-cuda")))]
 use burn::backend::Flex;
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
-/// The backend the parity tests run on: Flex, or burn-ndarray with the `test-ndarray` feature.
-#[cfg(not(feature = "test-ndarray"))]
+/// The backend the parity tests run on: Flex, burn-ndarray with the `test-ndarray` feature, or
+/// CUDA with `test-cuda` (`scripts/gpu_check.sh`).
+#[cfg(not(any(feature = "test-ndarray", feature = "test-cuda")))]
 pub type B = Flex;
-#[cfg(not(feature = "test-ndarray"))]
+#[cfg(not(any(feature = "test-ndarray", feature = "test-cuda")))]
 pub type Dev = burn::backend::flex::FlexDevice;
-#[cfg(feature = "test-ndarray")]
+#[cfg(all(feature = "test-ndarray", not(feature = "test-cuda")))]
 pub type B = burn::backend::NdArray;
-#[cfg(feature = "test-ndarray")]
+#[cfg(all(feature = "test-ndarray", not(feature = "test-cuda")))]
 pub type Dev = burn::backend::ndarray::NdArrayDevice;
+#[cfg(feature = "test-cuda")]
+pub type B = burn::backend::Cuda;
+#[cfg(feature = "test-cuda")]
+pub type Dev = burn::backend::cuda::CudaDevice;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
