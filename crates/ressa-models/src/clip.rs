@@ -331,11 +331,27 @@ impl<B: Backend> ClipVisionTower<B> {
     /// `hidden_states[n]` of HF's encoder output: the output of layer `n − 1` (`n = 0`: the
     /// embeddings). Only the first `n` layers run.
     pub fn hidden_state(&self, pixels: Tensor<B, 4>, n: usize) -> Tensor<B, 3> {
+        self.hidden_states(pixels, &[n]).remove(0)
+    }
+
+    /// `hidden_states[n]` for every `n` of `indices`, in their order (repeats allowed); the
+    /// layers run once, up to the largest index.
+    pub fn hidden_states(&self, pixels: Tensor<B, 4>, indices: &[usize]) -> Vec<Tensor<B, 3>> {
+        let last = indices.iter().copied().max().unwrap_or(0);
+        let mut states = vec![None; last + 1];
         let mut x = self.embed(pixels);
-        for layer in self.layers.iter().take(n) {
-            x = layer.forward(x);
+        for (n, state) in states.iter_mut().enumerate() {
+            if n > 0 {
+                x = self.layers[n - 1].forward(x);
+            }
+            if indices.contains(&n) {
+                *state = Some(x.clone());
+            }
         }
-        x
+        indices
+            .iter()
+            .map(|&n| states[n].clone().expect("selected above"))
+            .collect()
     }
 
     /// Tokens per image: patches + the class token.
