@@ -267,3 +267,90 @@ fn the_llama_toy_study_runs_in_its_reduced_form() {
     }
     assert!(work.join("report.md").exists());
 }
+
+/// `(dtype, shape, f32 values)` of every tensor of a single-file checkpoint, read from the
+/// safetensors header by hand (8-byte length, JSON, data).
+fn read_f32_tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32", "{k}");
+            let (a, b) = (
+                v["data_offsets"][0].as_u64().unwrap() as usize,
+                v["data_offsets"][1].as_u64().unwrap() as usize,
+            );
+            let vals = data[a..b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), vals)
+        })
+        .collect()
+}
+
+/// `cargo xtask random-checkpoint` for a LLaVA: by default the initialisation transformers
+/// gives a fresh model (CLIP's σ per layer: out_proj E^-½ is (2·layers)^½ = √8 times q_proj's),
+/// with `--scale S` uniform in ±S; both load.
+#[test]
+fn random_checkpoints_of_a_llava_use_transformers_init_or_the_given_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = repo().join("tests/fixtures/models/llava-hub");
+    let std = |v: &[f32]| {
+        let n = v.len() as f64;
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    for (name, scale) in [("init", None), ("uniform", Some("0.01"))] {
+        let out = tmp.path().join(name);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.args(["random-checkpoint", "--config"])
+            .arg(fixture.join("config.json"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--like")
+            .arg(&fixture);
+        if let Some(s) = scale {
+            cmd.args(["--scale", s]);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let tensors: std::collections::BTreeMap<String, Vec<f32>> =
+            read_f32_tensors(&out.join("model.safetensors"))
+                .into_iter()
+                .collect();
+        let layer = "vision_tower.encoder.layers.0.self_attn";
+        let (q, o_proj) = (
+            std(&tensors[&format!("{layer}.q_proj.weight")]),
+            std(&tensors[&format!("{layer}.out_proj.weight")]),
+        );
+        match scale {
+            None => {
+                // E = 24, 4 layers: out_proj 24^-½ = 0.204, q_proj 0.204 / √8 = 0.072.
+                assert!((o_proj / 0.204 - 1.0).abs() < 0.15, "out_proj σ {o_proj}");
+                assert!((q / 0.0722 - 1.0).abs() < 0.15, "q_proj σ {q}");
+                let bias = &tensors[&format!("{layer}.q_proj.bias")];
+                assert!(bias.iter().all(|&b| b == 0.0));
+            }
+            Some(_) => {
+                let max = tensors
+                    .iter()
+                    .filter(|(k, _)| !k.contains("norm"))
+                    .flat_map(|(_, v)| v.iter().map(|x| x.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(max <= 0.01 && max > 0.009, "max |w| {max}");
+            }
+        }
+        ressa_models::Pretrained::<burn::backend::Flex, ressa_models::Llava<_>>::load(
+            &out,
+            &Default::default(),
+        )
+        .unwrap();
+    }
+}

@@ -169,6 +169,15 @@ impl LlavaConfig {
         self.vision.num_patches() + usize::from(self.keep_cls)
     }
 
+    /// `text_config.initializer_range` (HF default 0.02): the σ of the LLaMA's and, as
+    /// `LlavaConfig` has none of its own, the projector's weights.
+    fn text_initializer_range(&self) -> f32 {
+        self.raw
+            .text_config
+            .get("initializer_range")
+            .and_then(serde_json::Value::as_f64)
+            .map_or(0.02, |v| v as f32)
+    }
 }
 
 /// `vision_feature_layer` (an int or a non-empty list; negative: from the end of the
@@ -213,14 +222,22 @@ impl FamilyConfig for LlavaConfig {
         self.vision.image_size
     }
 
+    /// transformers' `_init_weights` for a fresh LLaVA: the CLIP tower's own
+    /// ([`ClipVisionConfig::init_std`], either key layout), the projector and the LLaMA
+    /// `text_config.initializer_range`.
     fn init_std(&self, key: &str) -> f32 {
+        if let Some(rest) = key.strip_prefix("vision_tower.") {
+            return self
+                .vision
+                .init_std(rest.strip_prefix("vision_model.").unwrap_or(rest));
+        }
         let leaf = key.rsplit('.').nth(1).unwrap_or("");
         if key.starts_with("language_model.")
             && let Some(s) = self.text.init_std(leaf)
         {
             return s;
         }
-        self.vision.initializer_range
+        self.text_initializer_range()
     }
 }
 

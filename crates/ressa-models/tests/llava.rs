@@ -432,3 +432,58 @@ fn full_size_llava_1_5_7b_counts_match_transformers() {
     let total: usize = ours.values().sum();
     assert!((7_000_000_000..7_100_000_000).contains(&total), "{total}");
 }
+
+/// A from-scratch LLaVA starts as transformers initialises one (`_init_weights`): the CLIP
+/// tower by CLIP's own rule (class embedding E^-½, q/k/v/fc2 E^-½·(2L)^-½, out_proj E^-½, fc1
+/// (2E)^-½, times `initializer_factor`), the projector and the LLaMA at the text config's
+/// `initializer_range`, biases 0, norms 1. `llava-init-stds.json` holds every tensor's std as a
+/// fresh `LlavaForConditionalGeneration` has it (a model wide enough for tight estimates).
+#[test]
+fn initial_checkpoint_has_the_transformers_init() {
+    let path = fixture("llava-init-stds.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    std::fs::write(&config, reference["config"].to_string()).unwrap();
+    let cfg = <ressa_models::LlavaConfig as FamilyConfig>::from_file(&config).unwrap();
+    ressa_models::pretrained::write_initial_checkpoint::<B, Llava<B>>(
+        &cfg,
+        tmp.path(),
+        3,
+        &Default::default(),
+    )
+    .unwrap();
+    let ours = common::raw_tensors(tmp.path());
+    let theirs = reference["tensors"].as_object().unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (key, (_, _, _, bytes)) in &ours {
+        let v: Vec<f64> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        let (want_std, want_mean) = (
+            theirs[key]["std"].as_f64().unwrap(),
+            theirs[key]["mean"].as_f64().unwrap(),
+        );
+        if want_std == 0.0 {
+            assert!(std == 0.0 && mean == want_mean, "{key}: {mean} ± {std}");
+            continue;
+        }
+        // Two independent samples of the same σ: ≤ 5 % apart on tensors of ≥ 10⁴ values, the
+        // class embedding (E values) within 25 %.
+        let tol = if n >= 1e4 { 0.05 } else { 0.25 };
+        let rel = (std - want_std).abs() / want_std;
+        assert!(
+            rel <= tol,
+            "{key}: std {std:.5}, transformers {want_std:.5}"
+        );
+        assert!(mean.abs() <= 5.0 * std / n.sqrt(), "{key}: mean {mean}");
+    }
+}
