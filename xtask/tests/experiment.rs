@@ -354,3 +354,58 @@ fn random_checkpoints_of_a_llava_use_transformers_init_or_the_given_scale() {
         .unwrap();
     }
 }
+
+/// CI's reduced form of `configs/shapes-tiny-llava.toml`: a LLaVA (CLIP + projector + LLaMA)
+/// trained from scratch through the same generic path, pruned (grid + one-tower cells),
+/// repaired and scored; its CLIP layers and LLaMA are pruned, the projector is not.
+#[test]
+fn the_llava_toy_study_runs_in_its_reduced_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("study");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment", "configs/shapes-ci-llava.toml", "--work-dir"])
+        .arg(&work)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: ressa_report::results::Results =
+        serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
+    results.validate().unwrap();
+    // 2 methods × (50 %, 2:4), 1 language-only + 1 vision-only.
+    assert_eq!(results.cells.len(), 6);
+    assert_eq!(
+        results.cells.iter().filter(|c| c.ressa.is_some()).count(),
+        4
+    );
+    for c in results.cells.iter().filter_map(|c| c.ressa.as_ref()) {
+        assert_eq!(c.steps, 2);
+        assert!(c.loss_before.is_finite() && c.loss_after.is_finite());
+    }
+    assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
+    // The trained dense model is a LLaVA checkpoint: CLIP tower, projector, LLaMA.
+    let dense = std::fs::read_dir(work.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("dense-")
+        })
+        .expect("the dense model is cached");
+    let keys: Vec<String> = read_f32_tensors(&dense.join("model.safetensors"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for prefix in [
+        "vision_tower.encoder.layers.",
+        "multi_modal_projector.linear_2.",
+        "language_model.model.layers.",
+    ] {
+        assert!(keys.iter().any(|k| k.starts_with(prefix)), "{prefix}");
+    }
+    assert!(work.join("report.md").exists());
+}
