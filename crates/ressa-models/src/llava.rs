@@ -120,6 +120,19 @@ impl LlavaConfig {
             raw.vision_config.num_hidden_layers,
         )
         .map_err(|msg| ModelError::config(path, "vision_feature_layer", msg))?;
+        // The projector reads hidden_size per selected layer.
+        let width = raw.vision_config.hidden_size * feature_layers.len();
+        if width > crate::config::MAX_SIZE {
+            return Err(ModelError::config(
+                path,
+                "vision_feature_layer",
+                format!(
+                    "{} layers × hidden_size {} is beyond any model's size",
+                    feature_layers.len(),
+                    raw.vision_config.hidden_size
+                ),
+            ));
+        }
         let keep_cls = match raw.vision_feature_select_strategy.as_str() {
             "default" => false,
             "full" => true,
@@ -679,5 +692,24 @@ mod tests {
             let err = feature_layers(&bad, 4).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_projector_wider_than_any_model_is_a_config_error() {
+        // hidden_size 24 × 700 000 selected layers > 2^24.
+        let text = json!({
+            "model_type": "llava",
+            "text_config": {"model_type": "llama"},
+            "vision_config": {"hidden_size": 24, "num_attention_heads": 3},
+            "vision_feature_layer": vec![-1; 700_000],
+        })
+        .to_string();
+        let err = super::LlavaConfig::from_json(&text, std::path::Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vision_feature_layer") && err.contains("beyond any model's size"),
+            "{err}"
+        );
     }
 }
