@@ -36,6 +36,11 @@ CASES = [
     (45, 10, 32, 32),  # one axis down (1.41), the other up (3.2)
     (13, 9, 40, 24),  # non-square output, upscale
     (33, 33, 32, 32),  # downscale by 1.03
+    # Pillow ≥ 13 runs the vertical pass first when the height shrinks by more than twice what
+    # the width shrinks (`ImagingResampleInner`); the 8-bit rounding between the passes differs.
+    (32, 65, 30, 60),  # both down, the height by 5 > 2·2
+    (12, 40, 30, 20),  # width up, height down
+    (61, 90, 57, 31),  # both down, the height much more
 ]
 
 

@@ -2,8 +2,10 @@
 //!
 //! - `random-checkpoint --config CONFIG.json --out DIR [--like DIR] [--seed N] [--scale S]`:
 //!   an HF model directory with random weights for `CONFIG.json` (benchmarks and memory tests
-//!   of full-width models without a download); `--like` copies the tokenizers and
-//!   preprocessor config of another model directory.
+//!   of full-width models without a download): the initialisation `transformers` gives a fresh
+//!   model of that family (`_init_weights`: e.g. CLIP's own σ per layer for a LLaVA), or with
+//!   `--scale S` every weight ~ U(−S, S); `--like` copies the tokenizers and preprocessor config
+//!   of another model directory.
 //! - `bench [--backend cpu|cuda|wgpu]... [--quick] [--filter REGEX] [--python PY] [--no-torch]`:
 //!   the criterion benches of every crate per backend plus the PyTorch scripts for the same
 //!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json` (`--render JSON` rewrites the
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ressa_data::shapes::{self, ShapesConfig};
-use ressa_models::pretrained::write_random_checkpoint;
+use ressa_models::pretrained::{write_initial_checkpoint, write_random_checkpoint};
 use ressa_models::{FamilyVisitor, VisionLanguageModel, visit_family};
 
 #[derive(Parser)]
@@ -55,9 +57,10 @@ enum Task {
         like: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Values ~ U(-scale, scale).
-        #[arg(long, default_value_t = 0.02)]
-        scale: f32,
+        /// Values ~ U(-scale, scale) (norm weights 1); default: the family's `transformers`
+        /// initialisation (biases 0, norms 1, each weight N(0, σ²) with σ as `_init_weights`).
+        #[arg(long)]
+        scale: Option<f32>,
     },
     /// Generate the shapes dataset (defaults: seed 0, 2000/200/200 images of 64×64).
     Shapes {
@@ -106,7 +109,7 @@ struct RandomCheckpoint<'a> {
     out: &'a Path,
     like: Option<&'a Path>,
     seed: u64,
-    scale: f32,
+    scale: Option<f32>,
 }
 
 impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
@@ -131,9 +134,14 @@ impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
             }
         }
         let device = Default::default();
-        write_random_checkpoint::<burn::backend::Flex, M>(
-            &config, out, self.seed, self.scale, &device,
-        )?;
+        match self.scale {
+            Some(scale) => write_random_checkpoint::<burn::backend::Flex, M>(
+                &config, out, self.seed, scale, &device,
+            )?,
+            None => write_initial_checkpoint::<burn::backend::Flex, M>(
+                &config, out, self.seed, &device,
+            )?,
+        }
         Ok(())
     }
 }

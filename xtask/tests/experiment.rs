@@ -267,3 +267,145 @@ fn the_llama_toy_study_runs_in_its_reduced_form() {
     }
     assert!(work.join("report.md").exists());
 }
+
+/// `(dtype, shape, f32 values)` of every tensor of a single-file checkpoint, read from the
+/// safetensors header by hand (8-byte length, JSON, data).
+fn read_f32_tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32", "{k}");
+            let (a, b) = (
+                v["data_offsets"][0].as_u64().unwrap() as usize,
+                v["data_offsets"][1].as_u64().unwrap() as usize,
+            );
+            let vals = data[a..b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), vals)
+        })
+        .collect()
+}
+
+/// `cargo xtask random-checkpoint` for a LLaVA: by default the initialisation transformers
+/// gives a fresh model (CLIP's σ per layer: out_proj E^-½ is (2·layers)^½ = √8 times q_proj's),
+/// with `--scale S` uniform in ±S; both load.
+#[test]
+fn random_checkpoints_of_a_llava_use_transformers_init_or_the_given_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = repo().join("tests/fixtures/models/llava-hub");
+    let std = |v: &[f32]| {
+        let n = v.len() as f64;
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    for (name, scale) in [("init", None), ("uniform", Some("0.01"))] {
+        let out = tmp.path().join(name);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.args(["random-checkpoint", "--config"])
+            .arg(fixture.join("config.json"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--like")
+            .arg(&fixture);
+        if let Some(s) = scale {
+            cmd.args(["--scale", s]);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let tensors: std::collections::BTreeMap<String, Vec<f32>> =
+            read_f32_tensors(&out.join("model.safetensors"))
+                .into_iter()
+                .collect();
+        let layer = "vision_tower.encoder.layers.0.self_attn";
+        let (q, o_proj) = (
+            std(&tensors[&format!("{layer}.q_proj.weight")]),
+            std(&tensors[&format!("{layer}.out_proj.weight")]),
+        );
+        match scale {
+            None => {
+                // E = 24, 4 layers: out_proj 24^-½ = 0.204, q_proj 0.204 / √8 = 0.072.
+                assert!((o_proj / 0.204 - 1.0).abs() < 0.15, "out_proj σ {o_proj}");
+                assert!((q / 0.0722 - 1.0).abs() < 0.15, "q_proj σ {q}");
+                let bias = &tensors[&format!("{layer}.q_proj.bias")];
+                assert!(bias.iter().all(|&b| b == 0.0));
+            }
+            Some(_) => {
+                let max = tensors
+                    .iter()
+                    .filter(|(k, _)| !k.contains("norm"))
+                    .flat_map(|(_, v)| v.iter().map(|x| x.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(max <= 0.01 && max > 0.009, "max |w| {max}");
+            }
+        }
+        ressa_models::Pretrained::<burn::backend::Flex, ressa_models::Llava<_>>::load(
+            &out,
+            &Default::default(),
+        )
+        .unwrap();
+    }
+}
+
+/// CI's reduced form of `configs/shapes-tiny-llava.toml`: a LLaVA (CLIP + projector + LLaMA)
+/// trained from scratch through the same generic path, pruned (grid + one-tower cells),
+/// repaired and scored; its CLIP layers and LLaMA are pruned, the projector is not.
+#[test]
+fn the_llava_toy_study_runs_in_its_reduced_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("study");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .args(["experiment", "configs/shapes-ci-llava.toml", "--work-dir"])
+        .arg(&work)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: ressa_report::results::Results =
+        serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
+    results.validate().unwrap();
+    // 2 methods × (50 %, 2:4), 1 language-only + 1 vision-only.
+    assert_eq!(results.cells.len(), 6);
+    assert_eq!(
+        results.cells.iter().filter(|c| c.ressa.is_some()).count(),
+        4
+    );
+    for c in results.cells.iter().filter_map(|c| c.ressa.as_ref()) {
+        assert_eq!(c.steps, 2);
+        assert!(c.loss_before.is_finite() && c.loss_after.is_finite());
+    }
+    assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
+    // The trained dense model is a LLaVA checkpoint: CLIP tower, projector, LLaMA.
+    let dense = std::fs::read_dir(work.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("dense-")
+        })
+        .expect("the dense model is cached");
+    let keys: Vec<String> = read_f32_tensors(&dense.join("model.safetensors"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for prefix in [
+        "vision_tower.encoder.layers.",
+        "multi_modal_projector.linear_2.",
+        "language_model.model.layers.",
+    ] {
+        assert!(keys.iter().any(|k| k.starts_with(prefix)), "{prefix}");
+    }
+    assert!(work.join("report.md").exists());
+}

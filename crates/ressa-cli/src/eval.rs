@@ -18,9 +18,11 @@
 //!
 //! Decoder-only models get the prompt padded on the left after `[query outputs]` (as LAVIS'
 //! `padding_side="left"` and `transformers`' InstructBLIP); the answer is what is generated
-//! after the input, up to the first eos. As in `transformers`' InstructBLIP (whose `input_ids`
-//! hold the image placeholders and the prompt), the repetition penalty also counts the prompt
-//! tokens; LAVIS' Vicuna generates from embeddings alone and counts only the generated ones.
+//! after the input, up to the first eos. As in `transformers` 5.25 (whose `input_ids` hold the
+//! image placeholders and the prompt), the repetition penalty also counts the prompt tokens, all
+//! but a row's leading padding (LLaVA's; InstructBLIP's rows start with the query placeholders,
+//! so there nothing is left out); LAVIS' Vicuna generates from embeddings alone and counts only
+//! the generated ones.
 //!
 //! Scoring: the ground truth is restricted to the items predicted (as pycocoevalcap scores
 //! only the images in the results), so `--limit` and skipped images give subset scores; every

@@ -7,6 +7,8 @@
 //!   (its `input_ids` holding `image_token_index` Q times before the prompt): positions
 //!   `0..Q` are the queries, `Q..Q+L` the prompt tokens, position `t` predicts token `t + 1`.
 //!   `decoder_input_ids`, when given, continue the sequence (logits [B, Q + L + Ld, vocab]).
+//! - LLaVA: `input_ids` as `LlavaProcessor` makes them, `<image>` expanded into the image token
+//!   count (the features replace those positions); logits [B, L, vocab] over them.
 //!
 //! `attention_mask` / `qformer_attention_mask` (1 token, 0 padding) are optional (all ones when
 //! absent); a decoder-only prompt is padded on the left.
@@ -26,8 +28,8 @@ pub struct Args {
     /// HF model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Inputs: `pixel_values` f32 [B,3,H,W], `input_ids` i64 [B,L] (the prompt alone, without
-    /// image placeholders), `decoder_input_ids` i64 [B,Ld] (T5; a continuation for a
+    /// Inputs: `pixel_values` f32 [B,3,H,W], `input_ids` i64 [B,L] (InstructBLIP / BLIP-2: the
+    /// prompt alone, without image placeholders; LLaVA: with them), `decoder_input_ids` i64 [B,Ld] (T5; a continuation for a
     /// decoder-only model), `qformer_input_ids` i64 [B,Lq] for InstructBLIP, and optionally
     /// `attention_mask` i64 [B,L] and `qformer_attention_mask` i64 [B,Lq].
     #[arg(long)]
@@ -169,14 +171,8 @@ impl ModelJob for Args {
                 );
             }
         }
-        if let Some((t, _)) = spec.image_tokens
-            && input_ids.i64.contains(&(t as i64))
-        {
-            bail!(
-                "{}: `input_ids` holds the image token {t}: give the prompt alone, the image features are put before it",
-                p.display()
-            );
-        }
+        // Image placeholders are checked by the model: InstructBLIP refuses them in the prompt,
+        // LLaVA needs exactly its image token count per row.
         let mask = |values: Option<Vec<f32>>, shape: &[usize]| -> Tensor<B, 2> {
             let shape = [shape[0], shape[1]];
             match values {

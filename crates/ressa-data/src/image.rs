@@ -341,41 +341,55 @@ fn convolve3(src: &[u8], stride: usize, k: &[i32]) -> [u8; 3] {
     acc.map(clip8)
 }
 
-/// PIL-exact `Image.resize((w, h), BICUBIC)` for 8-bit RGB: a horizontal then a vertical pass
-/// with fixed-point weights, clipped to 8 bits in between.
+/// PIL-exact `Image.resize((w, h), BICUBIC)` for 8-bit RGB (Pillow 13): two passes with
+/// fixed-point weights, clipped to 8 bits in between — horizontal then vertical, except when the
+/// height shrinks by more than twice what the width shrinks, where Pillow ≥ 13 runs the vertical
+/// pass first (`ImagingResampleInner`; Pillow ≤ 12 always went horizontal first).
 pub fn resize_bicubic(img: &image::RgbImage, out_w: usize, out_h: usize) -> image::RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
-    let src = img.as_raw();
-    let horizontal = if out_w != in_w {
-        let coeffs = coefficients(in_w, out_w);
-        let mut tmp = vec![0u8; in_h * out_w * 3];
-        for (row, out_row) in src
-            .chunks_exact(in_w * 3)
-            .zip(tmp.chunks_exact_mut(out_w * 3))
-        {
-            for ((xmin, k), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
-                px.copy_from_slice(&convolve3(&row[xmin * 3..], 3, k));
-            }
-        }
-        tmp
+    let (shrink_w, shrink_h) = (in_w as i64 - out_w as i64, in_h as i64 - out_h as i64);
+    let vertical_first = shrink_h > 0 && shrink_h > 2 * shrink_w;
+    let src = img.as_raw().clone();
+    let out = if vertical_first {
+        let tmp = resize_vertical(src, in_w, in_h, out_h);
+        resize_horizontal(tmp, in_w, out_h, out_w)
     } else {
-        src.clone()
-    };
-    let out = if out_h != in_h {
-        let coeffs = coefficients(in_h, out_h);
-        let stride = out_w * 3;
-        let mut out = vec![0u8; out_h * stride];
-        for ((ymin, k), out_row) in coeffs.iter().zip(out.chunks_exact_mut(stride)) {
-            let column = &horizontal[ymin * stride..];
-            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
-                px.copy_from_slice(&convolve3(&column[x * 3..], stride, k));
-            }
-        }
-        out
-    } else {
-        horizontal
+        let tmp = resize_horizontal(src, in_w, in_h, out_w);
+        resize_vertical(tmp, out_w, in_h, out_h)
     };
     image::RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer size")
+}
+
+/// Pillow's horizontal pass: `w` × `h` RGB bytes → `out_w` × `h` (none when the width stays).
+fn resize_horizontal(src: Vec<u8>, w: usize, h: usize, out_w: usize) -> Vec<u8> {
+    if out_w == w {
+        return src;
+    }
+    let coeffs = coefficients(w, out_w);
+    let mut out = vec![0u8; h * out_w * 3];
+    for (row, out_row) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(out_w * 3)) {
+        for ((xmin, k), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
+            px.copy_from_slice(&convolve3(&row[xmin * 3..], 3, k));
+        }
+    }
+    out
+}
+
+/// Pillow's vertical pass: `w` × `h` RGB bytes → `w` × `out_h` (none when the height stays).
+fn resize_vertical(src: Vec<u8>, w: usize, h: usize, out_h: usize) -> Vec<u8> {
+    if out_h == h {
+        return src;
+    }
+    let coeffs = coefficients(h, out_h);
+    let stride = w * 3;
+    let mut out = vec![0u8; out_h * stride];
+    for ((ymin, k), out_row) in coeffs.iter().zip(out.chunks_exact_mut(stride)) {
+        let column = &src[ymin * stride..];
+        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+            px.copy_from_slice(&convolve3(&column[x * 3..], stride, k));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct ClipVisionConfig {
     pub hidden_act: String,
     pub layer_norm_eps: f64,
     pub initializer_range: f32,
+    /// Scales every initialisation σ (`CLIPPreTrainedModel._init_weights`).
+    pub initializer_factor: f32,
 }
 
 impl Default for ClipVisionConfig {
@@ -47,6 +49,7 @@ impl Default for ClipVisionConfig {
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
             initializer_range: 0.02,
+            initializer_factor: 1.0,
         }
     }
 }
@@ -55,6 +58,25 @@ impl ClipVisionConfig {
     /// Patches per image, `(image_size / patch_size)²`.
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size.max(1)).pow(2)
+    }
+
+    /// The σ `CLIPPreTrainedModel._init_weights` draws the weight `key` from, `key` relative to
+    /// the tower (`embeddings.…`, `encoder.layers.N.…`): class embedding E^-½, patch and
+    /// position embeddings `initializer_range`, q/k/v and fc2 E^-½·(2·layers)^-½, out_proj E^-½,
+    /// fc1 (2E)^-½, each times `initializer_factor`. Biases (0) and norms (1) are the caller's.
+    pub fn init_std(&self, key: &str) -> f32 {
+        let e = self.hidden_size as f32;
+        let depth = (2 * self.num_hidden_layers.max(1)) as f32;
+        let f = self.initializer_factor;
+        let leaf = key.strip_suffix(".weight").unwrap_or(key);
+        let leaf = leaf.rsplit('.').next().unwrap_or(leaf);
+        f * match leaf {
+            "class_embedding" => e.powf(-0.5),
+            "q_proj" | "k_proj" | "v_proj" | "fc2" => e.powf(-0.5) * depth.powf(-0.5),
+            "out_proj" => e.powf(-0.5),
+            "fc1" => (2.0 * e).powf(-0.5),
+            _ => self.initializer_range,
+        }
     }
 
     /// Checks the fields (one-line errors naming `vision_config.<field>`).
@@ -331,11 +353,27 @@ impl<B: DenseBackend> ClipVisionTower<B> {
     /// `hidden_states[n]` of HF's encoder output: the output of layer `n − 1` (`n = 0`: the
     /// embeddings). Only the first `n` layers run.
     pub fn hidden_state(&self, pixels: Tensor<B, 4>, n: usize) -> Tensor<B, 3> {
+        self.hidden_states(pixels, &[n]).remove(0)
+    }
+
+    /// `hidden_states[n]` for every `n` of `indices`, in their order (repeats allowed); the
+    /// layers run once, up to the largest index.
+    pub fn hidden_states(&self, pixels: Tensor<B, 4>, indices: &[usize]) -> Vec<Tensor<B, 3>> {
+        let last = indices.iter().copied().max().unwrap_or(0);
+        let mut states = vec![None; last + 1];
         let mut x = self.embed(pixels);
-        for layer in self.layers.iter().take(n) {
-            x = layer.forward(x);
+        for (n, state) in states.iter_mut().enumerate() {
+            if n > 0 {
+                x = self.layers[n - 1].forward(x);
+            }
+            if indices.contains(&n) {
+                *state = Some(x.clone());
+            }
         }
-        x
+        indices
+            .iter()
+            .map(|&n| states[n].clone().expect("selected above"))
+            .collect()
     }
 
     /// Tokens per image: patches + the class token.

@@ -29,7 +29,8 @@ pub struct GenerationConfig {
     pub early_stopping: bool,
     /// CTRL repetition penalty (HF `repetition_penalty`; LAVIS generates with 1.5): every token
     /// already in the sequence has its score divided by it when positive, multiplied when
-    /// negative. 1.0 disables it.
+    /// negative. 1.0 disables it. A decoder-only row's left padding is not part of the sequence
+    /// here (transformers ≥ 5.25, see [`penalty_start`]).
     pub repetition_penalty: f32,
 }
 
@@ -106,6 +107,25 @@ pub fn answer_tokens(seq: &[u32], input_len: usize, tokens: SpecialTokens) -> Ve
         .collect()
 }
 
+/// Where the tokens the repetition penalty sees start in each row, as transformers 5.25's
+/// `generate` sets `RepetitionPenaltyLogitsProcessor(prompt_ignore_length=…)`: for a decoder-only
+/// model, the first position its attention mask attends (`(mask != 0).argmax(1)`; 0 for a row
+/// that attends nothing), so left padding is not penalized; an encoder-decoder model's rows are
+/// decoder tokens and it passes no decoder mask (0). Positions that attend after a padded one
+/// stay in: InstructBLIP's rows start with the query placeholders, so nothing is left out there.
+pub fn penalty_start(host_mask: &[Vec<u32>], encoder_decoder: bool) -> Vec<usize> {
+    host_mask
+        .iter()
+        .map(|row| {
+            if encoder_decoder {
+                0
+            } else {
+                row.iter().position(|&m| m != 0).unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
 /// HF `RepetitionPenaltyLogitsProcessor` on one row of scores.
 fn penalize_repeats(row: &mut [f32], seq: &[u32], penalty: f32) {
     if penalty == 1.0 {
@@ -141,13 +161,14 @@ pub fn generate<B: Backend, M: VisionLanguageModel<B>>(
             )));
         }
     }
+    let skip = penalty_start(&input.host_mask, lm.is_encoder_decoder());
     let expand = cfg.num_beams.max(1);
     let start = lm.start(input, expand)?;
     let input_len = start.input_len;
     let rows = if cfg.num_beams <= 1 {
-        greedy(lm, start.state, start.rows, cfg, tokens)
+        greedy(lm, start.state, start.rows, cfg, tokens, &skip)
     } else {
-        beam_search(lm, start.state, start.rows, cfg, tokens)
+        beam_search(lm, start.state, start.rows, cfg, tokens, &skip)
     };
     Ok(Generated {
         rows,
@@ -185,6 +206,7 @@ fn greedy<B: Backend, L: LanguageModel<B>>(
     mut seqs: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
     tokens: SpecialTokens,
+    skip: &[usize],
 ) -> Vec<Vec<u32>> {
     let batch = seqs.len();
     let mut unfinished = vec![true; batch];
@@ -193,7 +215,8 @@ fn greedy<B: Backend, L: LanguageModel<B>>(
         let (mut logits, vocab) = step(lm, &mut session, &last, false);
         for b in 0..batch {
             let row = &mut logits[b * vocab..(b + 1) * vocab];
-            penalize_repeats(row, &seqs[b], cfg.repetition_penalty);
+            let from = skip.get(b).copied().unwrap_or(0).min(seqs[b].len());
+            penalize_repeats(row, &seqs[b][from..], cfg.repetition_penalty);
             if new < cfg.min_new_tokens
                 && let Some(v) = row.get_mut(tokens.eos as usize)
             {
@@ -253,6 +276,7 @@ fn beam_search<B: Backend, L: LanguageModel<B>>(
     starts: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
     tokens: SpecialTokens,
+    skip: &[usize],
 ) -> Vec<Vec<u32>> {
     let beams = cfg.num_beams;
     // Each batch row repeated `beams` times (HF `_expand_inputs_for_generation`).
@@ -280,9 +304,10 @@ fn beam_search<B: Backend, L: LanguageModel<B>>(
             .collect();
         let (mut log_probs, vocab) = step(lm, &mut session, &last, true);
         for (r, seq) in states.iter().flat_map(|s| s.running.iter()).enumerate() {
+            let from = skip.get(r / beams).copied().unwrap_or(0).min(seq.len());
             penalize_repeats(
                 &mut log_probs[r * vocab..(r + 1) * vocab],
-                seq,
+                &seq[from..],
                 cfg.repetition_penalty,
             );
         }
@@ -440,5 +465,23 @@ mod tests {
         assert_eq!(answer_tokens(&row, 9, tokens), vec![33, 20]);
         assert_eq!(strip_special(&[1, 7, 8, 2, 9], tokens), vec![7, 8]);
         assert!(answer_tokens(&row, row.len(), tokens).is_empty());
+    }
+
+    #[test]
+    fn the_penalty_skips_left_padding_of_decoder_only_rows() {
+        // LLaVA: padding first; InstructBLIP-LLaMA: queries, then padding; no mask at all.
+        let masks = vec![
+            vec![0, 0, 1, 1, 1],
+            vec![1, 1, 0, 1, 1],
+            vec![1, 1, 1, 1, 1],
+            vec![0, 0, 0, 0, 0],
+        ];
+        assert_eq!(penalty_start(&masks, false), vec![2, 0, 0, 0]);
+        assert_eq!(penalty_start(&masks, true), vec![0; 4]);
+        // Token 0 (the pad) in the padding is not penalized, token 5 after it is.
+        let mut row = vec![1.0f32; 6];
+        let seq = [0, 0, 5, 5, 3];
+        penalize_repeats(&mut row, &seq[2..], 2.0);
+        assert_eq!(row, vec![1.0, 1.0, 1.0, 0.5, 1.0, 0.5]);
     }
 }

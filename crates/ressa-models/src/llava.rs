@@ -1,5 +1,6 @@
 //! `LlavaForConditionalGeneration` (LLaVA-1.5): a CLIP vision tower whose hidden state
-//! `vision_feature_layer` (CLS dropped under the `default` strategy) goes through the
+//! `vision_feature_layer` (CLS dropped under the `default` strategy; a list of layers: their
+//! states concatenated along the features, as transformers does) goes through the
 //! `multi_modal_projector` (linear → act → linear) into the positions of `input_ids` that hold
 //! `image_token_index`; the LLaMA decoder ([`Llama`], reused as is) runs on the merged
 //! embeddings. The processor expands each `<image>` into one placeholder per feature
@@ -8,11 +9,12 @@
 //! Keys: transformers 5.x writes `vision_tower.{embeddings, pre_layrnorm, encoder, post_layernorm}`,
 //! older hub files nest the tower as `vision_tower.vision_model.*`; both are read, and the
 //! model is saved in the layout it was read from. Prunable stacks: the CLIP layers the features
-//! depend on (layers after `vision_feature_layer` never reach the output and stay dense), then
+//! depend on (layers after the last selected one never reach the output and stay dense), then
 //! the LLaMA's; the projector stays dense.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 use serde::Deserialize;
@@ -79,8 +81,9 @@ pub struct LlavaConfig {
     pub vision: ClipVisionConfig,
     pub text: LlamaConfig,
     pub image_token_index: u32,
-    /// `hidden_states` index of the image features: the output of this many CLIP layers.
-    pub feature_layers: usize,
+    /// `hidden_states` indices of the image features (`vision_feature_layer`, one or a list, in
+    /// its order): index `n` is the output of the first `n` CLIP layers, 0 the embeddings.
+    pub feature_layers: Vec<usize>,
     /// `vision_feature_select_strategy == "full"`: the CLS position is kept.
     pub keep_cls: bool,
     pub projector_act: Activation,
@@ -113,33 +116,24 @@ impl LlavaConfig {
             .map_err(|e| crate::error::json_error(path, "text_config", e))?;
         text_cfg.validate(path)?;
         raw.vision_config.validate(path)?;
-        let layers = raw.vision_config.num_hidden_layers;
-        let feature_layers = match raw.vision_feature_layer.as_i64() {
-            Some(v) => {
-                // `hidden_states` has layers + 1 entries (the embeddings first).
-                let n = if v < 0 { layers as i64 + 1 + v } else { v };
-                if n < 1 || n > layers as i64 {
-                    return Err(ModelError::config(
-                        path,
-                        "vision_feature_layer",
-                        format!(
-                            "{v} selects hidden state {n} of a {layers}-layer tower; ressa reads the output of layers 1..={layers}"
-                        ),
-                    ));
-                }
-                n as usize
-            }
-            None => {
-                return Err(ModelError::config(
-                    path,
-                    "vision_feature_layer",
-                    format!(
-                        "{} is not supported yet (only a single layer index)",
-                        raw.vision_feature_layer
-                    ),
-                ));
-            }
-        };
+        let feature_layers = feature_layers(
+            &raw.vision_feature_layer,
+            raw.vision_config.num_hidden_layers,
+        )
+        .map_err(|msg| ModelError::config(path, "vision_feature_layer", msg))?;
+        // The projector reads hidden_size per selected layer.
+        let width = raw.vision_config.hidden_size * feature_layers.len();
+        if width > crate::config::MAX_SIZE {
+            return Err(ModelError::config(
+                path,
+                "vision_feature_layer",
+                format!(
+                    "{} layers × hidden_size {} is beyond any model's size",
+                    feature_layers.len(),
+                    raw.vision_config.hidden_size
+                ),
+            ));
+        }
         let keep_cls = match raw.vision_feature_select_strategy.as_str() {
             "default" => false,
             "full" => true,
@@ -188,6 +182,49 @@ impl LlavaConfig {
     pub fn image_seq_length(&self) -> usize {
         self.vision.num_patches() + usize::from(self.keep_cls)
     }
+
+    /// `text_config.initializer_range` (HF default 0.02): the σ of the LLaMA's and, as
+    /// `LlavaConfig` has none of its own, the projector's weights.
+    fn text_initializer_range(&self) -> f32 {
+        self.raw
+            .text_config
+            .get("initializer_range")
+            .and_then(serde_json::Value::as_f64)
+            .map_or(0.02, |v| v as f32)
+    }
+}
+
+/// `vision_feature_layer` (an int or a non-empty list; negative: from the end of the
+/// `layers + 1` hidden states) as `hidden_states` indices; the deepest must be a layer's output.
+fn feature_layers(
+    value: &serde_json::Value,
+    layers: usize,
+) -> std::result::Result<Vec<usize>, String> {
+    let values: Vec<&serde_json::Value> = match value {
+        serde_json::Value::Array(a) if !a.is_empty() => a.iter().collect(),
+        serde_json::Value::Array(_) => return Err("an empty list selects no hidden state".into()),
+        v => vec![v],
+    };
+    let states = layers as i64 + 1;
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        let i = v
+            .as_i64()
+            .ok_or_else(|| format!("{value}: expected an integer or a list of integers"))?;
+        let n = if i < 0 { states + i } else { i };
+        if !(0..states).contains(&n) {
+            return Err(format!(
+                "{i} is outside the {states} hidden states of a {layers}-layer vision tower"
+            ));
+        }
+        out.push(n as usize);
+    }
+    if out.iter().all(|&n| n == 0) {
+        return Err(format!(
+            "{value} selects only the embeddings; ressa reads the output of at least one of the {layers} layers"
+        ));
+    }
+    Ok(out)
 }
 
 impl FamilyConfig for LlavaConfig {
@@ -199,14 +236,22 @@ impl FamilyConfig for LlavaConfig {
         self.vision.image_size
     }
 
+    /// transformers' `_init_weights` for a fresh LLaVA: the CLIP tower's own
+    /// ([`ClipVisionConfig::init_std`], either key layout), the projector and the LLaMA
+    /// `text_config.initializer_range`.
     fn init_std(&self, key: &str) -> f32 {
+        if let Some(rest) = key.strip_prefix("vision_tower.") {
+            return self
+                .vision
+                .init_std(rest.strip_prefix("vision_model.").unwrap_or(rest));
+        }
         let leaf = key.rsplit('.').nth(1).unwrap_or("");
         if key.starts_with("language_model.")
             && let Some(s) = self.text.init_std(leaf)
         {
             return s;
         }
-        self.vision.initializer_range
+        self.text_initializer_range()
     }
 }
 
@@ -222,7 +267,7 @@ pub struct Llava<B: Backend> {
     #[module(skip)]
     pub image_token_index: u32,
     #[module(skip)]
-    pub feature_layers: usize,
+    pub feature_layers: Vec<usize>,
     #[module(skip)]
     pub keep_cls: bool,
     #[module(skip)]
@@ -237,14 +282,28 @@ impl<B: DenseBackend> Llava<B> {
         self.vision_tower.num_positions() - usize::from(!self.keep_cls)
     }
 
-    /// The selected CLIP hidden state → projected features [B, image tokens, D_lm].
-    fn project(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, n, e] = hidden.dims();
-        let selected = if self.keep_cls {
-            hidden
-        } else {
-            hidden.slice([0..b, 1..n, 0..e])
-        };
+    /// CLIP layers the features depend on: up to the deepest selected hidden state.
+    pub fn vision_layers(&self) -> usize {
+        let deepest = self.feature_layers.iter().copied().max().unwrap_or(0);
+        deepest.min(self.vision_tower.layers.len())
+    }
+
+    /// The selected CLIP hidden states (in `vision_feature_layer`'s order) → projected features
+    /// [B, image tokens, D_lm]: CLS dropped from each under `default`, concatenated along the
+    /// features.
+    fn project(&self, states: Vec<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let selected: Vec<Tensor<B, 3>> = states
+            .into_iter()
+            .map(|h| {
+                let [b, n, e] = h.dims();
+                if self.keep_cls {
+                    h
+                } else {
+                    h.slice([0..b, 1..n, 0..e])
+                }
+            })
+            .collect();
+        let selected = Tensor::cat(selected, 2);
         let h = activate(self.projector_in.forward(selected), self.projector_act);
         self.projector_out.forward(h)
     }
@@ -252,10 +311,10 @@ impl<B: DenseBackend> Llava<B> {
     /// Pixels → projected image features [B, image tokens, D_lm] (after checking the inputs).
     pub fn image_features(&self, inputs: &VlmInputs<B>) -> Result<Tensor<B, 3>> {
         check_inputs(inputs, &self.input_spec())?;
-        let hidden = self
+        let states = self
             .vision_tower
-            .hidden_state(inputs.pixel_values.clone(), self.feature_layers);
-        Ok(self.project(hidden))
+            .hidden_states(inputs.pixel_values.clone(), &self.feature_layers);
+        Ok(self.project(states))
     }
 
     /// The prompt embeddings with the image features in the placeholder positions, in order;
@@ -318,11 +377,17 @@ impl<B: DenseBackend> VisionLanguageModel<B> for Llava<B> {
         let projector = vb.pp("multi_modal_projector");
         let model = Self {
             vision_tower: ClipVisionTower::load(&cfg.vision, &tower)?,
-            projector_in: projector.linear("linear_1", e, d, cfg.projector_bias)?,
+            // One CLIP width per selected layer.
+            projector_in: projector.linear(
+                "linear_1",
+                e * cfg.feature_layers.len(),
+                d,
+                cfg.projector_bias,
+            )?,
             projector_out: projector.linear("linear_2", d, d, cfg.projector_bias)?,
             language_model: Llama::load(&cfg.text, &vb.pp("language_model"))?,
             image_token_index: cfg.image_token_index,
-            feature_layers: cfg.feature_layers,
+            feature_layers: cfg.feature_layers.clone(),
             keep_cls: cfg.keep_cls,
             projector_act: cfg.projector_act,
             keys: Arc::new(ParamKeys::default()),
@@ -383,13 +448,51 @@ pub enum LlavaStack {
 /// A block input of one of LLaVA's stacks.
 #[derive(Debug, Clone)]
 pub enum LlavaBlockInput<B: Backend> {
-    Vision(Tensor<B, 3>),
+    /// `hidden_states[layer]` of the CLIP tower (the input of layer `layer`), and where the
+    /// selected states are recorded on the way.
+    Vision {
+        hidden: Tensor<B, 3>,
+        layer: usize,
+        selected: SelectedStates<B>,
+    },
     Language(LlamaBlockInput<B>),
 }
 
-/// A sample's calibration state: its inputs and, once the vision stack ended, the LLaMA's.
+/// The CLIP hidden states a sample's features read besides the deepest one (a list-valued
+/// `vision_feature_layer`), by `hidden_states` index, as calibration passes them from layer to
+/// layer: shared by the sample's context and its vision block inputs, written by
+/// [`Prunable::with_hidden`] and read by [`Prunable::end_stack`] (which only gets the last
+/// layer's output). A later write of the same index (the pass after OWL's statistics pass)
+/// replaces an earlier one.
+#[derive(Debug)]
+pub struct SelectedStates<B: Backend>(Arc<Mutex<BTreeMap<usize, Tensor<B, 3>>>>);
+
+impl<B: Backend> Default for SelectedStates<B> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(BTreeMap::new())))
+    }
+}
+
+impl<B: Backend> Clone for SelectedStates<B> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<B: Backend> SelectedStates<B> {
+    fn states(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, Tensor<B, 3>>> {
+        // A panic while holding the lock leaves a map of whole tensors: still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A sample's calibration state: its inputs, the selected CLIP states and, once the vision
+/// stack ended, the LLaMA's.
 pub struct LlavaContext<B: Backend> {
     sample: CalibrationSample<B>,
+    selected: SelectedStates<B>,
     lm: Option<LlamaBlockInput<B>>,
 }
 
@@ -404,7 +507,7 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
             id: LlavaStack::Vision,
             tower: Tower::Vision,
             name: stack_name(self.vision_tower.layers.first().map(|l| &*l.fc1.key)),
-            blocks: self.feature_layers.min(self.vision_tower.layers.len()),
+            blocks: self.vision_layers(),
         }];
         out.extend(self.language_model.stacks().into_iter().map(|s| StackInfo {
             id: LlavaStack::Language(s.id),
@@ -419,16 +522,28 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
         check_inputs(&sample.inputs, &self.input_spec())?;
         Ok(LlavaContext {
             sample: sample.clone(),
+            selected: SelectedStates::default(),
             lm: None,
         })
     }
 
     fn stack_input(&self, stack: LlavaStack, ctx: &LlavaContext<B>) -> Result<LlavaBlockInput<B>> {
         Ok(match stack {
-            LlavaStack::Vision => LlavaBlockInput::Vision(
-                self.vision_tower
-                    .embed(ctx.sample.inputs.pixel_values.clone()),
-            ),
+            LlavaStack::Vision => {
+                let hidden = self
+                    .vision_tower
+                    .embed(ctx.sample.inputs.pixel_values.clone());
+                let mut states = ctx.selected.states();
+                states.clear();
+                if self.feature_layers.contains(&0) {
+                    states.insert(0, hidden.clone());
+                }
+                LlavaBlockInput::Vision {
+                    hidden,
+                    layer: 0,
+                    selected: ctx.selected.clone(),
+                }
+            }
             LlavaStack::Language(s) => {
                 let lm = ctx
                     .lm
@@ -448,14 +563,14 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
         tap: Tap<B>,
     ) -> Result<Tensor<B, 3>> {
         match (stack, input) {
-            (LlavaStack::Vision, LlavaBlockInput::Vision(x)) => {
+            (LlavaStack::Vision, LlavaBlockInput::Vision { hidden, .. }) => {
                 let layer = self
                     .vision_tower
                     .layers
                     .get(block)
-                    .filter(|_| block < self.feature_layers)
+                    .filter(|_| block < self.vision_layers())
                     .ok_or_else(|| ModelError::Input(format!("{stack:?} has no block {block}")))?;
-                Ok(layer.forward_tapped(x.clone(), tap))
+                Ok(layer.forward_tapped(hidden.clone(), tap))
             }
             (LlavaStack::Language(s), LlavaBlockInput::Language(i)) => {
                 self.language_model.run_block(s, block, i, options, tap)
@@ -466,7 +581,19 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
 
     fn with_hidden(&self, input: LlavaBlockInput<B>, hidden: Tensor<B, 3>) -> LlavaBlockInput<B> {
         match input {
-            LlavaBlockInput::Vision(_) => LlavaBlockInput::Vision(hidden),
+            LlavaBlockInput::Vision {
+                layer, selected, ..
+            } => {
+                let layer = layer + 1;
+                if self.feature_layers.contains(&layer) {
+                    selected.states().insert(layer, hidden.clone());
+                }
+                LlavaBlockInput::Vision {
+                    hidden,
+                    layer,
+                    selected,
+                }
+            }
             LlavaBlockInput::Language(i) => {
                 LlavaBlockInput::Language(self.language_model.with_hidden(i, hidden))
             }
@@ -482,7 +609,23 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
     ) -> Result<()> {
         match stack {
             LlavaStack::Vision => {
-                let input = self.merge(self.project(hidden), &ctx.sample.inputs)?;
+                let deepest = self.vision_layers();
+                let states = {
+                    let kept = ctx.selected.states();
+                    self.feature_layers
+                        .iter()
+                        .map(|&n| {
+                            if n == deepest {
+                                Ok(hidden.clone())
+                            } else {
+                                kept.get(&n).cloned().ok_or_else(|| {
+                                    not_ready(stack, &format!("CLIP hidden state {n}"))
+                                })
+                            }
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                };
+                let input = self.merge(self.project(states), &ctx.sample.inputs)?;
                 ctx.lm = Some(self.language_model.context(&LmSample {
                     input,
                     targets: ctx.sample.targets.clone(),
@@ -501,7 +644,7 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
 
     fn block_linears(&self, stack: LlavaStack, block: usize) -> Vec<&Linear<B>> {
         match stack {
-            LlavaStack::Vision if block < self.feature_layers => self
+            LlavaStack::Vision if block < self.vision_layers() => self
                 .vision_tower
                 .layers
                 .get(block)
@@ -514,7 +657,7 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
 
     fn block_linears_mut(&mut self, stack: LlavaStack, block: usize) -> Vec<&mut Linear<B>> {
         match stack {
-            LlavaStack::Vision if block < self.feature_layers => self
+            LlavaStack::Vision if block < self.vision_layers() => self
                 .vision_tower
                 .layers
                 .get_mut(block)
@@ -523,5 +666,51 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
             LlavaStack::Vision => Vec::new(),
             LlavaStack::Language(s) => self.language_model.block_linears_mut(s, block),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feature_layers;
+    use serde_json::json;
+
+    #[test]
+    fn vision_feature_layer_ints_and_lists() {
+        // 4 layers: hidden states 0 (embeddings) ..= 4.
+        assert_eq!(feature_layers(&json!(-2), 4), Ok(vec![3]));
+        assert_eq!(feature_layers(&json!(4), 4), Ok(vec![4]));
+        assert_eq!(feature_layers(&json!([-4, -2]), 4), Ok(vec![1, 3]));
+        assert_eq!(feature_layers(&json!([0, 2, 2]), 4), Ok(vec![0, 2, 2]));
+        for (bad, says) in [
+            (json!(5), "outside the 5 hidden states"),
+            (json!([-6, -1]), "outside"),
+            (json!([]), "empty list"),
+            (json!(0), "only the embeddings"),
+            (json!([0, -5]), "only the embeddings"),
+            (json!("last"), "expected an integer"),
+            (json!([1.5]), "expected an integer"),
+        ] {
+            let err = feature_layers(&bad, 4).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_projector_wider_than_any_model_is_a_config_error() {
+        // hidden_size 24 × 700 000 selected layers > 2^24.
+        let text = json!({
+            "model_type": "llava",
+            "text_config": {"model_type": "llama"},
+            "vision_config": {"hidden_size": 24, "num_attention_heads": 3},
+            "vision_feature_layer": vec![-1; 700_000],
+        })
+        .to_string();
+        let err = super::LlavaConfig::from_json(&text, std::path::Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vision_feature_layer") && err.contains("beyond any model's size"),
+            "{err}"
+        );
     }
 }

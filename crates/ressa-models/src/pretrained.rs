@@ -297,8 +297,8 @@ pub fn parameter_shapes<B: Backend, M: VisionLanguageModel<B>>(
 
 /// Writes `model.safetensors` with the initialisation `transformers` gives a fresh model, for
 /// training from scratch: biases 0, norm weights 1, every other weight N(0, σ²) with the
-/// family's σ ([`FamilyConfig::init_std`]: T5 as `T5PreTrainedModel._init_weights`, the rest
-/// the BERT/BLIP-2 `initializer_range` 0.02).
+/// family's σ ([`FamilyConfig::init_std`]: T5 as `T5PreTrainedModel._init_weights`, a LLaVA's
+/// CLIP tower as `CLIPPreTrainedModel._init_weights`, the rest the `initializer_range`).
 pub fn write_initial_checkpoint<B: Backend, M: VisionLanguageModel<B>>(
     cfg: &M::Config,
     dir: &Path,

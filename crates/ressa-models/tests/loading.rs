@@ -138,6 +138,7 @@ fn save_reproduces_every_tensor_in_the_source_layout() {
         "instructblip-llama-gqa",
         "instructblip-llama-mha",
         "llava-gqa",
+        "llava-hub",
     ] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing");
     }
