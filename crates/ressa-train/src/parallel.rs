@@ -23,11 +23,13 @@
 //! and writes checkpoints; the data position counts global rows, so a checkpoint is the same
 //! as a one-device run's and `--resume` works with any device count.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use burn::collective::{
@@ -70,6 +72,9 @@ pub fn shard(len: usize, rank: usize, world: usize) -> Range<usize> {
 enum PeerError {
     /// Its own failure (returned by the run).
     Own(TrainError),
+    /// The collective failed under it (for instance because another peer panicked and the
+    /// collective was reset): reported only when no peer has an error of its own.
+    Collective(TrainError),
     /// Another peer reported a failure at a status all-reduce.
     Aborted,
 }
@@ -82,26 +87,35 @@ impl From<TrainError> for PeerError {
 
 type PeerResult<T> = std::result::Result<T, PeerError>;
 
-fn collective_error(what: &str, e: burn::collective::CollectiveError) -> TrainError {
-    TrainError::Input(format!("data-parallel {what} failed: {e:?}"))
+fn collective_error(what: &str, e: burn::collective::CollectiveError) -> PeerError {
+    PeerError::Collective(TrainError::Input(format!(
+        "data-parallel {what} failed: {e:?}"
+    )))
+}
+
+/// The collective's settings: `world` peers on this node, pairwise tree all-reduce.
+fn collective_config(world: usize) -> CollectiveConfig {
+    CollectiveConfig::default()
+        .with_num_devices(world)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2))
+}
+
+/// A panic's message as this peer's one-line error.
+fn panic_error(rank: usize, payload: Box<dyn std::any::Any + Send>) -> TrainError {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    TrainError::Input(format!(
+        "device {rank}: panicked: {}",
+        msg.replace('\n', " ")
+    ))
 }
 
 /// `f()`, with a panic turned into an error naming the peer.
 fn guarded<T>(rank: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(TrainError::Input(format!(
-                "device {rank}: panicked: {}",
-                msg.replace('\n', " ")
-            )))
-        }
-    }
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(panic_error(rank, payload)))
 }
 
 /// One peer's link to the collective: registered on creation, finished on drop (every exit).
@@ -122,12 +136,16 @@ struct Peer<B: Backend> {
 }
 
 impl<B: Backend> Peer<B> {
-    fn register(rank: usize, world: usize, device: &B::Device) -> Result<Self> {
+    fn register(
+        rank: usize,
+        world: usize,
+        device: &B::Device,
+        registered: &Cell<bool>,
+    ) -> PeerResult<Self> {
         let id = PeerId::from(rank);
-        let config = CollectiveConfig::default()
-            .with_num_devices(world)
-            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
-        register::<B>(id, device.clone(), config).map_err(|e| collective_error("register", e))?;
+        register::<B>(id, device.clone(), collective_config(world))
+            .map_err(|e| collective_error("register", e))?;
+        registered.set(true);
         Ok(Self {
             id,
             rank,
@@ -137,7 +155,7 @@ impl<B: Backend> Peer<B> {
     }
 
     /// burn's all-reduce (Sum) of `t` over all peers.
-    fn all_reduce(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+    fn all_reduce(&self, t: Tensor<B, 1>) -> PeerResult<Tensor<B, 1>> {
         let out = all_reduce::<B>(self.id, t.into_primitive().tensor(), ReduceOperation::Sum)
             .map_err(|e| collective_error("all-reduce", e))?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
@@ -145,7 +163,7 @@ impl<B: Backend> Peer<B> {
 
     /// Every peer's `t` (same shape everywhere), concatenated in rank order: `world × n`
     /// values, each exactly as its peer sent it.
-    fn gather(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+    fn gather(&self, t: Tensor<B, 1>) -> PeerResult<Tensor<B, 1>> {
         let n = t.dims()[0];
         let mut parts = Vec::with_capacity(3);
         if self.rank > 0 {
@@ -160,7 +178,7 @@ impl<B: Backend> Peer<B> {
     }
 
     /// The sum over all peers of `t` (same shape everywhere), the same bits on every run.
-    fn sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+    fn sum(&self, t: Tensor<B, 1>) -> PeerResult<Tensor<B, 1>> {
         if self.world <= 2 {
             return self.all_reduce(t);
         }
@@ -175,7 +193,7 @@ impl<B: Backend> Peer<B> {
 
     /// Every peer's `values` (f32 on the wire: counts up to 2^24 and f32 sums are exact),
     /// one row per peer in rank order.
-    fn gather_host(&self, values: &[f32]) -> Result<Vec<Vec<f32>>> {
+    fn gather_host(&self, values: &[f32]) -> PeerResult<Vec<Vec<f32>>> {
         let n = values.len();
         let t = Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [n]), &self.device);
         let all = self
@@ -215,7 +233,7 @@ fn reduce_grads<B: AutodiffBackend>(
     peer: &Peer<B::InnerBackend>,
     layout: &[(String, [usize; 2])],
     mut local: AdapterGrads<B>,
-) -> Result<AdapterGrads<B>> {
+) -> PeerResult<AdapterGrads<B>> {
     let device = &peer.device;
     let mut parts = Vec::with_capacity(layout.len() + 1);
     let mut present = Vec::with_capacity(layout.len());
@@ -243,7 +261,7 @@ fn reduce_grads<B: AutodiffBackend>(
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .expect("f32 data");
+        .map_err(|e| TrainError::Input(format!("data-parallel gradient flags: {e:?}")))?;
     let mut out = BTreeMap::new();
     let mut offset = 0;
     for ((name, [r, c]), flag) in layout.iter().zip(flags) {
@@ -365,6 +383,7 @@ fn peer_loop<B: AutodiffBackend, M>(
     mut state: TrainState,
     device: &B::Device,
     mut lead: Option<Lead<'_>>,
+    registered: &Cell<bool>,
 ) -> PeerResult<PeerEnd<M, AdamW<B::InnerBackend>>>
 where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
@@ -376,7 +395,7 @@ where
         world,
         total,
     } = *run;
-    let peer = Peer::<B::InnerBackend>::register(rank, world, device)?;
+    let peer = Peer::<B::InnerBackend>::register(rank, world, device, registered)?;
     let layout = adapter_layout(&model);
     let n = data.train.len();
     let global = cfg.batch_size;
@@ -587,6 +606,46 @@ where
     })
 }
 
+/// [`peer_loop`] on this thread, with a panic anywhere in it (outside the [`guarded`] parts
+/// too, e.g. in rank 0's event callback) turned into this peer's error without leaving the
+/// others blocked in burn's collective, which has no timeouts: a peer that panicked before
+/// registering registers now (the others wait for it there), and the collective is reset, which
+/// fails the all-reduce the others wait in or call next.
+#[allow(clippy::too_many_arguments)]
+fn run_peer<B: AutodiffBackend, M>(
+    run: &Run<'_>,
+    rank: usize,
+    model: M,
+    opt: AdamW<B::InnerBackend>,
+    state: TrainState,
+    device: &B::Device,
+    lead: Option<Lead<'_>>,
+) -> PeerResult<PeerEnd<M, AdamW<B::InnerBackend>>>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    let registered = Cell::new(false);
+    let out = catch_unwind(AssertUnwindSafe(|| {
+        peer_loop::<B, M>(run, rank, model, opt, state, device, lead, &registered)
+    }));
+    out.unwrap_or_else(|payload| {
+        let error = panic_error(rank, payload);
+        tracing::error!(device = rank, %error, "data-parallel peer failed; stopping the others");
+        if !registered.get() {
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                register::<B::InnerBackend>(
+                    PeerId::from(rank),
+                    device.clone(),
+                    collective_config(run.world),
+                )
+            }));
+        }
+        reset_collective::<B::InnerBackend>();
+        Err(PeerError::Own(error))
+    })
+}
+
 /// [`crate::trainer::train_on`] with two or more devices.
 pub(crate) fn train_parallel<B: AutodiffBackend, M>(
     mut model: M,
@@ -634,60 +693,99 @@ where
     // message is queued before any peer's registration.
     reset_collective::<B::InnerBackend>();
     let (first, others) = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..world)
-            .map(|rank| {
-                let d = devices[rank].clone();
-                // `fork` gives the copy its own autodiff leaves (on Flex the frozen weights
-                // still share their buffers), so the peers' backward passes never meet.
-                let (m, o) = (model.clone().fork(&d), opt_to(&opt, &d));
-                let st = state.clone();
-                let run = &run;
-                std::thread::Builder::new()
-                    .name(format!("ressa-peer-{rank}"))
-                    .spawn_scoped(s, move || peer_loop::<B, M>(run, rank, m, o, st, &d, None))
-            })
-            .collect();
-        let lead = Lead {
-            on_event: &mut *on_event,
-            checkpoints,
-            validations: Vec::new(),
+        // Every thread waits for a go before it registers: if one cannot be started, the others
+        // are told to stop instead of waiting for it in the collective's registration.
+        let mut handles = Vec::with_capacity(world - 1);
+        let mut gos = Vec::with_capacity(world - 1);
+        let mut spawn_error = None;
+        for rank in 1..world {
+            let d = devices[rank].clone();
+            // `fork` gives the copy its own autodiff leaves (on Flex the frozen weights still
+            // share their buffers), so the peers' backward passes never meet.
+            let (m, o) = (model.clone().fork(&d), opt_to(&opt, &d));
+            let st = state.clone();
+            let run = &run;
+            let (go, wait) = mpsc::channel::<bool>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ressa-peer-{rank}"))
+                .spawn_scoped(s, move || {
+                    if wait.recv() != Ok(true) {
+                        return Err(PeerError::Aborted);
+                    }
+                    run_peer::<B, M>(run, rank, m, o, st, &d, None).map(|_| ())
+                });
+            match spawned {
+                Ok(h) => {
+                    handles.push(h);
+                    gos.push(go);
+                }
+                Err(e) => {
+                    spawn_error = Some(TrainError::Input(format!(
+                        "cannot start the thread of device {rank}: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+        let go = spawn_error.is_none();
+        for g in gos {
+            let _ = g.send(go);
+        }
+        let first = match spawn_error {
+            Some(e) => Err(PeerError::Own(e)),
+            None => {
+                let lead = Lead {
+                    on_event: &mut *on_event,
+                    checkpoints,
+                    validations: Vec::new(),
+                };
+                run_peer::<B, M>(&run, 0, model, opt, state, device, Some(lead))
+            }
         };
-        let first = peer_loop::<B, M>(&run, 0, model, opt, state, device, Some(lead));
         let others: Vec<PeerResult<()>> = handles
             .into_iter()
             .enumerate()
-            .map(|(i, h)| match h {
-                Err(e) => Err(PeerError::Own(TrainError::Input(format!(
-                    "cannot start the thread of device {}: {e}",
-                    i + 1
-                )))),
-                Ok(h) => match h.join() {
-                    Ok(r) => r.map(|_| ()),
-                    Err(_) => Err(PeerError::Own(TrainError::Input(format!(
+            .map(|(i, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(PeerError::Own(TrainError::Input(format!(
                         "device {}: its thread panicked",
                         i + 1
-                    )))),
-                },
+                    ))))
+                })
             })
             .collect();
         (first, others)
     });
     drop(session);
-    // The failing peer's own error, lowest rank first.
-    let mut errors = others.into_iter().filter_map(|r| match r {
-        Err(PeerError::Own(e)) => Some(e),
-        _ => None,
-    });
+    // The failing peer's own error, lowest rank first; else what the collective reported.
+    let mut own = None;
+    let mut collective = None;
     let end = match first {
-        Ok(end) => match errors.next() {
-            Some(e) => return Err(e),
-            None => end,
-        },
-        Err(PeerError::Own(e)) => return Err(e),
-        Err(PeerError::Aborted) => {
-            return Err(errors
-                .next()
-                .unwrap_or_else(|| TrainError::Input("a data-parallel peer failed".into())));
+        Ok(end) => Some(end),
+        Err(PeerError::Own(e)) => {
+            own = Some(e);
+            None
+        }
+        Err(PeerError::Collective(e)) => {
+            collective = Some(e);
+            None
+        }
+        Err(PeerError::Aborted) => None,
+    };
+    for r in others {
+        match r {
+            Err(PeerError::Own(e)) if own.is_none() => own = Some(e),
+            Err(PeerError::Collective(e)) if collective.is_none() => collective = Some(e),
+            _ => {}
+        }
+    }
+    let end = match (end, own, collective) {
+        (_, Some(e), _) | (_, None, Some(e)) => return Err(e),
+        (Some(end), None, None) => end,
+        (None, None, None) => {
+            return Err(TrainError::Input(
+                "a data-parallel peer stopped without an error".into(),
+            ));
         }
     };
     let PeerEnd {

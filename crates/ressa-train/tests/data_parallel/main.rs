@@ -14,7 +14,7 @@ use ressa_train::checkpoint::{self, HostTensor};
 use ressa_train::repair::{DataConfig, train_data};
 use ressa_train::sparse_lora::attach;
 use ressa_train::trainer::adapter_tensors;
-use ressa_train::{TrainConfig, TrainData, TrainError, TrainReport, train};
+use ressa_train::{TrainConfig, TrainData, TrainError, TrainEvent, TrainReport, train};
 
 type AD = Autodiff<Flex>;
 type T5 = InstructBlipT5<AD>;
@@ -51,6 +51,16 @@ fn run(
     checkpoints: Option<&Path>,
     resume: bool,
 ) -> Result<(BTreeMap<String, HostTensor>, TrainReport), TrainError> {
+    run_with(data, cfg, checkpoints, resume, &mut |_| {})
+}
+
+fn run_with(
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
+    resume: bool,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<(BTreeMap<String, HostTensor>, TrainReport), TrainError> {
     let device = Default::default();
     let dense = Pretrained::<AD, T5>::load(&fixture(), &device).unwrap();
     let (model, _) = attach(
@@ -62,7 +72,7 @@ fn run(
         &device,
     )
     .unwrap();
-    let (model, report) = train(model, data, cfg, checkpoints, resume, &device, &mut |_| {})?;
+    let (model, report) = train(model, data, cfg, checkpoints, resume, &device, on_event)?;
     Ok((adapter_tensors(&model), report))
 }
 
@@ -228,4 +238,27 @@ fn a_failing_peer_stops_every_peer_with_its_error() {
             .to_string()
     });
     assert!(err.contains("training stopped"), "{err}");
+
+    // A panic outside the guarded parts (here: in the caller's event callback, on the first
+    // peer's thread, while the others go on to their next all-reduce) resets the collective,
+    // so the others fail instead of waiting; the run returns the panic.
+    let data = self::data(&repo("tests/fixtures/calibration"));
+    let cfg = TrainConfig {
+        steps: 10,
+        batch_size: 4,
+        devices: 4,
+        ..Default::default()
+    };
+    let err = within(Duration::from_secs(120), move || {
+        let mut on_event = |e: &TrainEvent| {
+            if let TrainEvent::Step { step: 3, .. } = e {
+                panic!("boom at step 3");
+            }
+        };
+        run_with(&data, &cfg, None, false, &mut on_event)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    });
+    assert_eq!(err, "device 0: panicked: boom at step 3");
 }
