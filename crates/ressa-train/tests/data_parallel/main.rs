@@ -1,7 +1,10 @@
 //! Data-parallel RESSA (`TrainConfig::devices`, threads on Flex through burn's collective):
 //! N peers at the same global batch train the same adapters as one peer (up to the float
 //! summation order), a checkpoint of N peers resumes on another count, and a peer that fails
-//! stops every peer with its error instead of leaving them waiting.
+//! stops every peer with its error instead of leaving them waiting. `multinode`: why there is
+//! no multi-process mode yet (an ignored reproduction of burn-collective's hang).
+
+mod multinode;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
