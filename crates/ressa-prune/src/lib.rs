@@ -33,6 +33,7 @@ pub mod error;
 pub mod magnitude;
 pub mod owl;
 mod select;
+mod simd;
 pub mod sparsegpt;
 pub mod stats;
 pub mod wanda;
