@@ -147,6 +147,7 @@ struct Scratch {
     regrow: Vec<u32>,
     kept: Vec<u32>,
     prune_list: Vec<u32>,
+    keep: Vec<bool>,
 }
 
 fn refine_column(
@@ -346,10 +347,14 @@ pub fn dsnot_mask(
         var_p: var.iter().map(|v| v.powf(p)).collect(),
         divide: p != 0.0,
     };
-    let keep = per_column(weights, Scratch::default, |_, col, keep, scratch| {
-        refine_column(col, &prep, spec, config, keep, scratch)
-    });
-    Ok(Mask::from_bools(weights.d_in(), weights.d_out(), &keep)?)
+    per_column(weights, Scratch::default, |_, col, mask, scratch| {
+        let mut keep = std::mem::take(&mut scratch.keep);
+        keep.clear();
+        keep.resize(col.len(), true);
+        refine_column(col, &prep, spec, config, &mut keep, scratch);
+        mask.set_from_bools(&keep);
+        scratch.keep = keep;
+    })
 }
 
 /// [`Pruner`] for DSnoT.

@@ -30,6 +30,7 @@
 pub mod calibrate;
 pub mod dsnot;
 pub mod error;
+mod kth;
 pub mod magnitude;
 pub mod owl;
 mod select;
