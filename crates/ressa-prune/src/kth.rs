@@ -59,6 +59,62 @@ pub(crate) fn kth_key(keys: &[u64], r: usize, sel: &mut Vec<u64>) -> Kth {
     finish(sel, r, 0)
 }
 
+/// Sample size of [`kth_key_par`]'s bracket.
+const PAR_SAMPLE: usize = 1 << 14;
+/// Half-width of [`kth_key_par`]'s bracket in sample ranks: 4 standard deviations of a sample
+/// rank at the median (`2 · sqrt(PAR_SAMPLE)`), so about 3 % of the keys fall inside.
+const PAR_GAP: usize = 256;
+/// Keys per task of [`kth_key_par`]'s bracket pass.
+const PAR_CHUNK: usize = 1 << 16;
+
+/// [`kth_key`] for a whole matrix of keys: a larger sample (a narrower bracket) and the
+/// bracket pass split over the rayon threads. Below `64 · PAR_SAMPLE` keys it is [`kth_key`].
+pub(crate) fn kth_key_par(keys: &[u64], r: usize) -> Kth {
+    use rayon::prelude::*;
+    let n = keys.len();
+    assert!(r < n, "rank {r} of {n} keys");
+    let mut sel = Vec::new();
+    if n < 64 * PAR_SAMPLE {
+        return kth_key(keys, r, &mut sel);
+    }
+    let stride = n / PAR_SAMPLE;
+    let mut sample: Vec<u64> = (stride / 2..n).step_by(stride).map(|i| keys[i]).collect();
+    sample.truncate(PAR_SAMPLE);
+    sample.sort_unstable();
+    let pos = r * PAR_SAMPLE / n;
+    let lo = if pos >= PAR_GAP {
+        sample[pos - PAR_GAP]
+    } else {
+        0
+    };
+    let hi = if pos + PAR_GAP < PAR_SAMPLE {
+        sample[pos + PAR_GAP]
+    } else {
+        u64::MAX
+    };
+    let parts: Vec<(usize, Vec<u64>)> = keys
+        .par_chunks(PAR_CHUNK)
+        .map(|chunk| {
+            let mut buf = vec![0u64; chunk.len() + 4];
+            let (below, len) = bracket(chunk, lo, hi, &mut buf);
+            buf.truncate(len);
+            (below, buf)
+        })
+        .collect();
+    let below_lo: usize = parts.iter().map(|p| p.0).sum();
+    let len: usize = parts.iter().map(|p| p.1.len()).sum();
+    if below_lo <= r && r < below_lo + len {
+        sel.reserve(len);
+        for (_, p) in &parts {
+            sel.extend_from_slice(p);
+        }
+        return finish(&mut sel, r - below_lo, below_lo);
+    }
+    drop(parts);
+    sel.extend_from_slice(keys);
+    finish(&mut sel, r, 0)
+}
+
 /// The `r`-th smallest of `sel` plus the counts, `offset` keys lying below all of `sel`.
 fn finish(sel: &mut [u64], r: usize, offset: usize) -> Kth {
     let key = *sel.select_nth_unstable(r).1;
@@ -205,6 +261,32 @@ mod tests {
                     };
                     assert_eq!(got, expected, "n {n} r {r}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_kth_key_is_the_sorted_rank() {
+        let mut seed = 5;
+        let n = 64 * PAR_SAMPLE + 12_345;
+        let random: Vec<u64> = (0..n).map(|_| splitmix(&mut seed) >> 20).collect();
+        // a block of equal keys around the median, and a sorted run (the sample misses)
+        let mut ties = random.clone();
+        ties[n / 3..n / 3 + n / 5].fill(1 << 43);
+        let sorted: Vec<u64> = (0..n as u64).map(|i| i / 3).collect();
+        for keys in [random, ties, sorted] {
+            let mut want = keys.clone();
+            want.sort_unstable();
+            for r in [0, 17, n / 2, n / 2 + 1, n - 2] {
+                let got = kth_key_par(&keys, r);
+                let lo = want.partition_point(|&k| k < want[r]);
+                let hi = want.partition_point(|&k| k <= want[r]);
+                let expected = Kth {
+                    key: want[r],
+                    below: lo,
+                    equal: hi - lo,
+                };
+                assert_eq!(got, expected, "r {r}");
             }
         }
     }

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use rayon::prelude::*;
 use ressa_sparse::{Mask, SparsityPattern};
 
-use crate::kth::{Kth, kth_key};
+use crate::kth::{Kth, kth_key, kth_key_par};
 use crate::{ComparisonGroup, PruneSpec, Result, ThresholdRule, Weights};
 
 /// Total order on scores: NaN after everything (as `torch.sort`), `-0.0 == 0.0`.
@@ -346,8 +346,28 @@ pub(crate) fn select_matrix(
     k: usize,
     rule: ThresholdRule,
 ) -> Vec<bool> {
+    debug_assert_eq!(scores.len(), rows * cols);
+    let keys: Vec<u64> = if scores.len() >= PAR_MATRIX {
+        scores.par_iter().map(|&s| order_key(s)).collect()
+    } else {
+        scores.iter().map(|&s| order_key(s)).collect()
+    };
+    select_matrix_keys(&keys, rows, cols, k, rule)
+}
+
+/// Matrices from this many entries are scored and selected on all threads.
+const PAR_MATRIX: usize = 1 << 16;
+
+/// [`select_matrix`] on the scores' [`order_key`]s.
+pub(crate) fn select_matrix_keys(
+    keys: &[u64],
+    rows: usize,
+    cols: usize,
+    k: usize,
+    rule: ThresholdRule,
+) -> Vec<bool> {
     let numel = rows * cols;
-    debug_assert_eq!(scores.len(), numel);
+    debug_assert_eq!(keys.len(), numel);
     if numel == 0 {
         return Vec::new();
     }
@@ -355,50 +375,48 @@ pub(crate) fn select_matrix(
         return vec![true; numel];
     }
     let k = k.min(numel - 1);
-    let mut tmp: Vec<u64> = if numel >= 1 << 16 {
-        scores.par_iter().map(|&s| order_key(s)).collect()
+    let par = numel >= PAR_MATRIX;
+    // the k-th key (0-based: the (k+1)-th smallest) and how many keys lie below / at it
+    let Kth {
+        key: thr,
+        below: n_below,
+        equal: n_equal,
+    } = if par {
+        kth_key_par(keys, k)
     } else {
-        scores.iter().map(|&s| order_key(s)).collect()
+        kth_key(keys, k, &mut Vec::new())
     };
-    let (_, &mut thr, _) = tmp.select_nth_unstable(k);
-    drop(tmp);
-    let below = |s: f64| order_key(s) < thr;
-    let equal = |s: f64| order_key(s) == thr;
-    let par = numel >= 1 << 16;
-    let map = |f: &(dyn Fn(f64) -> bool + Sync)| -> Vec<bool> {
+    let map = |f: &(dyn Fn(u64) -> bool + Sync)| -> Vec<bool> {
         if par {
-            scores.par_iter().map(|&s| !f(s)).collect()
+            keys.par_iter().map(|&s| f(s)).collect()
         } else {
-            scores.iter().map(|&s| !f(s)).collect()
+            keys.iter().map(|&s| f(s)).collect()
         }
     };
     match rule {
-        ThresholdRule::BelowKth => map(&below),
-        ThresholdRule::AtOrBelowKth => map(&|s| below(s) || equal(s)),
+        ThresholdRule::BelowKth => map(&|key| key >= thr),
+        ThresholdRule::AtOrBelowKth => map(&|key| key > thr),
         ThresholdRule::ExactCount => {
-            let mut keep = map(&below);
-            let n_below = keep.iter().filter(|x| !**x).count();
-            let mut need = k - n_below.min(k);
-            let n_equal = scores.iter().filter(|&&s| equal(s)).count();
+            let need = k - n_below.min(k);
             if n_equal <= need {
-                for (kp, &s) in keep.iter_mut().zip(scores) {
-                    if equal(s) {
-                        *kp = false;
-                    }
-                }
+                return map(&|key| key > thr);
+            }
+            let mut keep = map(&|key| key >= thr);
+            // ties at the threshold: lower PyTorch flat index (output-major, j * rows + i)
+            // first; gathered in memory order, then ordered (a column-major walk of the
+            // matrix touched a new cache line per entry)
+            let mut ties: Vec<usize> = if par {
+                keys.par_iter()
+                    .enumerate()
+                    .filter(|&(_, &key)| key == thr)
+                    .map(|(x, _)| x)
+                    .collect()
             } else {
-                // ties at the threshold: lower PyTorch flat index (output-major) first
-                'outer: for j in 0..cols {
-                    for i in 0..rows {
-                        if need == 0 {
-                            break 'outer;
-                        }
-                        if equal(scores[i * cols + j]) {
-                            keep[i * cols + j] = false;
-                            need -= 1;
-                        }
-                    }
-                }
+                (0..numel).filter(|&x| keys[x] == thr).collect()
+            };
+            ties.sort_unstable_by_key(|&x| (x % cols) * rows + x / cols);
+            for &x in &ties[..need] {
+                keep[x] = false;
             }
             keep
         }
@@ -515,17 +533,16 @@ pub(crate) fn mask_from_scores(
         (SparsityPattern::Unstructured, ComparisonGroup::PerMatrix) => {
             let k = floor_count(d_in * d_out, spec.sparsity());
             let data = w.data();
-            let mut scores = vec![0f64; d_in * d_out];
-            scores
-                .par_chunks_mut(d_out)
+            let mut keys = vec![0u64; d_in * d_out];
+            keys.par_chunks_mut(d_out)
                 .zip(data.par_chunks(d_out))
                 .zip(scale.par_iter())
                 .for_each(|((s, row), &c)| {
                     for (x, &v) in s.iter_mut().zip(row) {
-                        *x = (v as f64).abs() * c;
+                        *x = order_key((v as f64).abs() * c);
                     }
                 });
-            select_matrix(&scores, d_in, d_out, k, rule)
+            select_matrix_keys(&keys, d_in, d_out, k, rule)
         }
     };
     Ok(Mask::from_bools(d_in, d_out, &keep)?)
@@ -705,6 +722,35 @@ mod tests {
         assert_eq!(keep, vec![false, false, false, true, false, false]);
         let keep = select_matrix(&s, 2, 3, 0, ThresholdRule::ExactCount);
         assert!(keep.iter().all(|k| *k));
+    }
+
+    #[test]
+    fn large_matrix_rules_match_a_sort() {
+        // above kth_key_par's threshold, with ties at the cut
+        let (rows, cols) = (1100, 1000);
+        let mut seed = 21;
+        let scores: Vec<f64> = (0..rows * cols)
+            .map(|_| (splitmix(&mut seed) % 5000) as f64 * 0.25)
+            .collect();
+        let mut sorted = scores.clone();
+        sorted.sort_by(|a, b| cmp_score(*a, *b));
+        for k in [1, rows * cols / 2, rows * cols - 3] {
+            let thr = sorted[k];
+            let keep = select_matrix(&scores, rows, cols, k, ThresholdRule::BelowKth);
+            assert!(keep.iter().zip(&scores).all(|(&kp, &s)| kp == (s >= thr)));
+            let keep = select_matrix(&scores, rows, cols, k, ThresholdRule::AtOrBelowKth);
+            assert!(keep.iter().zip(&scores).all(|(&kp, &s)| kp == (s > thr)));
+            // exact count: the k lowest (score, PyTorch flat index j * rows + i)
+            let mut order: Vec<usize> = (0..rows * cols).collect();
+            let flat = |x: usize| (x % cols) * rows + x / cols;
+            order.sort_by(|&a, &b| cmp_score(scores[a], scores[b]).then(flat(a).cmp(&flat(b))));
+            let mut want = vec![true; rows * cols];
+            for &x in &order[..k] {
+                want[x] = false;
+            }
+            let keep = select_matrix(&scores, rows, cols, k, ThresholdRule::ExactCount);
+            assert!(keep == want, "k {k}");
+        }
     }
 
     #[test]
