@@ -15,8 +15,14 @@ use rayon::prelude::*;
 
 use crate::error::{PruneError, check_finite};
 
-/// Below this many values a batch is processed on one thread.
+/// Below this many values a batch is processed on one thread (with moments).
 const PAR_MIN: usize = 1 << 16;
+/// The same for squared norms alone (Wanda), a pure memory stream: one core reads a batch
+/// about as fast as two, and a split batch waits for its slower half. Measured on the bench's
+/// 128 batches of [64, 2048] on the shared 2-core VM (load ~5): one thread 6.3 ms (median
+/// 10.6), two threads 11.7 ms (median 15.0). DSnoT's sums do more arithmetic per value and
+/// gain from the split at that size (min 13.7 vs 15.5 ms).
+const PAR_MIN_NORMS: usize = 1 << 20;
 /// Fewest columns of one parallel task (a quarter of a 4 KiB page of `f32` per token row).
 const MIN_COLS: usize = 256;
 /// With moments, a task's `[n_tokens, width]` slab is read twice (sums, then the centred
@@ -191,7 +197,8 @@ impl ActivationStats {
         let mut sums = vec![0f64; if moments { 3 * d_in } else { d_in }];
         let (s2, rest) = sums.split_at_mut(d_in);
         let (s1, sc) = rest.split_at_mut(if moments { d_in } else { 0 });
-        let width = if x.len() >= PAR_MIN {
+        let par_min = if moments { PAR_MIN } else { PAR_MIN_NORMS };
+        let width = if x.len() >= par_min {
             task_width(d_in, n_tokens, moments)
         } else {
             d_in
@@ -406,8 +413,16 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (seed >> 40) as f32 / (1u64 << 24) as f32 * 6.0 - 3.0
         };
-        // serial and parallel sizes, widths that split into uneven tasks
-        for (d_in, tokens) in [(3, 5), (300, 7), (1000, 70), (2051, 64), (700, 400)] {
+        // serial and parallel sizes (with and without moments), widths that split into
+        // uneven tasks
+        for (d_in, tokens) in [
+            (3, 5),
+            (300, 7),
+            (1000, 70),
+            (2051, 64),
+            (700, 400),
+            (2048, 520),
+        ] {
             let batches: Vec<(Vec<f32>, usize, usize)> = (0..3)
                 .map(|b| {
                     let t = tokens + b;
