@@ -438,6 +438,11 @@ fn nm_group_body(
     keys: &mut [u64],
 ) {
     let m = scale.len();
+    match m {
+        4 => return nm_group_fixed::<4>(kg, wg, scale, n, d_out),
+        8 => return nm_group_fixed::<8>(kg, wg, scale, n, d_out),
+        _ => {}
+    }
     for j0 in (0..d_out).step_by(NM_BLOCK) {
         let bw = NM_BLOCK.min(d_out - j0);
         for (a, &s) in scale.iter().enumerate() {
@@ -466,6 +471,37 @@ fn nm_group_body(
             for (o, &r) in out.iter_mut().zip(&rank) {
                 *o = r as usize >= n;
             }
+        }
+    }
+}
+
+/// [`nm_group_body`] for a group size known at compile time (2:4, 4:8): the ranks of one
+/// column are straight-line code, vectorised across the columns.
+#[inline(always)]
+fn nm_group_fixed<const M: usize>(
+    kg: &mut [bool],
+    wg: &[f32],
+    scale: &[f64],
+    n: usize,
+    d_out: usize,
+) {
+    let s: [f64; M] = std::array::from_fn(|a| scale[a]);
+    let rows: [&[f32]; M] = std::array::from_fn(|a| &wg[a * d_out..(a + 1) * d_out]);
+    let mut out_rows = kg.chunks_exact_mut(d_out);
+    let outs: [&mut [bool]; M] = std::array::from_fn(|_| out_rows.next().unwrap());
+    for j in 0..d_out {
+        let k: [u64; M] = std::array::from_fn(|a| order_key((rows[a][j] as f64).abs() * s[a]));
+        for a in 0..M {
+            // rank of (key_a, a) among the group: lower rows win ties
+            let mut rank = 0usize;
+            for b in 0..M {
+                rank += if b < a {
+                    (k[b] <= k[a]) as usize
+                } else {
+                    (b > a && k[b] < k[a]) as usize
+                };
+            }
+            outs[a][j] = rank >= n;
         }
     }
 }
@@ -669,6 +705,11 @@ mod tests {
                 }
                 if d_in % 8 == 0 {
                     specs.push(PruneSpec::n_m(4, 8).unwrap());
+                }
+                // group sizes without a compile-time specialisation
+                if d_in % 16 == 0 {
+                    specs.push(PruneSpec::n_m(1, 2).unwrap());
+                    specs.push(PruneSpec::n_m(5, 16).unwrap());
                 }
                 for spec in specs {
                     let got = mask_from_scores(
