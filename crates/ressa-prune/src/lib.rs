@@ -30,9 +30,11 @@
 pub mod calibrate;
 pub mod dsnot;
 pub mod error;
+mod kth;
 pub mod magnitude;
 pub mod owl;
 mod select;
+mod simd;
 pub mod sparsegpt;
 pub mod stats;
 pub mod wanda;
