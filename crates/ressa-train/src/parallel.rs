@@ -698,8 +698,8 @@ where
         let mut handles = Vec::with_capacity(world - 1);
         let mut gos = Vec::with_capacity(world - 1);
         let mut spawn_error = None;
-        for rank in 1..world {
-            let d = devices[rank].clone();
+        for (rank, d) in devices.iter().enumerate().skip(1) {
+            let d = d.clone();
             // `fork` gives the copy its own autodiff leaves (on Flex the frozen weights still
             // share their buffers), so the peers' backward passes never meet.
             let (m, o) = (model.clone().fork(&d), opt_to(&opt, &d));
