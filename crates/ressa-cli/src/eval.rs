@@ -43,6 +43,7 @@ use ressa_data::prompts;
 use ressa_eval::Task;
 use ressa_eval::formats::{self, CaptionPrediction, CocoCaptions, VqaPrediction};
 use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::parallel::{device_list, map_replicas};
 use ressa_models::sparse_kernels::KernelRows;
 use ressa_models::{LanguageModel, Pretrained, Processor, VisionLanguageModel};
 
@@ -107,6 +108,11 @@ pub struct Args {
     /// where the cost model says so); flex and ndarray backends only.
     #[arg(long)]
     sparse_kernels: bool,
+    /// Data-parallel generation: N copies of the model (threads on a CPU backend, or devices
+    /// 0..N-1 of a GPU backend), each taking whole batches; the batches and predictions are
+    /// those of one device.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
 }
 
 fn parse_task(s: &str) -> Result<Task, String> {
@@ -263,6 +269,9 @@ pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
         );
     }
     let template = prompt_template(&args)?;
+    if args.devices == 0 {
+        bail!("--devices 0: expected at least 1");
+    }
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
     }
@@ -444,20 +453,35 @@ fn predict<B: Backend, M: VisionLanguageModel<B>>(
     let start = Instant::now();
     let mut predictions: Vec<Option<String>> = vec![None; entries.len()];
     let mut loader = loader;
-    for batch in loader.by_ref() {
-        let batch = batch?;
-        let b = batch.len();
-        // Padded on the language model's side (a decoder-only model continues the prompt:
-        // left).
-        let inputs = processor.batch_inputs::<B>(&batch, device)?;
-        let out = generate(&pretrained.model, &inputs, &generation)?;
-        for (r, &i) in batch.indices.iter().enumerate() {
-            let text = processor
-                .decode(&out.answer(r))
-                .context("decoding the generated tokens")?;
-            predictions[i] = Some(text.trim().to_string());
-        }
-        bar.inc(b as u64);
+    let devices = device_list::<B>(device, args.devices)?;
+    if devices.len() > 1 {
+        tracing::info!(devices = devices.len(), "data-parallel generation");
+    }
+    // Whole loader batches to each copy of the model: the batches (and so the predictions)
+    // are those of one device.
+    let batches = map_replicas::<B, _, _, _, anyhow::Error, _>(
+        &pretrained.model,
+        &devices,
+        loader.by_ref(),
+        |model, device, batch| {
+            let batch = batch?;
+            // Padded on the language model's side (a decoder-only model continues the
+            // prompt: left).
+            let inputs = processor.batch_inputs::<B>(&batch, device)?;
+            let out = generate(model, &inputs, &generation)?;
+            let mut texts = Vec::with_capacity(batch.len());
+            for (r, &i) in batch.indices.iter().enumerate() {
+                let text = processor
+                    .decode(&out.answer(r))
+                    .context("decoding the generated tokens")?;
+                texts.push((i, text.trim().to_string()));
+            }
+            bar.inc(batch.len() as u64);
+            Ok(texts)
+        },
+    )?;
+    for (i, text) in batches.into_iter().flatten() {
+        predictions[i] = Some(text);
     }
     let skipped = loader.skipped_items();
     bar.finish_and_clear();

@@ -57,11 +57,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A log line that cannot be written (stderr closed: `ressa … 2>&1 | head`) is dropped:
+    // tracing-subscriber would otherwise report it with `eprintln!`, which panics, on whatever
+    // thread logged (a data-parallel peer among them).
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // burn-collective logs every peer's whole configuration at info.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,burn_collective=warn".into()),
         )
         .init();
     // SIGINT / SIGTERM: remove the run's temporaries (partial outputs, mask spills) and exit

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use ressa_train::repair::{DataConfig, RepairConfig, repair};
+use ressa_train::repair::{DataConfig, RepairConfig, repair_on};
 use ressa_train::{KlReduction, TrainEvent};
 
 use crate::backend::BackendKind;
@@ -71,6 +71,10 @@ pub struct Args {
     /// Turn off the training image augmentation.
     #[arg(long)]
     no_augment: bool,
+    /// Data-parallel peers: threads on a CPU backend, or devices 0..N-1 of a GPU backend.
+    /// `--batch-size` stays the global batch (each peer takes an equal share of it).
+    #[arg(long)]
+    devices: Option<usize>,
 }
 
 fn config(args: Args) -> Result<(RepairConfig, bool)> {
@@ -162,6 +166,19 @@ fn config(args: Args) -> Result<(RepairConfig, bool)> {
     if args.no_augment {
         t.augment = false;
     }
+    if let Some(n) = args.devices {
+        if n == 0 {
+            bail!("--devices 0: expected at least 1");
+        }
+        t.devices = n;
+    }
+    if t.devices > 0 && !t.batch_size.is_multiple_of(t.devices) {
+        bail!(
+            "--batch-size {}: not divisible by --devices {} (the batch size is the global batch; every device takes an equal share)",
+            t.batch_size,
+            t.devices
+        );
+    }
     t.validate().context("train")?;
     Ok((cfg, args.resume))
 }
@@ -194,15 +211,16 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
             cfg.checkpoint_dir().display()
         );
     }
-    with_backend!(kind, |device: B| run_on::<burn::backend::Autodiff<B>>(
-        &cfg, resume, &device
-    ))
+    with_backend!(kind, |device: B| {
+        let devices = ressa_models::parallel::device_list::<B>(&device, cfg.train.devices)?;
+        run_on::<burn::backend::Autodiff<B>>(&cfg, resume, &devices)
+    })
 }
 
 fn run_on<B: ressa_models::ops::AutodiffDenseBackend>(
     cfg: &RepairConfig,
     resume: bool,
-    device: &B::Device,
+    devices: &[B::Device],
 ) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -212,7 +230,14 @@ fn run_on<B: ressa_models::ops::AutodiffDenseBackend>(
         .expect("template")
         .progress_chars("=> "),
     );
-    let report = repair::<B>(cfg, resume, device, &mut |e| match e {
+    if devices.len() > 1 {
+        tracing::info!(
+            devices = devices.len(),
+            global_batch = cfg.train.batch_size,
+            "data-parallel repair"
+        );
+    }
+    let report = repair_on::<B>(cfg, resume, devices, &mut |e| match e {
         TrainEvent::Start {
             total_steps,
             resumed_at,

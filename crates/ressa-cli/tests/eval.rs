@@ -151,6 +151,24 @@ fn vqa_predictions_are_official_format_and_scored() {
     let one = tmp.path().join("one.json");
     ok(&run(&vqa_args(&one, &["--batch-size", "1"])));
     assert_eq!(read_json(&one), read_json(&out));
+
+    // Neither do two data-parallel copies of the model (the batches of one device, answered
+    // by whichever copy is free, gathered in the questions' order), and the score is the same.
+    let two = tmp.path().join("two.json");
+    let parallel = ok(&run(&vqa_args(
+        &two,
+        &[
+            "--batch-size",
+            "1",
+            "--devices",
+            "2",
+            "--ground-truth",
+            s(&ann),
+            s(&qs),
+        ],
+    )));
+    assert_eq!(std::fs::read(&two).unwrap(), std::fs::read(&one).unwrap());
+    assert_eq!(parallel["accuracy"], metrics["accuracy"]);
 }
 
 #[test]
@@ -378,6 +396,15 @@ fn bad_inputs_fail_with_one_line_and_leave_no_output() {
     );
     assert_clean_error(&run(&vqa_args(&out, &["--prompt", "no hole"])), "--prompt");
     assert_clean_error(&run(&vqa_args(&out, &["--limit", "0"])), "--limit");
+    assert_clean_error(&run(&vqa_args(&out, &["--devices", "0"])), "--devices 0");
+    // A bad image met by one of two data-parallel copies stops the run with its error.
+    assert_clean_error(
+        &with_ann(
+            &data("bad/corrupt_image.json"),
+            &["--devices", "2", "--batch-size", "1"],
+        ),
+        "COCO_val2014_000000000666.jpg: cannot decode image",
+    );
     assert_clean_error(
         &run(&vqa_args(&tmp.path().join("no/such/dir/p.json"), &[])),
         "--out",

@@ -94,6 +94,19 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
 
 #[test]
 fn a_killed_run_resumes_bit_identically() {
+    killed_run_resumes_bit_identically(40, 2, &[]);
+}
+
+/// Four data-parallel peers (threads) at a global batch of 4: the 6 examples give batches of 4
+/// and 2 (two peers idle in the short one), and the run is still bit-identical across a kill.
+#[test]
+fn a_killed_data_parallel_run_resumes_bit_identically() {
+    killed_run_resumes_bit_identically(20, 4, &["--devices", "4"]);
+}
+
+/// A run of `total` steps at batch `batch` (plus `extra` flags), killed with SIGKILL at a step
+/// from the clock and resumed, ends with the bytes of an uninterrupted run.
+fn killed_run_resumes_bit_identically(total: u64, batch: u64, extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let pruned = pruned(tmp.path());
     // Every checkpoint is kept (the default keeps 2), so the resumed run's own checkpoints can
@@ -105,21 +118,27 @@ fn a_killed_run_resumes_bit_identically() {
     )
     .unwrap();
     let keep = ["--config", s(&toml)];
-    let repair_args = |pruned: &Path, out: &Path, extra: &[&str]| {
-        let mut a = repair_args(pruned, out, extra);
+    let (steps, batch_size) = (total.to_string(), batch.to_string());
+    let repair_args = |pruned: &Path, out: &Path, more: &[&str]| {
+        let mut a = repair_args(pruned, out, more);
         a.extend(keep.iter().map(|x| x.to_string()));
+        a.extend(extra.iter().map(|x| x.to_string()));
+        for (flag, v) in [("--steps", &steps), ("--batch-size", &batch_size)] {
+            let i = a.iter().position(|x| x == flag).unwrap();
+            a[i + 1] = v.clone();
+        }
         a
     };
     let full = tmp.path().join("full");
     let o = ressa(&repair_args(&pruned, &full, &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    // A step in 3..=30 from the clock: a different kill point on every run of the test.
+    // A step in 3..=total-10 from the clock: a different kill point on every run of the test.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos() as u64;
-    let kill_at = 3 + nanos % 28;
+    let kill_at = 3 + nanos % (total - 12);
     let killed = tmp.path().join("killed");
     let ckpts = tmp.path().join("killed.checkpoints");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ressa"))
@@ -185,7 +204,6 @@ fn a_killed_run_resumes_bit_identically() {
     // From the checkpoint files themselves: the resumed run wrote exactly steps last+1..=40
     // (checkpoint every 1), none before, and left the one it resumed from untouched.
     let every = 1;
-    let total = 40;
     let after = checkpoint_steps(&ckpts);
     assert_eq!(
         after,
@@ -202,10 +220,10 @@ fn a_killed_run_resumes_bit_identically() {
         checkpoint_steps(&full_ckpts),
         (1..=total).collect::<Vec<_>>()
     );
-    // 6 training examples, batch 2: 3 steps an epoch; after step k the data position is
-    // epoch k / 3, example 2·(k mod 3).
+    // 6 training examples at batch b: ⌈6/b⌉ steps an epoch; after step k the data position
+    // is epoch k / ⌈6/b⌉, example b·(k mod ⌈6/b⌉).
     let n_train = 6u64;
-    let per_epoch = n_train / 2;
+    let per_epoch = n_train.div_ceil(batch);
     for step in last..=total {
         let name = format!("step-{step:08}");
         let (mine, theirs) = (ckpts.join(&name), full_ckpts.join(&name));
@@ -214,7 +232,7 @@ fn a_killed_run_resumes_bit_identically() {
         assert_eq!(state["epoch"], step / per_epoch, "{name}: epoch");
         assert_eq!(
             state["position"],
-            2 * (step % per_epoch),
+            batch * (step % per_epoch),
             "{name}: data position"
         );
         for f in [
@@ -243,6 +261,42 @@ fn a_killed_run_resumes_bit_identically() {
     assert_eq!(report["exact_sparsity"], report["sparse_adapters"]);
 }
 
+/// `ressa repair --devices 4 … 2>&1 | head -1`: the log lines written after the reader is
+/// gone are dropped, and the run ends normally instead of one peer thread panicking on the
+/// broken pipe and the others waiting for it.
+#[test]
+fn a_data_parallel_run_with_its_stderr_closed_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    let out = tmp.path().join("o");
+    let mut args = repair_args(&pruned, &out, &["--devices", "4"]);
+    for (flag, v) in [("--steps", "4"), ("--batch-size", "4")] {
+        let i = args.iter().position(|x| x == flag).unwrap();
+        args[i + 1] = v.into();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ressa"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the run hangs with its stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(out.join("model.safetensors").exists());
+}
+
 #[test]
 fn bad_input_is_one_line_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -253,6 +307,14 @@ fn bad_input_is_one_line_naming_it() {
         (
             repair_args(&pruned, &out, &["--grad-accum", "0"]),
             "grad_accum",
+        ),
+        (
+            repair_args(&pruned, &out, &["--devices", "0"]),
+            "--devices 0",
+        ),
+        (
+            repair_args(&pruned, &out, &["--devices", "4"]),
+            "--batch-size 2: not divisible by --devices 4",
         ),
         (
             {

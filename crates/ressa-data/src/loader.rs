@@ -186,6 +186,38 @@ impl Loader {
         cfg: LoaderConfig,
         first: usize,
     ) -> Result<Self> {
+        Self::start(examples, None, transform, texts, cfg, first)
+    }
+
+    /// A loader over part of a larger list (a data-parallel peer's rows): example `k` is item
+    /// `global[k]` of that list, and its augmentation is seeded by `global[k]`, so every image
+    /// gets the pixels a loader over the whole list gives it. [`Batch::indices`] stay indices
+    /// into `examples`.
+    pub fn with_global_indices(
+        examples: Vec<Example>,
+        global: Vec<usize>,
+        transform: ImageTransform,
+        texts: Texts,
+        cfg: LoaderConfig,
+    ) -> Result<Self> {
+        if global.len() != examples.len() {
+            return Err(DataError::Input(format!(
+                "{} global indices for {} examples",
+                global.len(),
+                examples.len()
+            )));
+        }
+        Self::start(examples, Some(global), transform, texts, cfg, 0)
+    }
+
+    fn start(
+        examples: Vec<Example>,
+        global: Option<Vec<usize>>,
+        transform: ImageTransform,
+        texts: Texts,
+        cfg: LoaderConfig,
+        first: usize,
+    ) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(DataError::Input("batch size must be at least 1".into()));
         }
@@ -215,6 +247,7 @@ impl Loader {
         let worker = Worker {
             first: first.min(len),
             examples,
+            global,
             transform,
             texts,
             cfg,
@@ -288,6 +321,8 @@ impl Drop for Loader {
 struct Worker {
     first: usize,
     examples: Vec<Example>,
+    /// Seeding index of each example (default: its index in `examples`).
+    global: Option<Vec<usize>>,
     transform: ImageTransform,
     texts: Texts,
     cfg: LoaderConfig,
@@ -356,7 +391,8 @@ impl Worker {
 
     fn decode(&self, i: usize) -> Result<Pixels> {
         let img = load_rgb(&self.examples[i].image)?;
-        Ok(self.transform.apply(&img, i))
+        let seed_index = self.global.as_ref().map_or(i, |g| g[i]);
+        Ok(self.transform.apply(&img, seed_index))
     }
 
     fn assemble(&self, rows: Vec<Decoded>) -> Result<Batch> {
@@ -547,6 +583,56 @@ mod tests {
         // Identical images, different indices: different crops.
         let per = 3 * 8 * 8;
         assert_ne!(a[..per], a[per..2 * per]);
+    }
+
+    #[test]
+    fn a_subset_with_global_indices_gets_the_full_lists_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let examples: Vec<Example> = (0..6)
+            .map(|i| example(write_png(dir.path(), &format!("{i}.png"), 40, 30, i as u8)))
+            .collect();
+        let t = ImageTransform::Train {
+            transform: TrainTransform::from_processor(&small_processor()),
+            seed: 5,
+            epoch: 2,
+        };
+        let cfg = |batch_size| LoaderConfig {
+            batch_size,
+            ..Default::default()
+        };
+        let full: Vec<f32> = Loader::new(examples.clone(), t.clone(), Texts::default(), cfg(6))
+            .unwrap()
+            .flat_map(|b| b.unwrap().pixel_values)
+            .collect();
+        let per = 3 * 8 * 8;
+        let rows = vec![1, 4, 5];
+        let subset: Vec<Example> = rows.iter().map(|&i| examples[i].clone()).collect();
+        let batches: Vec<Batch> = Loader::with_global_indices(
+            subset.clone(),
+            rows.clone(),
+            t.clone(),
+            Texts::default(),
+            cfg(2),
+        )
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+        assert_eq!(
+            batches
+                .iter()
+                .map(|b| b.indices.clone())
+                .collect::<Vec<_>>(),
+            vec![vec![0, 1], vec![2]]
+        );
+        let got: Vec<f32> = batches.into_iter().flat_map(|b| b.pixel_values).collect();
+        for (k, &i) in rows.iter().enumerate() {
+            assert_eq!(
+                got[k * per..(k + 1) * per],
+                full[i * per..(i + 1) * per],
+                "row {i}"
+            );
+        }
+        assert!(Loader::with_global_indices(subset, vec![0], t, Texts::default(), cfg(2)).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod llava;
 pub mod lm;
 pub mod nn;
 pub mod ops;
+pub mod parallel;
 pub mod pretrained;
 pub mod processor;
 pub mod prunable;

@@ -40,7 +40,7 @@ use crate::error::{Result, TrainError};
 use crate::sparse_lora::{
     AdapterValues, AttachReport, StudentWeights, adapter_values, attach, merge, write_peft_adapters,
 };
-use crate::trainer::{TrainConfig, TrainData, TrainEvent, TrainReport, train};
+use crate::trainer::{TrainConfig, TrainData, TrainEvent, TrainReport, train_on};
 
 /// Training data files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -358,7 +358,8 @@ pub struct Repaired<M> {
 
 /// RESSA in memory: SparseLoRA on `dense` (the dense weights `W`, on an autodiff backend)
 /// with `masks` and the pruner's rewritten kept values `student`, trained on `data`, merged.
-/// The directory-based [`repair`] and the experiment runner both call it.
+/// The directory-based [`repair`] and the experiment runner both call it. With
+/// `cfg.devices` > 1, that many data-parallel peers train on `device`.
 #[allow(clippy::too_many_arguments)]
 pub fn repair_model<B: AutodiffBackend, M>(
     dense: M,
@@ -375,7 +376,42 @@ where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
     M::InnerModule: VisionLanguageModel<B::InnerBackend>,
 {
+    let devices = vec![device.clone(); cfg.devices.max(1)];
+    repair_model_on::<B, M>(
+        dense,
+        masks,
+        student,
+        data,
+        cfg,
+        checkpoints,
+        resume,
+        &devices,
+        on_event,
+    )
+}
+
+/// [`repair_model`] with one data-parallel peer per device of `devices` (`cfg.devices` of
+/// them); `dense` lives on `devices[0]`.
+#[allow(clippy::too_many_arguments)]
+pub fn repair_model_on<B: AutodiffBackend, M>(
+    dense: M,
+    masks: &BTreeMap<String, Mask>,
+    student: &StudentWeights,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
+    resume: bool,
+    devices: &[B::Device],
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<Repaired<M::InnerModule>>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
     cfg.validate()?;
+    let device = devices
+        .first()
+        .ok_or_else(|| TrainError::config("devices", "devices: expected at least one device"))?;
     if masks.is_empty() {
         tracing::warn!("no masks and no zeros found: every adapter is plain LoRA");
     }
@@ -388,7 +424,7 @@ where
         rewritten = student.len(),
         "adapters attached"
     );
-    let (model, report) = train(model, data, cfg, checkpoints, resume, device, on_event)?;
+    let (model, report) = train_on(model, data, cfg, checkpoints, resume, devices, on_event)?;
     let mut model = model.valid();
     let adapters = adapter_values(&model);
     merge(&mut model);
@@ -435,14 +471,33 @@ where
 }
 
 /// Runs a repair end to end on the autodiff backend `B`: loads the dense model (whatever its
-/// family), reads the pruned model's masks, trains, writes the merged model.
+/// family), reads the pruned model's masks, trains, writes the merged model. With
+/// `cfg.train.devices` > 1, that many data-parallel peers train on `device`.
 pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
     cfg: &RepairConfig,
     resume: bool,
     device: &B::Device,
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> Result<RepairReport> {
+    let devices = vec![device.clone(); cfg.train.devices.max(1)];
+    repair_on::<B>(cfg, resume, &devices, on_event)
+}
+
+/// [`repair`] with one data-parallel peer per device of `devices` (`cfg.train.devices` of
+/// them); the model is loaded on `devices[0]`.
+pub fn repair_on<B: ressa_models::ops::AutodiffDenseBackend>(
+    cfg: &RepairConfig,
+    resume: bool,
+    devices: &[B::Device],
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<RepairReport> {
     cfg.train.validate()?;
+    if devices.is_empty() {
+        return Err(TrainError::config(
+            "devices",
+            "devices: expected at least one device",
+        ));
+    }
     let dense_dir = match (&cfg.dense, cfg.train.distill.lambda) {
         (Some(d), _) => d.clone(),
         (None, 0.0) => cfg.pruned.clone(),
@@ -458,7 +513,7 @@ pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
         cfg: &'a RepairConfig,
         dense_dir: &'a Path,
         resume: bool,
-        device: &'a B::Device,
+        devices: &'a [B::Device],
         on_event: &'a mut dyn FnMut(&TrainEvent),
     }
     impl<B: AutodiffBackend> AutodiffFamilyVisitor<B> for Job<'_, B> {
@@ -472,9 +527,10 @@ pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
                 cfg,
                 dense_dir,
                 resume,
-                device,
+                devices,
                 on_event,
             } = self;
+            let device = &devices[0];
             let pretrained = Pretrained::<B, M>::load_with(dense_dir, config, device)?;
             let (masks, student) = if cfg.dense.is_none() {
                 masks_and_student_self(&cfg.pruned, &pretrained.model)?
@@ -485,7 +541,7 @@ pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
             let data = train_data(processor, &cfg.data)?;
             let ckpt_dir = cfg.checkpoint_dir();
             let layout = pretrained.layout.clone();
-            let repaired = repair_model::<B, M>(
+            let repaired = repair_model_on::<B, M>(
                 pretrained.model,
                 &masks,
                 &student,
@@ -493,7 +549,7 @@ pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
                 &cfg.train,
                 Some(&ckpt_dir),
                 resume,
-                device,
+                devices,
                 on_event,
             )?;
             let mut report = repaired.report;
@@ -531,7 +587,7 @@ pub fn repair<B: ressa_models::ops::AutodiffDenseBackend>(
             cfg,
             dense_dir: &dense_dir,
             resume,
-            device,
+            devices,
             on_event,
         },
     )?

@@ -67,6 +67,16 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (and at the end); 0 = at the end only.
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// Data-parallel peers (threads on one CPU backend, or one per device): each takes
+    /// `batch_size / devices` rows of every batch, so `batch_size` stays the global batch.
+    /// Left out of the serialized form when 1 (fingerprints and cache keys of one-device runs
+    /// stay as they were).
+    #[serde(skip_serializing_if = "is_one")]
+    pub devices: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl Default for TrainConfig {
@@ -88,6 +98,7 @@ impl Default for TrainConfig {
             val_every: 0,
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            devices: 1,
         }
     }
 }
@@ -100,6 +111,18 @@ impl TrainConfig {
         }
         if self.grad_accum == 0 {
             return bad("grad_accum", "grad_accum: expected at least 1".into());
+        }
+        if self.devices == 0 {
+            return bad("devices", "devices: expected at least 1".into());
+        }
+        if !self.batch_size.is_multiple_of(self.devices) {
+            return bad(
+                "batch_size",
+                format!(
+                    "batch_size {} is not divisible by devices {} (the batch size is the global batch; every device takes an equal share)",
+                    self.batch_size, self.devices
+                ),
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("lr {}: expected a positive number", self.lr));
@@ -225,6 +248,8 @@ fn fingerprint(cfg: &TrainConfig, data: &TrainData) -> String {
     c.val_every = 0;
     c.checkpoint_every = 0;
     c.keep_checkpoints = 0;
+    // The device count changes the float summation order only: a run may resume on another.
+    c.devices = 1;
     eat(serde_json::to_string(&c).expect("json").as_bytes());
     for e in &data.train {
         eat(e.image.to_string_lossy().as_bytes());
@@ -234,13 +259,13 @@ fn fingerprint(cfg: &TrainConfig, data: &TrainData) -> String {
     format!("{h:016x}")
 }
 
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut item_rng(seed, SHUFFLE_STREAM, epoch));
     order
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_scalar().elem::<f64>()
 }
 
@@ -254,7 +279,7 @@ fn host2<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
     )
 }
 
-fn device_tensor<B: Backend>(
+pub(crate) fn device_tensor<B: Backend>(
     (shape, values): &HostTensor,
     expect: [usize; 2],
     name: &str,
@@ -531,7 +556,7 @@ pub fn apply_update<B: AutodiffBackend, M: VisionLanguageModel<B>>(
 }
 
 /// Every adapter value finite (checked before a checkpoint or a model is written).
-fn check_finite_adapters<B: Backend, M: VisionLanguageModel<B>>(
+pub(crate) fn check_finite_adapters<B: Backend, M: VisionLanguageModel<B>>(
     model: &M,
     step: u64,
 ) -> Result<()> {
@@ -553,26 +578,38 @@ fn check_finite_adapters<B: Backend, M: VisionLanguageModel<B>>(
     Ok(())
 }
 
-/// Trains the adapters already attached to `model` (see [`crate::sparse_lora::attach`]).
-/// With `checkpoints`, writes checkpoints there; with `resume`, continues from the newest one.
-pub fn train<B: AutodiffBackend, M>(
-    mut model: M,
+/// Optimizer steps of a run over `examples` training examples.
+pub(crate) fn total_steps(cfg: &TrainConfig, examples: usize) -> u64 {
+    let per_epoch = examples.div_ceil(cfg.batch_size * cfg.grad_accum) as u64;
+    if cfg.steps == 0 { per_epoch } else { cfg.steps }
+}
+
+/// The image transform of epoch `epoch`.
+pub(crate) fn epoch_transform(cfg: &TrainConfig, data: &TrainData, epoch: u64) -> ImageTransform {
+    if cfg.augment {
+        ImageTransform::Train {
+            transform: TrainTransform::from_processor(&data.processor.image),
+            seed: cfg.seed,
+            epoch,
+        }
+    } else {
+        ImageTransform::Eval(data.processor.image.clone())
+    }
+}
+
+/// Where a run starts: its state and optimizer, and the step it resumed at. With `resume`,
+/// the newest checkpoint in `checkpoints` (if any) is loaded into `model` and the optimizer.
+pub(crate) fn start_state<B: AutodiffBackend, M>(
+    model: &mut M,
     data: &TrainData,
     cfg: &TrainConfig,
     checkpoints: Option<&Path>,
     resume: bool,
     device: &B::Device,
-    on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<(M, TrainReport)>
+) -> Result<(TrainState, AdamW<B::InnerBackend>, Option<u64>)>
 where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
-    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
 {
-    cfg.validate()?;
-    if data.train.is_empty() {
-        return Err(TrainError::Input("no training examples".into()));
-    }
-    let start = Instant::now();
     let fp = fingerprint(cfg, data);
     let mut opt = AdamW::<B::InnerBackend>::new(cfg.adamw);
     let mut state = TrainState {
@@ -595,8 +632,7 @@ where
                     ),
                 ));
             }
-            let per_epoch = data.train.len().div_ceil(cfg.batch_size * cfg.grad_accum) as u64;
-            let total = if cfg.steps == 0 { per_epoch } else { cfg.steps };
+            let total = total_steps(cfg, data.train.len());
             if ckpt.state.step > total || ckpt.state.position > data.train.len() as u64 {
                 return Err(TrainError::file(
                     dir,
@@ -614,7 +650,7 @@ where
                 TrainError::Input(m) => TrainError::file(&at, m),
                 e => e,
             };
-            load_adapter_tensors(&mut model, &ckpt.adapters, device).map_err(in_ckpt)?;
+            load_adapter_tensors(model, &ckpt.adapters, device).map_err(in_ckpt)?;
             opt.steps = ckpt.state.step;
             for (key, t) in &ckpt.adapters {
                 let m = ckpt.moments.get(&format!("{key}.m"));
@@ -634,8 +670,129 @@ where
             state = ckpt.state;
         }
     }
-    let per_epoch = data.train.len().div_ceil(cfg.batch_size * cfg.grad_accum) as u64;
-    let total = if cfg.steps == 0 { per_epoch } else { cfg.steps };
+    Ok((state, opt, resumed_at))
+}
+
+/// Writes a checkpoint of `model`'s adapters, the optimizer and `state` to `checkpoints`
+/// (nothing without a directory); refuses non-finite adapters.
+pub(crate) fn save_checkpoint<B: AutodiffBackend, M: VisionLanguageModel<B>>(
+    checkpoints: Option<&Path>,
+    model: &M,
+    opt: &AdamW<B::InnerBackend>,
+    state: &TrainState,
+    cfg: &TrainConfig,
+) -> Result<Option<std::path::PathBuf>> {
+    let Some(dir) = checkpoints else {
+        return Ok(None);
+    };
+    check_finite_adapters(model, state.step)?;
+    let mut moments = BTreeMap::new();
+    for (k, m) in &opt.moments {
+        moments.insert(format!("{k}.m"), host2(m.m.clone()));
+        moments.insert(format!("{k}.v"), host2(m.v.clone()));
+    }
+    let ckpt = Checkpoint {
+        state: state.clone(),
+        adapters: adapter_tensors(model),
+        moments,
+    };
+    checkpoint::save(dir, &ckpt, cfg.keep_checkpoints).map(Some)
+}
+
+/// Trains the adapters already attached to `model` (see [`crate::sparse_lora::attach`]).
+/// With `checkpoints`, writes checkpoints there; with `resume`, continues from the newest one.
+/// With `cfg.devices` > 1, runs that many data-parallel peers on `device` (see
+/// [`train_on`] for one peer per device).
+pub fn train<B: AutodiffBackend, M>(
+    model: M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
+    resume: bool,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<(M, TrainReport)>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    if cfg.devices > 1 {
+        let devices = vec![device.clone(); cfg.devices];
+        return crate::parallel::train_parallel(
+            model,
+            data,
+            cfg,
+            checkpoints,
+            resume,
+            &devices,
+            on_event,
+        );
+    }
+    train_one(model, data, cfg, checkpoints, resume, device, on_event)
+}
+
+/// [`train`] with one data-parallel peer per device of `devices` (`cfg.devices` of them; the
+/// same device may repeat, as the threads of one CPU backend do). `model` lives on
+/// `devices[0]`; the other peers get copies.
+pub fn train_on<B: AutodiffBackend, M>(
+    model: M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
+    resume: bool,
+    devices: &[B::Device],
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<(M, TrainReport)>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    if devices.len() != cfg.devices {
+        return Err(TrainError::config(
+            "devices",
+            format!(
+                "devices: the run is set up for {} devices but {} were given",
+                cfg.devices,
+                devices.len()
+            ),
+        ));
+    }
+    match devices {
+        [device] => train_one(model, data, cfg, checkpoints, resume, device, on_event),
+        _ => crate::parallel::train_parallel(
+            model,
+            data,
+            cfg,
+            checkpoints,
+            resume,
+            devices,
+            on_event,
+        ),
+    }
+}
+
+/// The one-device loop.
+fn train_one<B: AutodiffBackend, M>(
+    mut model: M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    checkpoints: Option<&Path>,
+    resume: bool,
+    device: &B::Device,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<(M, TrainReport)>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    cfg.validate()?;
+    if data.train.is_empty() {
+        return Err(TrainError::Input("no training examples".into()));
+    }
+    let start = Instant::now();
+    let (mut state, mut opt, resumed_at) =
+        start_state(&mut model, data, cfg, checkpoints, resume, device)?;
+    let total = total_steps(cfg, data.train.len());
     on_event(&TrainEvent::Start {
         total_steps: total,
         resumed_at,
@@ -648,21 +805,7 @@ where
         validations.push(v);
     }
     let save = |model: &M, opt: &AdamW<B::InnerBackend>, state: &TrainState| {
-        let Some(dir) = checkpoints else {
-            return Ok(None);
-        };
-        check_finite_adapters(model, state.step)?;
-        let mut moments = BTreeMap::new();
-        for (k, m) in &opt.moments {
-            moments.insert(format!("{k}.m"), host2(m.m.clone()));
-            moments.insert(format!("{k}.v"), host2(m.v.clone()));
-        }
-        let ckpt = Checkpoint {
-            state: state.clone(),
-            adapters: adapter_tensors(model),
-            moments,
-        };
-        checkpoint::save(dir, &ckpt, cfg.keep_checkpoints).map(Some)
+        save_checkpoint(checkpoints, model, opt, state, cfg)
     };
 
     let (mut first_loss, mut last_loss) = (None, None);
@@ -675,15 +818,7 @@ where
     while state.step < total {
         let order = epoch_order(data.train.len(), cfg.seed, state.epoch);
         let examples: Vec<Example> = order.iter().map(|&i| data.train[i].clone()).collect();
-        let transform = if cfg.augment {
-            ImageTransform::Train {
-                transform: TrainTransform::from_processor(&data.processor.image),
-                seed: cfg.seed,
-                epoch: state.epoch,
-            }
-        } else {
-            ImageTransform::Eval(data.processor.image.clone())
-        };
+        let transform = epoch_transform(cfg, data, state.epoch);
         let loader = Loader::starting_at(
             examples,
             transform,

@@ -176,6 +176,14 @@ pub struct Eval {
     /// `caption` (`annotations/caption_test_eval.json`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<Task>,
+    /// Data-parallel generation: this many copies of the model, each on its own thread,
+    /// taking whole batches (the predictions are those of one device).
+    #[serde(skip_serializing_if = "is_one")]
+    pub devices: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// One evaluation task. Paths are relative to the data directory (or absolute).
@@ -332,6 +340,7 @@ impl Default for Eval {
             max_answer_tokens: 4,
             max_caption_tokens: 24,
             tasks: Vec::new(),
+            devices: 1,
         }
     }
 }
@@ -395,6 +404,9 @@ impl ExperimentConfig {
         }
         if let Some(r) = &self.ressa {
             r.validate().map_err(|e| anyhow::anyhow!("ressa.{e}"))?;
+        }
+        if self.eval.devices == 0 {
+            bail!("eval.devices: expected at least 1");
         }
         // Kinds, names and counts now; files now too when the data directory exists already
         // (generated shapes data is checked once generated).
@@ -644,6 +656,36 @@ file = "annotations/nocaps_val_eval.json"
             let msg = cfg.unwrap_err().to_string();
             assert!(msg.contains(expected), "{msg:?} lacks {expected:?}");
             assert!(!msg.contains('\n'), "{msg:?}");
+        }
+    }
+
+    const VQA_TEST: [&str; 1] = ["annotations/vqa_test.json"];
+
+    #[test]
+    fn device_counts_pass_through_and_are_checked() {
+        let (_tmp, cfg) = with_data(
+            &VQA_TEST,
+            "[ressa]\nbatch_size = 8\ndevices = 4\n[eval]\ncaption_items = 0\ndevices = 2\n",
+        );
+        let cfg = cfg.unwrap();
+        assert_eq!(cfg.ressa.unwrap().devices, 4);
+        assert_eq!(cfg.eval.devices, 2);
+        for (tail, needle) in [
+            ("[eval]\ncaption_items = 0\ndevices = 0\n", "eval.devices"),
+            (
+                "[ressa]\nbatch_size = 8\ndevices = 3\n[eval]\ncaption_items = 0\n",
+                "ressa.batch_size 8 is not divisible by devices 3",
+            ),
+            (
+                "[ressa]\ndevices = 0\n[eval]\ncaption_items = 0\n",
+                "ressa.devices",
+            ),
+        ] {
+            let err = with_data(&VQA_TEST, tail).1.unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.lines().count() == 1,
+                "{tail}: {err}"
+            );
         }
     }
 

@@ -13,6 +13,7 @@ use ressa_data::loader::{Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::prompts::{CAPTION_PROMPT, MAX_WORDS, pre_question, vqa_prompt};
 use ressa_eval::vqa::{GtAnswer, gqa_question_accuracy, vqa_question_accuracy};
 use ressa_models::generate::{GenerationConfig, generate};
+use ressa_models::parallel::map_replicas;
 use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_report::results::{Metrics, TaskMetrics, TypeScore};
 use serde::Deserialize;
@@ -302,6 +303,7 @@ fn answers<B: Backend, M: VisionLanguageModel<B>>(
     examples: Vec<Example>,
     max_new_tokens: usize,
     batch_size: usize,
+    devices: usize,
     device: &B::Device,
 ) -> Result<Vec<String>> {
     let processor = Processor::for_model(&model.dir, &model.model)?;
@@ -318,16 +320,22 @@ fn answers<B: Backend, M: VisionLanguageModel<B>>(
         max_new_tokens,
         ..Default::default()
     };
-    let mut out = Vec::new();
-    for batch in loader {
-        let batch = batch?;
-        let inputs = processor.batch_inputs::<B>(&batch, device)?;
-        let generated = generate(&model.model, &inputs, &gen_cfg)?;
-        for r in 0..batch.len() {
-            out.push(processor.decode(&generated.answer(r))?.trim().to_string());
-        }
-    }
-    Ok(out)
+    // Whole batches to each copy of the model, results in batch order.
+    let devices = vec![device.clone(); devices.max(1)];
+    let batches = map_replicas::<B, _, _, Vec<String>, anyhow::Error, _>(
+        &model.model,
+        &devices,
+        loader,
+        |m, device, batch| {
+            let batch = batch?;
+            let inputs = processor.batch_inputs::<B>(&batch, device)?;
+            let generated = generate(m, &inputs, &gen_cfg)?;
+            (0..batch.len())
+                .map(|r| Ok(processor.decode(&generated.answer(r))?.trim().to_string()))
+                .collect()
+        },
+    )?;
+    Ok(batches.into_iter().flatten().collect())
 }
 
 /// Every task's scores of `model`; the headline VQA accuracy is the first VQA task's, CIDEr-D
@@ -347,6 +355,7 @@ pub fn evaluate<B: Backend, M: VisionLanguageModel<B>>(
                     task.vqa.iter().map(|q| q.example.clone()).collect(),
                     eval.max_answer_tokens,
                     eval.batch_size,
+                    eval.devices,
                     device,
                 )?;
                 for (p, q) in preds.iter().zip(&task.vqa).take(5) {
@@ -362,6 +371,7 @@ pub fn evaluate<B: Backend, M: VisionLanguageModel<B>>(
                     task.captions.iter().map(|(e, _)| e.clone()).collect(),
                     eval.max_caption_tokens,
                     eval.batch_size,
+                    eval.devices,
                     device,
                 )?;
                 let items: Vec<(String, Vec<String>)> = preds

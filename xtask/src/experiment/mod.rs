@@ -35,7 +35,7 @@ use ressa_train::repair::{DataConfig, read_examples, repair_model, student_weigh
 use serde::{Deserialize, Serialize};
 
 use crate::copy_dir;
-use config::{ExperimentConfig, parse_setting};
+use config::{Eval, ExperimentConfig, parse_setting};
 use evaluate::{TestSet, evaluate};
 
 /// Bumped when scoring changes, so cached scores are not reused across versions.
@@ -485,7 +485,15 @@ impl AutodiffFamilyVisitor<AD> for Study<'_> {
         timings.insert("dense_model_s".to_string(), t.elapsed().as_secs_f64());
 
         let device = Default::default();
-        let eval_key = hash(&[EVAL_VERSION, &json(&cfg.eval), data_key.as_bytes()]);
+        // Predictions are the same on any number of devices: the key leaves the count out.
+        let eval_key = hash(&[
+            EVAL_VERSION,
+            &json(&Eval {
+                devices: 1,
+                ..cfg.eval.clone()
+            }),
+            data_key.as_bytes(),
+        ]);
         let dense_metrics_path = cache.join(format!("dense-{dense_key}-eval-{eval_key}.json"));
         let t = Instant::now();
         let dense_model = Pretrained::<B, M::InnerModule>::load(&dense_dir, &device)?;
