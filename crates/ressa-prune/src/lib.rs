@@ -27,6 +27,7 @@
 //! [`ThresholdRule`] reproduces the reference's value-threshold variants for groups spanning
 //! several outputs.
 
+mod activations;
 pub mod calibrate;
 pub mod dsnot;
 pub mod error;
