@@ -35,6 +35,7 @@ pub mod magnitude;
 pub mod owl;
 mod select;
 pub mod sparsegpt;
+pub mod stream;
 pub mod stats;
 pub mod wanda;
 
