@@ -556,9 +556,20 @@ pub fn write_initial_checkpoint<B: Backend, M: VisionLanguageModel<B>>(
     seed: u64,
     device: &B::Device,
 ) -> Result<()> {
+    write_initial_checkpoint_as::<B, M>(cfg, dir, seed, Dtype::F32, device)
+}
+
+/// [`write_initial_checkpoint`] with every tensor stored as `dtype` (F32, F16, BF16).
+pub fn write_initial_checkpoint_as<B: Backend, M: VisionLanguageModel<B>>(
+    cfg: &M::Config,
+    dir: &Path,
+    seed: u64,
+    dtype: Dtype,
+    device: &B::Device,
+) -> Result<()> {
     let mut specs: Vec<(String, Vec<usize>, Dtype)> = parameter_shapes::<B, M>(cfg, device)?
         .into_iter()
-        .map(|(k, s)| (k, s, Dtype::F32))
+        .map(|(k, s)| (k, s, dtype))
         .collect();
     specs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -601,9 +612,21 @@ pub fn write_random_checkpoint<B: Backend, M: VisionLanguageModel<B>>(
     scale: f32,
     device: &B::Device,
 ) -> Result<()> {
+    write_random_checkpoint_as::<B, M>(cfg, dir, seed, scale, Dtype::F32, device)
+}
+
+/// [`write_random_checkpoint`] with every tensor stored as `dtype` (F32, F16, BF16).
+pub fn write_random_checkpoint_as<B: Backend, M: VisionLanguageModel<B>>(
+    cfg: &M::Config,
+    dir: &Path,
+    seed: u64,
+    scale: f32,
+    dtype: Dtype,
+    device: &B::Device,
+) -> Result<()> {
     let mut specs: Vec<(String, Vec<usize>, Dtype)> = parameter_shapes::<B, M>(cfg, device)?
         .into_iter()
-        .map(|(k, s)| (k, s, Dtype::F32))
+        .map(|(k, s)| (k, s, dtype))
         .collect();
     specs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
