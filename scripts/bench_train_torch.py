@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import InstructBlipForConditionalGeneration
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
 from bench_forward_torch import config
 
@@ -122,8 +122,52 @@ def main():
         sync()
         times.append(time.perf_counter() - t0)
     times.sort()
+    out = {"ressa_step_bench_small_b2": 1000 * times[len(times) // 2]}
+    out["pretrain_step_shapes_tiny_b32"] = pretrain_step_ms(args.iters, dev)
     print(json.dumps({"torch": torch.__version__, "threads": args.threads, "device": dev,
-                      "times_ms": {"ressa_step_bench_small_b2": 1000 * times[len(times) // 2]}}))
+                      "times_ms": out}))
+
+
+def pretrain_step_ms(iters, dev):
+    """The toy world's dense training step (`pretrain_step_shapes_tiny_b32` in train_step.rs):
+    `configs/models/shapes-tiny` from scratch, every parameter trainable, batch 32, 12 Q-Former
+    tokens, 16 prompt tokens, 8 targets; forward, token-mean CE, backward, AdamW."""
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "models", "shapes-tiny")
+    cfg = InstructBlipConfig.from_pretrained(root)
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(cfg).to(dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    b, lq, lp, ld = 32, 12, 16, 8
+    vocab = cfg.image_token_index
+    size = cfg.vision_config.image_size
+    q = cfg.num_query_tokens
+    pixel_values = torch.randn(b, 3, size, size, device=dev)
+    qids = torch.randint(4, cfg.qformer_config.vocab_size - 8, (b, lq), device=dev)
+    ids = torch.cat([torch.full((b, q), cfg.image_token_index, device=dev),
+                     torch.randint(4, vocab - 8, (b, lp), device=dev)], dim=1)
+    labels = torch.randint(4, vocab - 8, (b, ld), device=dev)
+
+    def step():
+        out = model(pixel_values=pixel_values, qformer_input_ids=qids, input_ids=ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(iters):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1000 * times[len(times) // 2]
 
 
 if __name__ == "__main__":

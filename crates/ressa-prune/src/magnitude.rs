@@ -39,12 +39,13 @@ pub fn magnitude_mask(
     spec: &PruneSpec,
     config: &MagnitudeConfig,
 ) -> Result<Mask> {
+    // |w| · 1.0 is exactly |w|
     mask_from_scores(
         weights,
         spec,
         config.group,
         config.threshold_rule,
-        |_, w| (w as f64).abs(),
+        &vec![1.0; weights.d_in()],
     )
 }
 

@@ -45,13 +45,7 @@ pub fn wanda_mask(
 ) -> Result<Mask> {
     check_norms(&weights, sq_norms)?;
     let norms: Vec<f64> = sq_norms.iter().map(|v| v.sqrt()).collect();
-    mask_from_scores(
-        weights,
-        spec,
-        config.group,
-        config.threshold_rule,
-        |i, w| (w as f64).abs() * norms[i],
-    )
+    mask_from_scores(weights, spec, config.group, config.threshold_rule, &norms)
 }
 
 /// The Wanda score matrix (row-major `[d_in, d_out]`, `f64`).

@@ -4,6 +4,11 @@
 //! Batch 2, 112 px images, 12 Q-Former tokens, 24 prompt tokens, 16 target tokens. The PyTorch
 //! side is `scripts/bench_train_torch.py` with the same shapes and adapters.
 //!
+//!
+//! `pretrain_step_shapes_tiny_b32`: one step of the toy world's dense training from scratch
+//! (`configs/models/shapes-tiny`, every parameter trainable, batch 32 of 64×64 images, 12
+//! Q-Former tokens, 16 prompt tokens, 8 targets): forward, token-mean CE, backward, burn's AdamW.
+//!
 //! Backends: Flex always; Wgpu and Cuda with the crate features of those names.
 
 use std::collections::BTreeMap;
@@ -23,10 +28,78 @@ use ressa_train::trainer::{TrainBatch, apply_update, forward_backward};
 
 fn step(c: &mut Criterion) {
     step_on::<Flex>(c, "flex");
+    pretrain_on::<Flex>(c, "flex");
     #[cfg(feature = "wgpu")]
     step_on::<burn::backend::Wgpu>(c, "wgpu");
     #[cfg(feature = "cuda")]
     step_on::<burn::backend::Cuda>(c, "cuda");
+}
+
+/// `b` rows of `l` deterministic ids below `vocab - 8` (offset `off`).
+fn id_rows(b: usize, l: usize, vocab: usize, off: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|r| {
+            (0..l)
+                .map(|i| (4 + (7 * i + 13 * r + off) % (vocab - 8)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn pretrain_on<B: ressa_models::ops::DenseBackend>(c: &mut Criterion, backend: &str) {
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use ressa_models::vlm::teacher_forced;
+    use ressa_train::distill::cross_entropy;
+
+    let device = Default::default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models/shapes-tiny");
+    type M<BB> = InstructBlipT5<BB>;
+    let cfg =
+        <M<B> as VisionLanguageModel<B>>::Config::from_file(&root.join("config.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(root.join("config.json"), dir.path().join("config.json")).unwrap();
+    write_random_checkpoint::<B, M<B>>(&cfg, dir.path(), 0, 0.05, &device).unwrap();
+    let mut model = Pretrained::<Autodiff<B>, M<Autodiff<B>>>::load(dir.path(), &device)
+        .unwrap()
+        .model;
+    let (b, lq, lp, ld) = (32, 12, 16, 8);
+    // the image placeholder id sits at the top of the toy vocabulary; stay below it
+    let vocab = cfg
+        .raw
+        .image_token_index
+        .map_or(cfg.text.vocab_size, |i| i as usize);
+    let size = cfg.vision.image_size;
+    let inputs = VlmInputs {
+        pixel_values: Tensor::random(
+            [b, 3, size, size],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        ),
+        qformer_text: Some((
+            ressa_models::nn::ids_tensor::<Autodiff<B>>(
+                &id_rows(b, lq, cfg.qformer.vocab_size, 0),
+                &device,
+            ),
+            Tensor::ones([b, lq], &device),
+        )),
+        input_ids: ressa_models::nn::ids_tensor::<Autodiff<B>>(&id_rows(b, lp, vocab, 0), &device),
+        attention_mask: Tensor::ones([b, lp], &device),
+    };
+    let targets = id_rows(b, ld, vocab, 5);
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .init::<Autodiff<B>, M<Autodiff<B>>>();
+    c.bench_function(
+        &format!("pretrain_step_shapes_tiny_b32/{backend}"),
+        |bench| {
+            bench.iter(|| {
+                let tf = teacher_forced(&model, &inputs, &targets).unwrap();
+                let loss = cross_entropy(tf.logits, tf.targets, tf.mask);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-3, model.clone(), grads);
+            })
+        },
+    );
 }
 
 fn step_on<B: ressa_models::ops::DenseBackend>(c: &mut Criterion, backend: &str) {
@@ -67,14 +140,7 @@ fn step_on<B: ressa_models::ops::DenseBackend>(c: &mut Criterion, backend: &str)
     .unwrap();
     let (b, lq, lp, ld) = (2, 12, 24, 16);
     let ids = |l: usize, v: usize, off: usize| {
-        let rows: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                (0..l)
-                    .map(|i| (4 + (7 * i + 13 * r + off) % (v - 8)) as u32)
-                    .collect()
-            })
-            .collect();
-        ressa_models::nn::ids_tensor::<Autodiff<B>>(&rows, &device)
+        ressa_models::nn::ids_tensor::<Autodiff<B>>(&id_rows(b, l, v, off), &device)
     };
     let size = cfg.vision.image_size;
     let vocab = model.language_model().vocab_size();

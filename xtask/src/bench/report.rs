@@ -16,7 +16,7 @@ const KERNEL_SETTINGS: [(&str, &str); 4] = [
 ];
 
 /// (criterion id without the backend suffix, what it is)
-const MODEL_ROWS: [(&str, &str); 5] = [
+const MODEL_ROWS: [(&str, &str); 6] = [
     (
         "instructblip_bench_small_forward_b2",
         "forward, bench-small InstructBLIP-T5, batch 2",
@@ -36,6 +36,10 @@ const MODEL_ROWS: [(&str, &str); 5] = [
     (
         "ressa_step_bench_small_b2",
         "one RESSA step (SparseLoRA + KL), batch 2",
+    ),
+    (
+        "pretrain_step_shapes_tiny_b32",
+        "one dense training step of the toy model, batch 32",
     ),
 ];
 

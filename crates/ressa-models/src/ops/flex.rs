@@ -16,6 +16,7 @@ use burn::tensor::{Bytes, DType, Shape, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 use ressa_sparse::kernels::gemm::{MatRef, gemm};
 
+use super::math::{activate_slice, derivative_slice, softmax_row};
 use super::{DenseBackend, composed};
 use crate::config::Activation;
 
@@ -467,14 +468,14 @@ impl DenseBackend for Flex {
         if !all_f32(&[Some(&x)]) {
             return composed::flat::<Flex>(x, |x| composed::activate(x, act));
         }
-        map_elems(x, |v| activation(v, act))
+        map_elems(x, |out, src| activate_slice(out, src, act))
     }
 
     fn dense_activation_backward(x: FlexTensor, g: FlexTensor, act: Activation) -> FlexTensor {
         if !all_f32(&[Some(&x), Some(&g)]) {
             return composed::flat2::<Flex>(x, g, |x, g| g * composed::derivative(x, act));
         }
-        map_elems2(x, g, |x, g| g * derivative(x, act))
+        map_elems2(x, g, |out, x, g| derivative_slice(out, x, g, act))
     }
 }
 
@@ -537,19 +538,6 @@ impl View4 {
                 .for_each(|(j, r)| *r += data[base + j * s]);
         }
     }
-}
-
-/// Softmax of one row in place.
-#[inline]
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `f(block, chunk)` over consecutive `size`-element chunks of `buf` (one per block), in
@@ -645,54 +633,6 @@ fn zero_where(values: &mut [f32], pruned: &FlexTensor) {
             .par_chunks_mut(1 << 14)
             .zip(mask.par_chunks(1 << 14))
             .for_each(body);
-    }
-}
-
-/// `act(x)`, as PyTorch computes it in f32.
-#[inline]
-fn activation(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
-        Activation::GeluTanh => {
-            let c = (2.0f32 / std::f32::consts::PI).sqrt();
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        }
-        Activation::Relu => x.max(0.0),
-        Activation::Silu => x / (1.0 + (-x).exp()),
-        Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
-    }
-}
-
-/// `act'(x)` (see `composed::derivative`).
-#[inline]
-fn derivative(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::Gelu => {
-            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * (1.0 / (2.0 * std::f32::consts::PI).sqrt());
-            cdf + x * pdf
-        }
-        Activation::GeluTanh => {
-            let c = (2.0f32 / std::f32::consts::PI).sqrt();
-            let t = (c * (x + 0.044715 * x * x * x)).tanh();
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
-        }
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::Silu => {
-            let s = 1.0 / (1.0 + (-x).exp());
-            s * (1.0 + x * (1.0 - s))
-        }
-        Activation::QuickGelu => {
-            let ax = 1.702 * x;
-            let s = 1.0 / (1.0 + (-ax).exp());
-            s * (1.0 + ax * (1.0 - s))
-        }
     }
 }
 
@@ -859,24 +799,28 @@ fn rows_per_chunk(len: usize, d: usize) -> usize {
     rows.div_ceil(2 * rayon::current_num_threads()).max(1)
 }
 
-/// `f(v)` elementwise into a new tensor (in place when `x` is the only owner of a contiguous
-/// buffer).
-fn map_elems(x: FlexTensor, f: impl Fn(f32) -> f32 + Sync) -> FlexTensor {
+/// `f(out_chunk, src_chunk)` over chunks of `x` into a new tensor.
+fn map_elems(x: FlexTensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> FlexTensor {
     let dims = x.shape().to_vec();
     let x = x.to_contiguous();
     let xs = x.as_slice::<f32>().expect("contiguous f32");
     let mut out = vec![0.0f32; xs.len()];
     if xs.len() < PAR_ELEMS {
-        out.iter_mut().zip(xs).for_each(|(o, v)| *o = f(*v));
+        f(&mut out, xs);
     } else {
-        out.par_chunks_mut(4096)
-            .zip(xs.par_chunks(4096))
-            .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, v)| *o = f(*v)));
+        out.par_chunks_mut(1 << 13)
+            .zip(xs.par_chunks(1 << 13))
+            .for_each(|(o, s)| f(o, s));
     }
     new_tensor(out, dims)
 }
 
-fn map_elems2(a: FlexTensor, b: FlexTensor, f: impl Fn(f32, f32) -> f32 + Sync) -> FlexTensor {
+/// `f(out_chunk, a_chunk, b_chunk)` over chunks of two tensors of one shape.
+fn map_elems2(
+    a: FlexTensor,
+    b: FlexTensor,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> FlexTensor {
     let dims = a.shape().to_vec();
     assert_eq!(dims, b.shape().to_vec(), "elementwise op: shapes differ");
     let (a, b) = (a.to_contiguous(), b.to_contiguous());
@@ -885,18 +829,13 @@ fn map_elems2(a: FlexTensor, b: FlexTensor, f: impl Fn(f32, f32) -> f32 + Sync) 
         b.as_slice::<f32>().expect("contiguous f32"),
     );
     let mut out = vec![0.0f32; as_.len()];
-    let body = |((o, a), b): ((&mut [f32], &[f32]), &[f32])| {
-        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(*a, *b);
-        }
-    };
     if as_.len() < PAR_ELEMS {
-        body(((&mut out, as_), bs));
+        f(&mut out, as_, bs);
     } else {
-        out.par_chunks_mut(4096)
-            .zip(as_.par_chunks(4096))
-            .zip(bs.par_chunks(4096))
-            .for_each(body);
+        out.par_chunks_mut(1 << 13)
+            .zip(as_.par_chunks(1 << 13))
+            .zip(bs.par_chunks(1 << 13))
+            .for_each(|((o, a), b)| f(o, a, b));
     }
     new_tensor(out, dims)
 }

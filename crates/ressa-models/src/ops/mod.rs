@@ -15,6 +15,7 @@
 pub mod autodiff;
 #[cfg(feature = "flex")]
 pub mod flex;
+pub mod math;
 
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
