@@ -12,8 +12,8 @@ use ressa_data::calibration::{Sampler, prefix_examples};
 use ressa_data::lavis::read_caption_list;
 use ressa_models::pretrained::save_model_dir_with;
 use ressa_models::prunable::{BlockOptions, CalibrationSample, Tower};
-use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_models::streaming::Streamed;
+use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_prune::calibrate::{
     ActivationBudget, Allocation, AllocationKind, CalibrateError, CalibrationConfig, LayerReport,
     Propagation, TowerSparsity, calibrate_and_prune_with,

@@ -15,7 +15,9 @@ use crate::nn::{
     Tap, activate, attention, causal_bias, embed, ids_tensor, index_tensor, key_padding_bias,
     merge_heads, no_tap, rows_index, split_heads,
 };
-use crate::prunable::{BlockOptions, Prunable, StackInfo, Tower, empty_hidden, mismatch, stack_name};
+use crate::prunable::{
+    BlockOptions, Prunable, StackInfo, Tower, empty_hidden, mismatch, stack_name,
+};
 use crate::sparse_kernels::KernelRows;
 use crate::t5::{RmsNorm, aligned_targets};
 use crate::weights::Loader;

@@ -460,7 +460,13 @@ impl StreamedOutput {
 
     /// The linear weight `key` (`….weight`) from its values in burn's layout `[d_in, d_out]`,
     /// written in PyTorch's `[d_out, d_in]` and the tensor's dtype.
-    pub fn write_linear(&mut self, key: &str, values: &[f32], d_in: usize, d_out: usize) -> Result<()> {
+    pub fn write_linear(
+        &mut self,
+        key: &str,
+        values: &[f32],
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<()> {
         let (file, offset, shape, dtype) = self.slot(key)?;
         if shape != [d_out, d_in] || values.len() != d_in * d_out {
             return Err(ModelError::Shape {

@@ -625,11 +625,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A loader that reads everything except the weights of the linears named in `linears`
     /// (module keys, as [`Linear::key`]): those are checked against the checkpoint and left
     /// on disk, the layer holding [`deferred_weight`] until [`Loader::linear_weight`] reads it.
-    pub fn deferring(
-        store: &'a WeightStore,
-        device: &B::Device,
-        linears: HashSet<String>,
-    ) -> Self {
+    pub fn deferring(store: &'a WeightStore, device: &B::Device, linears: HashSet<String>) -> Self {
         Self {
             lazy: Some(Rc::new(Lazy {
                 all: false,

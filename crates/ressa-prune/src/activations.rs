@@ -104,7 +104,11 @@ impl Spill {
     }
 
     fn new_file(&self) -> Result<Rc<SpillFile>, CalibrateError> {
-        let dir = self.budget.spill_dir.as_ref().expect("checked by the caller");
+        let dir = self
+            .budget
+            .spill_dir
+            .as_ref()
+            .expect("checked by the caller");
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let n = self.files.get();
         self.files.set(n + 1);
@@ -180,7 +184,9 @@ pub(crate) struct Generation<'s, B: Backend, I> {
 
 impl<B: Backend, I> Drop for Generation<'_, B, I> {
     fn drop(&mut self) {
-        self.spill.resident.set(self.spill.resident.get() - self.bytes);
+        self.spill
+            .resident
+            .set(self.spill.resident.get() - self.bytes);
     }
 }
 

@@ -471,9 +471,9 @@ pub fn calibrate_blocks<B: Backend, M: Prunable<B>, W: BlockWeights<B, M>>(
         let block_targets = match (prune, cfg.allocation) {
             (false, _) => vec![0.0; stack.blocks],
             (true, Allocation::Uniform) => vec![target; stack.blocks],
-            (true, Allocation::Owl(owl)) => {
-                owl_targets(model, weights, stack, &inputs, target, &owl, cfg.block, &spill)?
-            }
+            (true, Allocation::Owl(owl)) => owl_targets(
+                model, weights, stack, &inputs, target, &owl, cfg.block, &spill,
+            )?,
         };
         let ends = stack.id != stacks[last].id;
         // The output pass (see `Prunable::output_options`), from the same inputs.
@@ -702,7 +702,9 @@ fn prune_block<B: Backend, M: Prunable<B>, W: BlockWeights<B, M>>(
         };
         if !keep_dense {
             // (the values are in `values`; the layer gets them back pruned, or is reloaded)
-            set_linear(model, stack.id, b, key, |device| Tensor::zeros([0, 0], device));
+            set_linear(model, stack.id, b, key, |device| {
+                Tensor::zeros([0, 0], device)
+            });
         }
         let output = {
             let w = Weights::new(&values, d_in, d_out).map_err(at(&full))?;

@@ -37,8 +37,8 @@ pub mod owl;
 mod select;
 mod simd;
 pub mod sparsegpt;
-pub mod stream;
 pub mod stats;
+pub mod stream;
 pub mod wanda;
 
 use ressa_sparse::{Mask, SparsityPattern};

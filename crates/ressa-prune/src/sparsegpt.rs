@@ -32,9 +32,9 @@
 //!   notes), retries are bounded, and non-finite inputs are rejected up front.
 //! - The Cholesky/inverse steps run in `f64` (the reference uses `f32`).
 
-use faer::linalg::matmul::triangular::BlockStructure;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::inverse;
+use faer::linalg::matmul::triangular::BlockStructure;
 use faer::mat::AsMatMut;
 use faer::prelude::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
@@ -268,7 +268,8 @@ fn run(
         let stack = MemStack::new(&mut mem);
         // SAFETY: every entry `square_inverse` reads (the lower part) is written by
         // `invert_lower_triangular` first.
-        let (mut l_inv, _) = unsafe { faer::linalg::temp_mat_uninit::<f64, _, _>(d_in, d_in, stack) };
+        let (mut l_inv, _) =
+            unsafe { faer::linalg::temp_mat_uninit::<f64, _, _>(d_in, d_in, stack) };
         let mut l_inv = l_inv.as_mat_mut();
         faer::linalg::triangular_inverse::invert_lower_triangular(l_inv.rb_mut(), l.as_ref(), par);
         let l_inv = l_inv.rb();
@@ -542,11 +543,21 @@ impl Pruner for SparseGptPruner {
         if self.nsamples == 0 {
             return Err(PruneError::EmptyStatistics);
         }
-        run(weights, &|| self.hessian_f64(), &mut || {}, spec, &self.config)
+        run(
+            weights,
+            &|| self.hessian_f64(),
+            &mut || {},
+            spec,
+            &self.config,
+        )
     }
 
     /// Drops the `d_in²` Hessian sum once the Hessian is factorized.
-    fn prune_once(mut self: Box<Self>, weights: Weights<'_>, spec: &PruneSpec) -> Result<PruneOutput> {
+    fn prune_once(
+        mut self: Box<Self>,
+        weights: Weights<'_>,
+        spec: &PruneSpec,
+    ) -> Result<PruneOutput> {
         if weights.d_in() != self.d_in {
             return Err(PruneError::DimMismatch {
                 expected: self.d_in,
@@ -561,7 +572,13 @@ impl Pruner for SparseGptPruner {
         let hsum = std::cell::RefCell::new(Some(std::mem::take(&mut self.hsum)));
         let this = &*self;
         let build = || this.hessian_f64_of(hsum.borrow().as_deref().expect("held until released"));
-        run(weights, &build, &mut || drop(hsum.borrow_mut().take()), spec, &self.config)
+        run(
+            weights,
+            &build,
+            &mut || drop(hsum.borrow_mut().take()),
+            spec,
+            &self.config,
+        )
     }
 }
 
@@ -587,235 +604,236 @@ mod tests {
     mod reference {
         use super::super::*;
 
-    /// `(L Lᵀ)⁻¹` from a lower factor, full symmetric result.
-    fn inverse_from_lower_ref(l: &Mat<f64>) -> Mat<f64> {
-        use faer::dyn_stack::{MemBuffer, MemStack};
-        use faer::linalg::cholesky::llt::inverse;
-        let n = l.nrows();
-        let par = Par::rayon(0);
-        let mut out = Mat::<f64>::zeros(n, n);
-        let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(n, par));
-        let stack = MemStack::new(&mut mem);
-        inverse::inverse(out.as_mut(), l.as_ref(), par, stack);
-        symmetrize_from_lower_ref(&mut out);
-        out
-    }
-
-    fn symmetrize_from_lower_ref(a: &mut Mat<f64>) {
-        let n = a.nrows();
-        for j in 0..n {
-            for i in 0..j {
-                a[(i, j)] = a[(j, i)];
-            }
+        /// `(L Lᵀ)⁻¹` from a lower factor, full symmetric result.
+        fn inverse_from_lower_ref(l: &Mat<f64>) -> Mat<f64> {
+            use faer::dyn_stack::{MemBuffer, MemStack};
+            use faer::linalg::cholesky::llt::inverse;
+            let n = l.nrows();
+            let par = Par::rayon(0);
+            let mut out = Mat::<f64>::zeros(n, n);
+            let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(n, par));
+            let stack = MemStack::new(&mut mem);
+            inverse::inverse(out.as_mut(), l.as_ref(), par, stack);
+            symmetrize_from_lower_ref(&mut out);
+            out
         }
-    }
 
-    /// Cholesky of `a + t·damp·I` for `t = first, first+1, ...`, at most `max` dampings.
-    /// Returns the lower factor (upper part zeroed) or the number of dampings tried.
-    fn damped_cholesky_ref(
-        a: &Mat<f64>,
-        damp: f64,
-        damp_first: bool,
-        max: usize,
-    ) -> std::result::Result<Mat<f64>, usize> {
-        let n = a.nrows();
-        let mut applied = 0usize;
-        if damp_first {
-            applied = 1;
-        }
-        loop {
-            let mut l = a.clone();
-            for i in 0..n {
-                l[(i, i)] += applied as f64 * damp;
-            }
-            if cholesky_lower(&mut l).is_ok() && (0..n).all(|i| l[(i, i)].is_finite()) {
-                for j in 0..n {
-                    for i in 0..j {
-                        l[(i, j)] = 0.0;
-                    }
+        fn symmetrize_from_lower_ref(a: &mut Mat<f64>) {
+            let n = a.nrows();
+            for j in 0..n {
+                for i in 0..j {
+                    a[(i, j)] = a[(j, i)];
                 }
-                return Ok(l);
-            }
-            if applied >= max {
-                return Err(applied);
-            }
-            applied += 1;
-        }
-    }
-
-    /// The core, with the (mutable) `f64` Hessian.
-    pub(super) fn run_ref(
-        weights: Weights<'_>,
-        mut h: Mat<f64>,
-        spec: &PruneSpec,
-        config: &SparseGptConfig,
-    ) -> Result<PruneOutput> {
-        let (d_in, d_out) = (weights.d_in(), weights.d_out());
-        config.validate(spec, d_in)?;
-        // finite activations can still overflow f32 in Σ XᵀX
-        if let Some(k) = (0..d_in * d_in).find(|&k| !h[(k / d_in, k % d_in)].is_finite()) {
-            return Err(PruneError::NonFinite {
-                what: "Hessian (activations too large for f32)",
-                index: k,
-                value: h[(k / d_in, k % d_in)] as f32,
-            });
-        }
-        let mut w = weights.data().to_vec();
-
-        // dead inputs
-        for j in 0..d_in {
-            if h[(j, j)] == 0.0 {
-                h[(j, j)] = 1.0;
-                w[j * d_out..(j + 1) * d_out].fill(0.0);
             }
         }
-        let mean_diag = (0..d_in).map(|i| h[(i, i)]).sum::<f64>() / d_in as f64;
-        let l = damped_cholesky_ref(&h, config.percdamp * mean_diag, true, config.max_dampings)
-            .map_err(PruneError::HessianNotPositiveDefinite)?;
-        drop(h);
-        let hinv = inverse_from_lower_ref(&l);
-        drop(l);
-        let mean_abs = (0..d_in).map(|i| hinv[(i, i)].abs()).sum::<f64>() / d_in as f64;
-        let l2 = damped_cholesky_ref(
-            &hinv,
-            config.percdamp * mean_abs,
-            false,
-            config.max_dampings,
-        )
-        .map_err(PruneError::InverseHessianNotPositiveDefinite)?;
-        drop(hinv);
-        // U = L2ᵀ (upper), row-major f32
-        let mut u = vec![0f32; d_in * d_in];
-        u.par_chunks_mut(d_in).enumerate().for_each(|(r, row)| {
-            for (c, x) in row.iter_mut().enumerate().skip(r) {
-                *x = l2[(c, r)] as f32;
+
+        /// Cholesky of `a + t·damp·I` for `t = first, first+1, ...`, at most `max` dampings.
+        /// Returns the lower factor (upper part zeroed) or the number of dampings tried.
+        fn damped_cholesky_ref(
+            a: &Mat<f64>,
+            damp: f64,
+            damp_first: bool,
+            max: usize,
+        ) -> std::result::Result<Mat<f64>, usize> {
+            let n = a.nrows();
+            let mut applied = 0usize;
+            if damp_first {
+                applied = 1;
             }
-        });
-        drop(l2);
-
-        let mut keep = vec![true; d_in * d_out];
-        let bs = config.block_size;
-        let nm = match spec.pattern() {
-            SparsityPattern::NM { n, m } => Some((n, m)),
-            SparsityPattern::Unstructured => None,
-        };
-        let threads = rayon::current_num_threads().max(1);
-        let cw = (d_out / (2 * threads)).clamp(16, 256);
-        let starts: Vec<usize> = (0..d_out).step_by(cw).collect();
-        let mut err = vec![0f32; bs.min(d_in) * d_out];
-
-        for b0 in (0..d_in).step_by(bs) {
-            let b1 = (b0 + bs).min(d_in);
-            let nb = b1 - b0;
-            let ub: Vec<f32> = (b0..b1)
-                .flat_map(|r| u[r * d_in + b0..r * d_in + b1].iter().copied())
-                .collect();
-            let udiag: Vec<f64> = (0..nb).map(|k| ub[k * nb + k] as f64).collect();
-            let wblock = &mut w[b0 * d_out..b1 * d_out];
-            let kblock = &mut keep[b0 * d_out..b1 * d_out];
-
-            if nm.is_none() {
-                let scores: Vec<f64> = wblock
-                    .par_chunks(d_out)
-                    .zip(&udiag)
-                    .flat_map_iter(|(row, &d)| row.iter().map(move |&x| (x as f64).powi(2) / (d * d)))
-                    .collect();
-                let k = floor_count(nb * d_out, spec.sparsity());
-                let sel = select_matrix(&scores, nb, d_out, k, config.threshold_rule);
-                kblock.copy_from_slice(&sel);
+            loop {
+                let mut l = a.clone();
+                for i in 0..n {
+                    l[(i, i)] += applied as f64 * damp;
+                }
+                if cholesky_lower(&mut l).is_ok() && (0..n).all(|i| l[(i, i)].is_finite()) {
+                    for j in 0..n {
+                        for i in 0..j {
+                            l[(i, j)] = 0.0;
+                        }
+                    }
+                    return Ok(l);
+                }
+                if applied >= max {
+                    return Err(applied);
+                }
+                applied += 1;
             }
+        }
 
-            // OBS inside the block, independent per output: parallel over column chunks
-            let wref: &[f32] = wblock;
-            let kref: &[bool] = kblock;
-            let results: Vec<(Vec<f32>, Vec<f32>, Vec<bool>)> = starts
-                .par_iter()
-                .map(|&j0| {
-                    let ncols = cw.min(d_out - j0);
-                    let mut wl = vec![0f32; nb * ncols];
-                    let mut kl = vec![true; nb * ncols];
-                    for k in 0..nb {
-                        wl[k * ncols..(k + 1) * ncols]
-                            .copy_from_slice(&wref[k * d_out + j0..k * d_out + j0 + ncols]);
-                        kl[k * ncols..(k + 1) * ncols]
-                            .copy_from_slice(&kref[k * d_out + j0..k * d_out + j0 + ncols]);
-                    }
-                    let mut el = vec![0f32; nb * ncols];
-                    let mut pairs: Vec<(f64, u32)> = Vec::with_capacity(64);
-                    for k in 0..nb {
-                        if let Some((n, m)) = nm
-                            && k % m == 0
-                        {
-                            for c in 0..ncols {
-                                pairs.clear();
-                                pairs.extend((0..m).map(|g| {
-                                    let x = wl[(k + g) * ncols + c] as f64;
-                                    (x * x / (udiag[k + g] * udiag[k + g]), g as u32)
-                                }));
-                                pairs.sort_by(cmp_keyed);
-                                for &(_, g) in &pairs[..n] {
-                                    kl[(k + g as usize) * ncols + c] = false;
-                                }
-                            }
-                        }
-                        let d = ub[k * nb + k];
-                        let (head, tail) = wl.split_at_mut((k + 1) * ncols);
-                        let row = &mut head[k * ncols..];
-                        let e = &mut el[k * ncols..(k + 1) * ncols];
-                        let kr = &kl[k * ncols..(k + 1) * ncols];
-                        for ((x, ek), &kp) in row.iter_mut().zip(e.iter_mut()).zip(kr) {
-                            let q = if kp { *x } else { 0.0 };
-                            *ek = (*x - q) / d;
-                            *x = q;
-                        }
-                        for (k2, row2) in tail.chunks_exact_mut(ncols).enumerate() {
-                            let uk = ub[k * nb + k + 1 + k2];
-                            if uk != 0.0 {
-                                for (y, &ek) in row2.iter_mut().zip(e.iter()) {
-                                    *y -= ek * uk;
-                                }
-                            }
-                        }
-                    }
-                    (wl, el, kl)
-                })
-                .collect();
-
-            // write back the block, its errors and its mask
-            let eblock = &mut err[..nb * d_out];
-            wblock
-                .par_chunks_mut(d_out)
-                .zip(eblock.par_chunks_mut(d_out))
-                .zip(kblock.par_chunks_mut(d_out))
-                .enumerate()
-                .for_each(|(k, ((wrow, erow), krow))| {
-                    for ((wl, el, kl), &j0) in results.iter().zip(&starts) {
-                        let ncols = wl.len() / nb;
-                        let src = k * ncols..(k + 1) * ncols;
-                        wrow[j0..j0 + ncols].copy_from_slice(&wl[src.clone()]);
-                        erow[j0..j0 + ncols].copy_from_slice(&el[src.clone()]);
-                        krow[j0..j0 + ncols].copy_from_slice(&kl[src]);
-                    }
+        /// The core, with the (mutable) `f64` Hessian.
+        pub(super) fn run_ref(
+            weights: Weights<'_>,
+            mut h: Mat<f64>,
+            spec: &PruneSpec,
+            config: &SparseGptConfig,
+        ) -> Result<PruneOutput> {
+            let (d_in, d_out) = (weights.d_in(), weights.d_out());
+            config.validate(spec, d_in)?;
+            // finite activations can still overflow f32 in Σ XᵀX
+            if let Some(k) = (0..d_in * d_in).find(|&k| !h[(k / d_in, k % d_in)].is_finite()) {
+                return Err(PruneError::NonFinite {
+                    what: "Hessian (activations too large for f32)",
+                    index: k,
+                    value: h[(k / d_in, k % d_in)] as f32,
                 });
-
-            // lazy update of the later inputs
-            if b1 < d_in {
-                let rest = &mut w[b1 * d_out..];
-                let dst = MatMut::from_row_major_slice_mut(rest, d_in - b1, d_out);
-                let lhs = MatRef::from_row_major_slice(&u, d_in, d_in)
-                    .submatrix(b0, b1, nb, d_in - b1)
-                    .transpose();
-                let rhs = MatRef::from_row_major_slice(&err[..nb * d_out], nb, d_out);
-                faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::rayon(0));
             }
+            let mut w = weights.data().to_vec();
+
+            // dead inputs
+            for j in 0..d_in {
+                if h[(j, j)] == 0.0 {
+                    h[(j, j)] = 1.0;
+                    w[j * d_out..(j + 1) * d_out].fill(0.0);
+                }
+            }
+            let mean_diag = (0..d_in).map(|i| h[(i, i)]).sum::<f64>() / d_in as f64;
+            let l = damped_cholesky_ref(&h, config.percdamp * mean_diag, true, config.max_dampings)
+                .map_err(PruneError::HessianNotPositiveDefinite)?;
+            drop(h);
+            let hinv = inverse_from_lower_ref(&l);
+            drop(l);
+            let mean_abs = (0..d_in).map(|i| hinv[(i, i)].abs()).sum::<f64>() / d_in as f64;
+            let l2 = damped_cholesky_ref(
+                &hinv,
+                config.percdamp * mean_abs,
+                false,
+                config.max_dampings,
+            )
+            .map_err(PruneError::InverseHessianNotPositiveDefinite)?;
+            drop(hinv);
+            // U = L2ᵀ (upper), row-major f32
+            let mut u = vec![0f32; d_in * d_in];
+            u.par_chunks_mut(d_in).enumerate().for_each(|(r, row)| {
+                for (c, x) in row.iter_mut().enumerate().skip(r) {
+                    *x = l2[(c, r)] as f32;
+                }
+            });
+            drop(l2);
+
+            let mut keep = vec![true; d_in * d_out];
+            let bs = config.block_size;
+            let nm = match spec.pattern() {
+                SparsityPattern::NM { n, m } => Some((n, m)),
+                SparsityPattern::Unstructured => None,
+            };
+            let threads = rayon::current_num_threads().max(1);
+            let cw = (d_out / (2 * threads)).clamp(16, 256);
+            let starts: Vec<usize> = (0..d_out).step_by(cw).collect();
+            let mut err = vec![0f32; bs.min(d_in) * d_out];
+
+            for b0 in (0..d_in).step_by(bs) {
+                let b1 = (b0 + bs).min(d_in);
+                let nb = b1 - b0;
+                let ub: Vec<f32> = (b0..b1)
+                    .flat_map(|r| u[r * d_in + b0..r * d_in + b1].iter().copied())
+                    .collect();
+                let udiag: Vec<f64> = (0..nb).map(|k| ub[k * nb + k] as f64).collect();
+                let wblock = &mut w[b0 * d_out..b1 * d_out];
+                let kblock = &mut keep[b0 * d_out..b1 * d_out];
+
+                if nm.is_none() {
+                    let scores: Vec<f64> = wblock
+                        .par_chunks(d_out)
+                        .zip(&udiag)
+                        .flat_map_iter(|(row, &d)| {
+                            row.iter().map(move |&x| (x as f64).powi(2) / (d * d))
+                        })
+                        .collect();
+                    let k = floor_count(nb * d_out, spec.sparsity());
+                    let sel = select_matrix(&scores, nb, d_out, k, config.threshold_rule);
+                    kblock.copy_from_slice(&sel);
+                }
+
+                // OBS inside the block, independent per output: parallel over column chunks
+                let wref: &[f32] = wblock;
+                let kref: &[bool] = kblock;
+                let results: Vec<(Vec<f32>, Vec<f32>, Vec<bool>)> = starts
+                    .par_iter()
+                    .map(|&j0| {
+                        let ncols = cw.min(d_out - j0);
+                        let mut wl = vec![0f32; nb * ncols];
+                        let mut kl = vec![true; nb * ncols];
+                        for k in 0..nb {
+                            wl[k * ncols..(k + 1) * ncols]
+                                .copy_from_slice(&wref[k * d_out + j0..k * d_out + j0 + ncols]);
+                            kl[k * ncols..(k + 1) * ncols]
+                                .copy_from_slice(&kref[k * d_out + j0..k * d_out + j0 + ncols]);
+                        }
+                        let mut el = vec![0f32; nb * ncols];
+                        let mut pairs: Vec<(f64, u32)> = Vec::with_capacity(64);
+                        for k in 0..nb {
+                            if let Some((n, m)) = nm
+                                && k % m == 0
+                            {
+                                for c in 0..ncols {
+                                    pairs.clear();
+                                    pairs.extend((0..m).map(|g| {
+                                        let x = wl[(k + g) * ncols + c] as f64;
+                                        (x * x / (udiag[k + g] * udiag[k + g]), g as u32)
+                                    }));
+                                    pairs.sort_by(cmp_keyed);
+                                    for &(_, g) in &pairs[..n] {
+                                        kl[(k + g as usize) * ncols + c] = false;
+                                    }
+                                }
+                            }
+                            let d = ub[k * nb + k];
+                            let (head, tail) = wl.split_at_mut((k + 1) * ncols);
+                            let row = &mut head[k * ncols..];
+                            let e = &mut el[k * ncols..(k + 1) * ncols];
+                            let kr = &kl[k * ncols..(k + 1) * ncols];
+                            for ((x, ek), &kp) in row.iter_mut().zip(e.iter_mut()).zip(kr) {
+                                let q = if kp { *x } else { 0.0 };
+                                *ek = (*x - q) / d;
+                                *x = q;
+                            }
+                            for (k2, row2) in tail.chunks_exact_mut(ncols).enumerate() {
+                                let uk = ub[k * nb + k + 1 + k2];
+                                if uk != 0.0 {
+                                    for (y, &ek) in row2.iter_mut().zip(e.iter()) {
+                                        *y -= ek * uk;
+                                    }
+                                }
+                            }
+                        }
+                        (wl, el, kl)
+                    })
+                    .collect();
+
+                // write back the block, its errors and its mask
+                let eblock = &mut err[..nb * d_out];
+                wblock
+                    .par_chunks_mut(d_out)
+                    .zip(eblock.par_chunks_mut(d_out))
+                    .zip(kblock.par_chunks_mut(d_out))
+                    .enumerate()
+                    .for_each(|(k, ((wrow, erow), krow))| {
+                        for ((wl, el, kl), &j0) in results.iter().zip(&starts) {
+                            let ncols = wl.len() / nb;
+                            let src = k * ncols..(k + 1) * ncols;
+                            wrow[j0..j0 + ncols].copy_from_slice(&wl[src.clone()]);
+                            erow[j0..j0 + ncols].copy_from_slice(&el[src.clone()]);
+                            krow[j0..j0 + ncols].copy_from_slice(&kl[src]);
+                        }
+                    });
+
+                // lazy update of the later inputs
+                if b1 < d_in {
+                    let rest = &mut w[b1 * d_out..];
+                    let dst = MatMut::from_row_major_slice_mut(rest, d_in - b1, d_out);
+                    let lhs = MatRef::from_row_major_slice(&u, d_in, d_in)
+                        .submatrix(b0, b1, nb, d_in - b1)
+                        .transpose();
+                    let rhs = MatRef::from_row_major_slice(&err[..nb * d_out], nb, d_out);
+                    faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::rayon(0));
+                }
+            }
+
+            Ok(PruneOutput {
+                mask: Mask::from_bools(d_in, d_out, &keep)?,
+                weights: Some(w),
+            })
         }
-
-        Ok(PruneOutput {
-            mask: Mask::from_bools(d_in, d_out, &keep)?,
-            weights: Some(w),
-        })
-    }
-
     }
 
     #[test]
@@ -845,13 +863,15 @@ mod tests {
                 PruneSpec::unstructured(0.6).unwrap()
             };
             let weights = Weights::new(&w, d_in, d_out).unwrap();
-            let expected =
-                reference::run_ref(weights, p.hessian_f64(), &spec, &p.config).unwrap();
+            let expected = reference::run_ref(weights, p.hessian_f64(), &spec, &p.config).unwrap();
             let got = p.prune(weights, &spec).unwrap();
             let once = Box::new(p.clone()).prune_once(weights, &spec).unwrap();
             for out in [&got, &once] {
                 assert_eq!(out.mask, expected.mask, "{d_in}x{d_out}");
-                let (a, b) = (out.weights.as_ref().unwrap(), expected.weights.as_ref().unwrap());
+                let (a, b) = (
+                    out.weights.as_ref().unwrap(),
+                    expected.weights.as_ref().unwrap(),
+                );
                 assert!(
                     a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
                     "{d_in}x{d_out}: weights differ"
@@ -885,7 +905,10 @@ mod tests {
             ..cfg
         };
         let e = sparsegpt_prune(weights, &h, &spec, &cfg2).unwrap_err();
-        assert!(matches!(e, PruneError::HessianNotPositiveDefinite(2)), "{e}");
+        assert!(
+            matches!(e, PruneError::HessianNotPositiveDefinite(2)),
+            "{e}"
+        );
     }
 
     #[test]
