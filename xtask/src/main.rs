@@ -7,10 +7,12 @@
 //!   CLIP's own σ per layer for a LLaVA), or with `--scale S` every weight ~ U(−S, S), stored in
 //!   `--dtype` (default f32); `--like` copies the tokenizers and preprocessor config of another
 //!   model directory (the image size set to the config's).
-//! - `prune-memory --model DIR --method M [--method M2 …] --calibration FILE --images DIR
-//!   [--samples N] [--memory-budget SIZE] [--max-rss SIZE] [--keep] [--json FILE] [-- ARGS]`:
-//!   `ressa prune` (release) once per method as a child process, with its peak resident set
-//!   (`wait4`), wall and CPU time and the machine's load average while it ran.
+//! - `prune-memory (--model DIR | --model-config configs/models/NAME [--dtype bf16]) --method M
+//!   [--method M2 …] [--samples N] [--memory-budget SIZE] [--max-rss SIZE] [--time-limit S]
+//!   [--min-free-disk SIZE] [-- ARGS]`: `ressa prune` (release) once per method as a child
+//!   process on a model or a random checkpoint of a config (written once under `--work-dir`),
+//!   with its peak resident set (`wait4`), wall and CPU time and the machine's load while it
+//!   ran; appends to `docs/prune-memory.json` and rewrites `docs/prune-memory.md`.
 //! - `bench [--backend cpu|cuda|wgpu]... [--quick] [--filter REGEX] [--python PY] [--no-torch]`:
 //!   the criterion benches of every crate per backend plus the PyTorch scripts for the same
 //!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json` (`--render JSON` rewrites the
@@ -183,6 +185,39 @@ impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
     }
 }
 
+/// `--dtype` of `random-checkpoint` and `prune-memory`.
+pub(crate) fn parse_dtype(text: &str) -> Result<safetensors::Dtype> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => safetensors::Dtype::F32,
+        "f16" | "float16" => safetensors::Dtype::F16,
+        "bf16" | "bfloat16" => safetensors::Dtype::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    })
+}
+
+/// Writes a random model directory for `config` into `out` (see `random-checkpoint`).
+pub(crate) fn random_checkpoint(
+    config: &Path,
+    out: &Path,
+    like: Option<&Path>,
+    seed: u64,
+    scale: Option<f32>,
+    dtype: safetensors::Dtype,
+) -> Result<()> {
+    // The config is parsed (and its family found) before anything is written.
+    visit_family::<burn::backend::Flex, _>(
+        config,
+        RandomCheckpoint {
+            config,
+            out,
+            like,
+            seed,
+            scale,
+            dtype,
+        },
+    )?
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -204,24 +239,14 @@ fn main() -> Result<()> {
             scale,
             dtype,
         } => {
-            let dtype = match dtype.to_ascii_lowercase().as_str() {
-                "f32" | "float32" => safetensors::Dtype::F32,
-                "f16" | "float16" => safetensors::Dtype::F16,
-                "bf16" | "bfloat16" => safetensors::Dtype::BF16,
-                other => bail!("--dtype {other}: expected f32, f16 or bf16"),
-            };
-            // The config is parsed (and its family found) before anything is written.
-            visit_family::<burn::backend::Flex, _>(
+            random_checkpoint(
                 &config,
-                RandomCheckpoint {
-                    config: &config,
-                    out: &out,
-                    like: like.as_deref(),
-                    seed,
-                    scale,
-                    dtype,
-                },
-            )??;
+                &out,
+                like.as_deref(),
+                seed,
+                scale,
+                parse_dtype(&dtype)?,
+            )?;
             println!("wrote {}", out.display());
             Ok(())
         }

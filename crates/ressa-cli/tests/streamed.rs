@@ -35,15 +35,30 @@ use same_output::assert_same_output;
 #[test]
 fn streamed_output_equals_the_in_memory_output() {
     let cases: &[(&str, &[&str])] = &[
-        ("instructblip-t5-a", &["--method", "wanda", "--sparsity", "0.5"]),
+        (
+            "instructblip-t5-a",
+            &["--method", "wanda", "--sparsity", "0.5"],
+        ),
         (
             "instructblip-t5-b",
-            &["--method", "sparsegpt", "--sparsity", "0.5", "--reference-t5-bias"],
+            &[
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--reference-t5-bias",
+            ],
         ),
         (
             "instructblip-t5-untied",
             &[
-                "--method", "dsnot", "--sparsity", "0.6", "--qformer", "0.3", "--propagation",
+                "--method",
+                "dsnot",
+                "--sparsity",
+                "0.6",
+                "--qformer",
+                "0.3",
+                "--propagation",
                 "dense",
             ],
         ),
@@ -52,27 +67,64 @@ fn streamed_output_equals_the_in_memory_output() {
         (
             "instructblip-t5-a",
             &[
-                "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl",
-                "--reference-t5-bias", "--propagation", "dense",
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--allocation",
+                "owl",
+                "--reference-t5-bias",
+                "--propagation",
+                "dense",
             ],
         ),
         // 2:4 on the language model only (the vision fixture's widths are not multiples of 4)
         (
             "instructblip-llama-gqa",
-            &["--method", "sparsegpt", "--pattern", "2:4", "--vision", "0", "--language", "0.5"],
+            &[
+                "--method",
+                "sparsegpt",
+                "--pattern",
+                "2:4",
+                "--vision",
+                "0",
+                "--language",
+                "0.5",
+            ],
         ),
         (
             "instructblip-llama-mha",
-            &["--method", "magnitude", "--sparsity", "0.5", "--allocation", "owl"],
+            &[
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--allocation",
+                "owl",
+            ],
         ),
         // float16 in three shards, the hub's key layout
         (
             "llava-hub",
-            &["--method", "wanda", "--sparsity", "0.5", "--propagation", "dense"],
+            &[
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--propagation",
+                "dense",
+            ],
         ),
         (
             "llava-gqa",
-            &["--method", "dsnot", "--sparsity", "0.5", "--allocation", "owl"],
+            &[
+                "--method",
+                "dsnot",
+                "--sparsity",
+                "0.5",
+                "--allocation",
+                "owl",
+            ],
         ),
         ("llava-gqa", &["--method", "sparsegpt", "--sparsity", "0.6"]),
     ];
@@ -118,7 +170,14 @@ fn a_budget_below_what_a_block_needs_is_refused_before_work() {
     let out = prune(
         &model,
         &out_dir,
-        &["--method", "wanda", "--sparsity", "0.5", "--memory-budget", "1MiB"],
+        &[
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--memory-budget",
+            "1MiB",
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -132,7 +191,13 @@ fn a_budget_below_what_a_block_needs_is_refused_before_work() {
         let out = prune(
             &model,
             &out_dir,
-            &["--method", "wanda", "--sparsity", "0.5", &format!("--memory-budget={bad}")],
+            &[
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                &format!("--memory-budget={bad}"),
+            ],
         );
         assert!(!out.status.success(), "{bad}");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -29,7 +29,10 @@ fn children_max_rss() -> u64 {
     // SAFETY: a zeroed rusage is a valid value for getrusage to fill.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_CHILDREN with a valid pointer.
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) }, 0);
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
     // Linux reports kilobytes.
     usage.ru_maxrss as u64 * 1024
 }
@@ -79,7 +82,9 @@ fn write_model(dir: &Path) -> u64 {
         &Default::default(),
     )
     .unwrap();
-    std::fs::metadata(dir.join("model.safetensors")).unwrap().len()
+    std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len()
 }
 
 #[test]

@@ -26,7 +26,10 @@ pub fn assert_same_output(a: &Path, b: &Path, case: &str) {
     };
     assert_eq!(rel(a), rel(b), "{case}: different files");
     for f in rel(a) {
-        let (x, y) = (std::fs::read(a.join(&f)).unwrap(), std::fs::read(b.join(&f)).unwrap());
+        let (x, y) = (
+            std::fs::read(a.join(&f)).unwrap(),
+            std::fs::read(b.join(&f)).unwrap(),
+        );
         if f == Path::new("sparsity.json") {
             let strip = |bytes: &[u8]| {
                 let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
