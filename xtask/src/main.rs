@@ -74,7 +74,7 @@ enum Task {
         dtype: String,
     },
     /// Prune a model with `ressa prune` (release) per method, measuring peak RSS and time.
-    PruneMemory(prune_memory::PruneMemoryArgs),
+    PruneMemory(Box<prune_memory::PruneMemoryArgs>),
     /// Generate the shapes dataset (defaults: seed 0, 2000/200/200 images of 64×64).
     Shapes {
         #[arg(long)]
@@ -230,7 +230,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench(args) => bench::run(args),
         Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),
-        Task::PruneMemory(args) => prune_memory::run(args),
+        Task::PruneMemory(args) => prune_memory::run(*args),
         Task::RandomCheckpoint {
             config,
             out,

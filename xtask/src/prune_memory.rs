@@ -230,7 +230,7 @@ fn run_measured(cmd: &mut Command, limits: &Limits) -> Result<Measured> {
                 {
                     w.rss_peak = (rss, t);
                 }
-                if tick % 10 == 0 {
+                if tick.is_multiple_of(10) {
                     if let Some(l) = loadavg() {
                         w.loads.push(l);
                     }
