@@ -471,6 +471,8 @@ pub fn run(args: PruneMemoryArgs) -> Result<()> {
         let outcome = match (&w.stopped, m.status) {
             (Some(why), _) => why.clone(),
             (None, 0) => "completed".to_string(),
+            // ressa's SIGINT/SIGTERM handler: someone stopped the run by hand.
+            (None, 130) => "stopped: interrupted (SIGINT)".to_string(),
             (None, s) => format!("failed: exit {s}"),
         };
         println!(
@@ -513,7 +515,7 @@ pub fn run(args: PruneMemoryArgs) -> Result<()> {
             writeln!(f, "{line}")?;
         }
         write_report(&args.json, &args.report)?;
-        if w.stopped.is_none() && m.status != 0 {
+        if w.stopped.is_none() && !matches!(m.status, 0 | 130) {
             failures.push(format!("{method}: ressa prune exited with {}", m.status));
         }
         if let Some(limit) = limit
