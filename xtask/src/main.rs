@@ -1,11 +1,18 @@
 //! `cargo xtask <task>`: project chores that need no network.
 //!
-//! - `random-checkpoint --config CONFIG.json --out DIR [--like DIR] [--seed N] [--scale S]`:
-//!   an HF model directory with random weights for `CONFIG.json` (benchmarks and memory tests
-//!   of full-width models without a download): the initialisation `transformers` gives a fresh
-//!   model of that family (`_init_weights`: e.g. CLIP's own σ per layer for a LLaVA), or with
-//!   `--scale S` every weight ~ U(−S, S); `--like` copies the tokenizers and preprocessor config
-//!   of another model directory.
+//! - `random-checkpoint --config CONFIG.json --out DIR [--like DIR] [--seed N] [--scale S]
+//!   [--dtype f32|f16|bf16]`: an HF model directory with random weights for `CONFIG.json`
+//!   (benchmarks and memory tests of full-width models without a download): the
+//!   initialisation `transformers` gives a fresh model of that family (`_init_weights`: e.g.
+//!   CLIP's own σ per layer for a LLaVA), or with `--scale S` every weight ~ U(−S, S), stored in
+//!   `--dtype` (default f32); `--like` copies the tokenizers and preprocessor config of another
+//!   model directory (the image size set to the config's).
+//! - `prune-memory (--model DIR | --model-config configs/models/NAME [--dtype bf16]) --method M
+//!   [--method M2 …] [--samples N] [--memory-budget SIZE] [--max-rss SIZE] [--time-limit S]
+//!   [--min-free-disk SIZE] [-- ARGS]`: `ressa prune` (release) once per method as a child
+//!   process on a model or a random checkpoint of a config (written once under `--work-dir`),
+//!   with its peak resident set (`wait4`), wall and CPU time and the machine's load while it
+//!   ran; appends to `docs/prune-memory.json` and rewrites `docs/prune-memory.md`.
 //! - `bench [--backend cpu|cuda|wgpu]... [--quick] [--filter REGEX] [--python PY] [--no-torch]`:
 //!   the criterion benches of every crate per backend plus the PyTorch scripts for the same
 //!   work; writes `docs/benchmarks.md` and `docs/benchmarks.json` (`--render JSON` rewrites the
@@ -18,13 +25,14 @@
 
 mod bench;
 mod experiment;
+mod prune_memory;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ressa_data::shapes::{self, ShapesConfig};
-use ressa_models::pretrained::{write_initial_checkpoint, write_random_checkpoint};
+use ressa_models::pretrained::{write_initial_checkpoint_as, write_random_checkpoint_as};
 use ressa_models::{FamilyVisitor, VisionLanguageModel, visit_family};
 
 #[derive(Parser)]
@@ -61,7 +69,12 @@ enum Task {
         /// initialisation (biases 0, norms 1, each weight N(0, σ²) with σ as `_init_weights`).
         #[arg(long)]
         scale: Option<f32>,
+        /// Stored dtype of every tensor: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
+    /// Prune a model with `ressa prune` (release) per method, measuring peak RSS and time.
+    PruneMemory(Box<prune_memory::PruneMemoryArgs>),
     /// Generate the shapes dataset (defaults: seed 0, 2000/200/200 images of 64×64).
     Shapes {
         #[arg(long)]
@@ -110,6 +123,30 @@ struct RandomCheckpoint<'a> {
     like: Option<&'a Path>,
     seed: u64,
     scale: Option<f32>,
+    dtype: safetensors::Dtype,
+}
+
+/// Sets the image size of a copied `preprocessor_config.json` to the model's (BLIP's
+/// `size.{height,width}`, CLIP's `size.shortest_edge` and `crop_size`).
+fn fit_preprocessor(path: &Path, image_size: usize) -> Result<()> {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let n = serde_json::json!(image_size);
+    if let Some(size) = v.get_mut("size").and_then(|s| s.as_object_mut()) {
+        for k in ["height", "width", "shortest_edge"] {
+            if size.contains_key(k) {
+                size.insert(k.into(), n.clone());
+            }
+        }
+    }
+    if let Some(crop) = v.get_mut("crop_size").and_then(|s| s.as_object_mut()) {
+        for k in ["height", "width"] {
+            if crop.contains_key(k) {
+                crop.insert(k.into(), n.clone());
+            }
+        }
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
+    Ok(())
 }
 
 impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
@@ -126,6 +163,8 @@ impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
                 std::fs::copy(like.join(f), out.join(f))
                     .with_context(|| like.join(f).display().to_string())?;
             }
+            use ressa_models::FamilyConfig;
+            fit_preprocessor(&out.join("preprocessor_config.json"), config.image_size())?;
             if like.join("qformer_tokenizer").is_dir() {
                 copy_dir(
                     &like.join("qformer_tokenizer"),
@@ -135,15 +174,48 @@ impl FamilyVisitor<burn::backend::Flex> for RandomCheckpoint<'_> {
         }
         let device = Default::default();
         match self.scale {
-            Some(scale) => write_random_checkpoint::<burn::backend::Flex, M>(
-                &config, out, self.seed, scale, &device,
+            Some(scale) => write_random_checkpoint_as::<burn::backend::Flex, M>(
+                &config, out, self.seed, scale, self.dtype, &device,
             )?,
-            None => write_initial_checkpoint::<burn::backend::Flex, M>(
-                &config, out, self.seed, &device,
+            None => write_initial_checkpoint_as::<burn::backend::Flex, M>(
+                &config, out, self.seed, self.dtype, &device,
             )?,
         }
         Ok(())
     }
+}
+
+/// `--dtype` of `random-checkpoint` and `prune-memory`.
+pub(crate) fn parse_dtype(text: &str) -> Result<safetensors::Dtype> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => safetensors::Dtype::F32,
+        "f16" | "float16" => safetensors::Dtype::F16,
+        "bf16" | "bfloat16" => safetensors::Dtype::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    })
+}
+
+/// Writes a random model directory for `config` into `out` (see `random-checkpoint`).
+pub(crate) fn random_checkpoint(
+    config: &Path,
+    out: &Path,
+    like: Option<&Path>,
+    seed: u64,
+    scale: Option<f32>,
+    dtype: safetensors::Dtype,
+) -> Result<()> {
+    // The config is parsed (and its family found) before anything is written.
+    visit_family::<burn::backend::Flex, _>(
+        config,
+        RandomCheckpoint {
+            config,
+            out,
+            like,
+            seed,
+            scale,
+            dtype,
+        },
+    )?
 }
 
 fn main() -> Result<()> {
@@ -158,24 +230,23 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench(args) => bench::run(args),
         Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),
+        Task::PruneMemory(args) => prune_memory::run(*args),
         Task::RandomCheckpoint {
             config,
             out,
             like,
             seed,
             scale,
+            dtype,
         } => {
-            // The config is parsed (and its family found) before anything is written.
-            visit_family::<burn::backend::Flex, _>(
+            random_checkpoint(
                 &config,
-                RandomCheckpoint {
-                    config: &config,
-                    out: &out,
-                    like: like.as_deref(),
-                    seed,
-                    scale,
-                },
-            )??;
+                &out,
+                like.as_deref(),
+                seed,
+                scale,
+                parse_dtype(&dtype)?,
+            )?;
             println!("wrote {}", out.display());
             Ok(())
         }

@@ -12,11 +12,13 @@ use ressa_data::calibration::{Sampler, prefix_examples};
 use ressa_data::lavis::read_caption_list;
 use ressa_models::pretrained::save_model_dir_with;
 use ressa_models::prunable::{BlockOptions, CalibrationSample, Tower};
+use ressa_models::streaming::Streamed;
 use ressa_models::{Pretrained, Processor, VisionLanguageModel};
 use ressa_prune::calibrate::{
-    Allocation, AllocationKind, CalibrationConfig, Propagation, TowerSparsity,
-    calibrate_and_prune_with,
+    ActivationBudget, Allocation, AllocationKind, CalibrateError, CalibrationConfig, LayerReport,
+    Propagation, TowerSparsity, calibrate_and_prune_with,
 };
+use ressa_prune::stream::{memory_plan, prune_streamed};
 use ressa_prune::{ComparisonGroup, Method, OwlConfig};
 use ressa_sparse::SparsityPattern;
 
@@ -80,9 +82,59 @@ pub struct Args {
     /// Reproduce the reference's calibration of T5 blocks ≥ 1 without relative position bias.
     #[arg(long)]
     reference_t5_bias: bool,
+    /// Cap on this process's resident memory, e.g. 4GiB, 512MiB, 3GB: checked against what
+    /// pruning the model needs at once before any work; what is left holds the calibration
+    /// activations, the rest of them go to disk beside --out.
+    #[arg(long, value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// Cap on the calibration activations held in memory (default: what --memory-budget
+    /// leaves; without it, no cap); the rest go to disk beside --out.
+    #[arg(long, value_parser = parse_size)]
+    activation_budget: Option<u64>,
+    /// Load the whole model and prune it in memory (the path before streaming; for checks).
+    #[arg(long, hide = true)]
+    in_memory: bool,
     /// Output directory (must not exist or be empty).
     #[arg(long)]
     out: PathBuf,
+}
+
+/// A size: a number with an optional unit, B, KiB/MiB/GiB/TiB (or K/M/G/T, powers of 1024)
+/// or KB/MB/GB/TB (powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?}: expected a size such as 4GiB, 512MiB or 3GB");
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return Err(bad()),
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// A size for messages, in MiB or GiB.
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 fn check_ratio(name: &str, v: f64) -> Result<f64> {
@@ -140,6 +192,12 @@ fn settings(args: &Args) -> Result<CalibrationConfig> {
     }
     if args.samples == 0 {
         bail!("--samples 0: expected at least 1 calibration sample");
+    }
+    if args.memory_budget == Some(0) {
+        bail!("--memory-budget 0: expected a positive size such as 4GiB");
+    }
+    if args.in_memory && (args.memory_budget.is_some() || args.activation_budget.is_some()) {
+        bail!("--memory-budget / --activation-budget: the in-memory path holds the whole model");
     }
     if !(args.owl_m.is_finite() && args.owl_m > 0.0) {
         bail!("--owl-m {}: expected a positive number", args.owl_m);
@@ -225,7 +283,8 @@ impl ModelJob for Job {
 /// reference).
 fn samples<B: Backend, M: VisionLanguageModel<B>>(
     args: &Args,
-    pretrained: &Pretrained<B, M>,
+    dir: &Path,
+    model: &M,
     device: &B::Device,
 ) -> Result<(Vec<CalibrationSample<B>>, usize)> {
     let (Some(annotations), Some(images)) = (&args.calibration, &args.images) else {
@@ -249,13 +308,13 @@ fn samples<B: Backend, M: VisionLanguageModel<B>>(
             annotations.display()
         );
     }
-    let processor = Processor::for_model(&pretrained.dir, &pretrained.model)?;
+    let processor = Processor::for_model(dir, model)?;
     let mut out = Vec::with_capacity(set.examples.len());
     for ex in &set.examples {
         out.push(
             processor
                 .calibration_sample(
-                    &pretrained.model,
+                    model,
                     &ex.image,
                     &ex.text_input,
                     ex.text_output.as_deref().unwrap_or(""),
@@ -273,12 +332,31 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
     config: M::Config,
     device: &B::Device,
 ) -> Result<()> {
-    let start = Instant::now();
-    let mut pretrained = Pretrained::<B, M>::load_with(&args.model, config, device)?;
-    let needs_data =
-        cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
-    let (calibration, skipped) = if needs_data || args.calibration.is_some() {
-        samples(args, &pretrained, device)?
+    if args.in_memory {
+        run_in_memory::<B, M>(args, cfg, config, device)
+    } else {
+        run_streamed::<B, M>(args, cfg, config, device)
+    }
+}
+
+/// Memory a prune holds besides what the estimate names (allocator slack, thread stacks,
+/// transient tensors of a block's forward).
+const HEADROOM: u64 = 48 << 20;
+
+fn needs_data(cfg: &CalibrationConfig) -> bool {
+    cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_))
+}
+
+/// Calibration samples when needed (or given), with the number of captions skipped.
+fn calibration<B: Backend, M: VisionLanguageModel<B>>(
+    args: &Args,
+    cfg: &CalibrationConfig,
+    dir: &Path,
+    model: &M,
+    device: &B::Device,
+) -> Result<(Vec<CalibrationSample<B>>, usize)> {
+    let (calibration, skipped) = if needs_data(cfg) || args.calibration.is_some() {
+        samples(args, dir, model, device)?
     } else {
         (Vec::new(), 0)
     };
@@ -288,8 +366,14 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
             "calibration captions too short to split were skipped"
         );
     }
-    let total_blocks: usize = pretrained
-        .model
+    Ok((calibration, skipped))
+}
+
+fn progress_bar<B: Backend, M: VisionLanguageModel<B>>(
+    model: &M,
+    cfg: &CalibrationConfig,
+) -> ProgressBar {
+    let total_blocks: usize = model
         .stacks()
         .iter()
         .filter(|s| cfg.sparsity.of(s.tower) > 0.0)
@@ -303,14 +387,12 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
         .expect("template")
         .progress_chars("=> "),
     );
-    tracing::info!(
-        method = %cfg.method,
-        samples = calibration.len(),
-        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
-        "pruning"
-    );
-    // Masks go to a spill file beside the output as they are produced (one bit per weight
-    // would otherwise add 1/32 of the checkpoint to the resident set).
+    bar
+}
+
+/// The mask spill file beside the output: masks go there as they are produced (one bit per
+/// weight would otherwise add 1/32 of the checkpoint to the resident set).
+fn mask_spill(args: &Args) -> Result<(ressa_scratch::Scratch, ressa_sparse::sidecar::MaskSpill)> {
     let parent = args
         .out
         .parent()
@@ -318,37 +400,27 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
     ressa_scratch::sweep_stale(parent);
-    let spill_scratch = ressa_scratch::Scratch::beside(&args.out, "masks");
-    let spill_path = spill_scratch.path().to_path_buf();
-    let mut spill = ressa_sparse::sidecar::MaskSpill::create(&spill_path)
+    let scratch = ressa_scratch::Scratch::beside(&args.out, "masks");
+    let spill = ressa_sparse::sidecar::MaskSpill::create(scratch.path())
         .map_err(|e| anyhow!("--out {}: cannot write beside it: {e}", args.out.display()))?;
-    let layers = calibrate_and_prune_with(
-        &mut pretrained.model,
-        &calibration,
-        cfg,
-        &mut |prefix, b, _| {
-            bar.set_message(format!("{prefix}.{b}"));
-            bar.inc(1);
-        },
-        &mut |name, mask| {
-            spill.push(name, &mask).map_err(|e| {
-                ressa_prune::calibrate::CalibrateError::Input(format!(
-                    "{}: {e}",
-                    spill_path.display()
-                ))
-            })
-        },
-    )?;
-    bar.finish_and_clear();
-    tracing::info!(
-        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
-        peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
-        "calibrated"
-    );
-    let elapsed = start.elapsed().as_secs_f64();
+    Ok((scratch, spill))
+}
 
+fn spill_error(path: &Path, e: impl std::fmt::Display) -> CalibrateError {
+    CalibrateError::Input(format!("{}: {e}", path.display()))
+}
+
+/// `sparsity.json` and the per-tower totals.
+fn report(
+    args: &Args,
+    cfg: &CalibrationConfig,
+    layers: &[LayerReport],
+    samples: usize,
+    skipped: usize,
+    elapsed: f64,
+) -> (serde_json::Value, BTreeMap<&'static str, (usize, usize)>) {
     let mut towers: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for l in &layers {
+    for l in layers {
         let e = towers.entry(l.tower.name()).or_default();
         e.0 += l.pruned;
         e.1 += l.d_in * l.d_out;
@@ -364,7 +436,7 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
         "allocation": args.allocation,
         "propagation": args.propagation,
         "reference_t5_bias": args.reference_t5_bias,
-        "calibration_samples": calibration.len(),
+        "calibration_samples": samples,
         "skipped_captions": skipped,
         "seed": args.seed,
         "time_s": elapsed,
@@ -376,25 +448,28 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
             "target": l.target, "sparsity": l.sparsity,
         })).collect::<Vec<_>>(),
     });
-    let mut spill = Some(spill);
-    save_model_dir_with(
-        &pretrained.model,
-        &pretrained.layout,
-        &args.model,
-        &args.out,
-        &mut |dir: &Path| {
-            let path = dir.join("masks.safetensors");
-            spill
-                .take()
-                .expect("masks are written once")
-                .finish(&path)
-                .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))?;
-            let path = dir.join("sparsity.json");
-            std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("json"))
-                .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))
-        },
-    )?;
-    for (tower, (p, n)) in &towers {
+    (report, towers)
+}
+
+/// Writes `masks.safetensors` and `sparsity.json` into the output's temporary directory.
+fn write_extras(
+    dir: &Path,
+    spill: &mut Option<ressa_sparse::sidecar::MaskSpill>,
+    report: &serde_json::Value,
+) -> ressa_models::Result<()> {
+    let path = dir.join("masks.safetensors");
+    spill
+        .take()
+        .expect("masks are written once")
+        .finish(&path)
+        .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))?;
+    let path = dir.join("sparsity.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(report).expect("json"))
+        .map_err(|e| ressa_models::ModelError::Input(format!("{}: {e}", path.display())))
+}
+
+fn log_done(args: &Args, towers: &BTreeMap<&str, (usize, usize)>, elapsed: f64) {
+    for (tower, (p, n)) in towers {
         tracing::info!(tower, sparsity = *p as f64 / (*n).max(1) as f64, "pruned");
     }
     tracing::info!(
@@ -403,6 +478,144 @@ fn run_on<B: Backend, M: VisionLanguageModel<B>>(
         peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
         "wrote pruned model, masks.safetensors, sparsity.json"
     );
+}
+
+/// Layer-streamed pruning: the model's parts outside the blocks in memory, each block read
+/// from the mapped checkpoint when calibration reaches it, pruned, written and dropped.
+fn run_streamed<B: Backend, M: VisionLanguageModel<B>>(
+    args: &Args,
+    cfg: &CalibrationConfig,
+    config: M::Config,
+    device: &B::Device,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut streamed = Streamed::<B, M>::open(&args.model, config, device)?;
+    let plan = memory_plan(&streamed, cfg);
+    let in_use = rss_bytes("VmRSS").unwrap_or(0);
+    let need = in_use + plan.peak_block() + HEADROOM;
+    tracing::info!(
+        in_use_mib = in_use >> 20,
+        outside_blocks_mib = plan.resident >> 20,
+        largest_block_mib = plan.block >> 20,
+        workspace_mib = plan.workspace >> 20,
+        "memory plan"
+    );
+    let left = match args.memory_budget {
+        Some(budget) if need > budget => bail!(
+            "--memory-budget {}: pruning this model holds about {} at once ({} in use with the weights outside the blocks, {} for the largest block, {} to prune it, {} headroom); give at least that",
+            size(budget),
+            size(need),
+            size(in_use),
+            size(plan.block),
+            size(plan.workspace),
+            size(HEADROOM),
+        ),
+        Some(budget) => Some(budget - need),
+        None => None,
+    };
+    let (calibration, skipped) = calibration(args, cfg, &args.model, &streamed.model, device)?;
+    let bar = progress_bar(&streamed.model, cfg);
+    let activations = args.activation_budget.or(left);
+    tracing::info!(
+        method = %cfg.method,
+        samples = calibration.len(),
+        activation_budget_mib = activations.map(|b| b >> 20),
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        "pruning, one block at a time"
+    );
+    let (spill_scratch, spill) = mask_spill(args)?;
+    let spill_path = spill_scratch.path().to_path_buf();
+    let mut spill = Some(spill);
+    let activation_scratch = ressa_scratch::Scratch::beside(&args.out, "activations");
+    let budget = ActivationBudget {
+        bytes: activations,
+        spill_dir: Some(activation_scratch.path().to_path_buf()),
+    };
+    let mut output = streamed.output(&args.out)?;
+    let layers = prune_streamed(
+        &mut streamed,
+        &mut output,
+        &calibration,
+        cfg,
+        &budget,
+        &mut |prefix, b, _| {
+            bar.set_message(format!("{prefix}.{b}"));
+            bar.inc(1);
+        },
+        &mut |name, mask| {
+            spill
+                .as_mut()
+                .expect("open until the end")
+                .push(name, &mask)
+                .map_err(|e| spill_error(&spill_path, e))
+        },
+    )?;
+    drop(activation_scratch);
+    bar.finish_and_clear();
+    tracing::info!(
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
+        "calibrated"
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let (report, towers) = report(args, cfg, &layers, calibration.len(), skipped, elapsed);
+    output.finish(&mut |dir: &Path| write_extras(dir, &mut spill, &report))?;
+    log_done(args, &towers, elapsed);
+    Ok(())
+}
+
+/// The whole model loaded and pruned in memory (`--in-memory`).
+fn run_in_memory<B: Backend, M: VisionLanguageModel<B>>(
+    args: &Args,
+    cfg: &CalibrationConfig,
+    config: M::Config,
+    device: &B::Device,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut pretrained = Pretrained::<B, M>::load_with(&args.model, config, device)?;
+    let (calibration, skipped) = calibration(args, cfg, &args.model, &pretrained.model, device)?;
+    let bar = progress_bar(&pretrained.model, cfg);
+    tracing::info!(
+        method = %cfg.method,
+        samples = calibration.len(),
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        "pruning"
+    );
+    let (spill_scratch, spill) = mask_spill(args)?;
+    let spill_path = spill_scratch.path().to_path_buf();
+    let mut spill = Some(spill);
+    let layers = calibrate_and_prune_with(
+        &mut pretrained.model,
+        &calibration,
+        cfg,
+        &mut |prefix, b, _| {
+            bar.set_message(format!("{prefix}.{b}"));
+            bar.inc(1);
+        },
+        &mut |name, mask| {
+            spill
+                .as_mut()
+                .expect("open until the end")
+                .push(name, &mask)
+                .map_err(|e| spill_error(&spill_path, e))
+        },
+    )?;
+    bar.finish_and_clear();
+    tracing::info!(
+        rss_mib = rss_bytes("VmRSS").map(|b| b >> 20),
+        peak_rss_mib = rss_bytes("VmHWM").map(|b| b >> 20),
+        "calibrated"
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let (report, towers) = report(args, cfg, &layers, calibration.len(), skipped, elapsed);
+    save_model_dir_with(
+        &pretrained.model,
+        &pretrained.layout,
+        &args.model,
+        &args.out,
+        &mut |dir: &Path| write_extras(dir, &mut spill, &report),
+    )?;
+    log_done(args, &towers, elapsed);
     Ok(())
 }
 

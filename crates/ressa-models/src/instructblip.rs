@@ -17,7 +17,8 @@ use crate::lm::{LanguageModel, LmInput, LmSample};
 use crate::nn::{Tap, host_ids, host_mask};
 use crate::ops::DenseBackend;
 use crate::prunable::{
-    BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name,
+    BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, empty_hidden, mismatch, not_ready,
+    stack_name,
 };
 use crate::qformer::QFormer;
 use crate::sparse_kernels::KernelRows;
@@ -459,5 +460,55 @@ impl<B: DenseBackend, L: LanguageModel<B>> Prunable<B> for InstructBlip<B, L> {
                 .unwrap_or_default(),
             BlipStack::Language(s) => self.language_model.block_linears_mut(s, block),
         }
+    }
+
+    fn output_options(&self, stack: Self::Stack, options: BlockOptions) -> Option<BlockOptions> {
+        match stack {
+            BlipStack::Language(s) => self.language_model.output_options(s, options),
+            _ => None,
+        }
+    }
+
+    fn split_hidden(
+        &self,
+        input: Self::BlockInput,
+    ) -> std::result::Result<(Self::BlockInput, Tensor<B, 3>), Self::BlockInput> {
+        match input {
+            BlipBlockInput::Vision(x) => {
+                let empty = empty_hidden(&x.device());
+                Ok((BlipBlockInput::Vision(empty), x))
+            }
+            BlipBlockInput::QFormer {
+                x,
+                bias,
+                image,
+                queries,
+            } => Ok((
+                BlipBlockInput::QFormer {
+                    x: empty_hidden(&image.device()),
+                    bias,
+                    image,
+                    queries,
+                },
+                x,
+            )),
+            BlipBlockInput::Language(i) => match self.language_model.split_hidden(i) {
+                Ok((frame, x)) => Ok((BlipBlockInput::Language(frame), x)),
+                Err(i) => Err(BlipBlockInput::Language(i)),
+            },
+        }
+    }
+
+    fn join_hidden(&self, frame: Self::BlockInput, hidden: Tensor<B, 3>) -> Self::BlockInput {
+        match frame {
+            BlipBlockInput::Language(i) => {
+                BlipBlockInput::Language(self.language_model.join_hidden(i, hidden))
+            }
+            other => self.with_hidden(other, hidden),
+        }
+    }
+
+    fn idle_linears(&self) -> Vec<&Linear<B>> {
+        self.language_model.idle_linears()
     }
 }

@@ -25,6 +25,7 @@ pub mod processor;
 pub mod prunable;
 pub mod qformer;
 pub mod sparse_kernels;
+pub mod streaming;
 pub mod t5;
 pub mod vit;
 pub mod vlm;

@@ -15,7 +15,9 @@ use crate::nn::{
     Tap, activate, attention, causal_bias, embed, ids_tensor, index_tensor, key_padding_bias,
     merge_heads, no_tap, rows_index, split_heads,
 };
-use crate::prunable::{BlockOptions, Prunable, StackInfo, Tower, mismatch, stack_name};
+use crate::prunable::{
+    BlockOptions, Prunable, StackInfo, Tower, empty_hidden, mismatch, stack_name,
+};
 use crate::sparse_kernels::KernelRows;
 use crate::t5::{RmsNorm, aligned_targets};
 use crate::weights::Loader;
@@ -680,6 +682,27 @@ impl<B: DenseBackend> Prunable<B> for Llama<B> {
             .get_mut(block)
             .map(|l| l.linears_mut())
             .unwrap_or_default()
+    }
+
+    fn split_hidden(
+        &self,
+        mut input: LlamaBlockInput<B>,
+    ) -> std::result::Result<(LlamaBlockInput<B>, Tensor<B, 3>), LlamaBlockInput<B>> {
+        let hidden = std::mem::replace(&mut input.x, empty_hidden(&input.bias.device()));
+        Ok((input, hidden))
+    }
+
+    fn join_hidden(
+        &self,
+        mut frame: LlamaBlockInput<B>,
+        hidden: Tensor<B, 3>,
+    ) -> LlamaBlockInput<B> {
+        frame.x = hidden;
+        frame
+    }
+
+    fn idle_linears(&self) -> Vec<&Linear<B>> {
+        self.lm_head.iter().collect()
     }
 }
 

@@ -28,7 +28,8 @@ use crate::lm::{LanguageModel, LmInput, LmSample};
 use crate::nn::{Tap, activate, host_ids, host_mask, index_tensor};
 use crate::ops::DenseBackend;
 use crate::prunable::{
-    BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name,
+    BlockOptions, CalibrationSample, Prunable, StackInfo, Tower, empty_hidden, mismatch, not_ready,
+    stack_name,
 };
 use crate::sparse_kernels::KernelRows;
 use crate::vlm::{FamilyConfig, InputSpec, VisionLanguageModel, VlmInputs, check_inputs};
@@ -666,6 +667,66 @@ impl<B: DenseBackend> Prunable<B> for Llava<B> {
             LlavaStack::Vision => Vec::new(),
             LlavaStack::Language(s) => self.language_model.block_linears_mut(s, block),
         }
+    }
+
+    fn output_options(&self, stack: LlavaStack, options: BlockOptions) -> Option<BlockOptions> {
+        match stack {
+            LlavaStack::Language(s) => self.language_model.output_options(s, options),
+            LlavaStack::Vision => None,
+        }
+    }
+
+    fn split_hidden(
+        &self,
+        input: LlavaBlockInput<B>,
+    ) -> std::result::Result<(LlavaBlockInput<B>, Tensor<B, 3>), LlavaBlockInput<B>> {
+        match input {
+            LlavaBlockInput::Vision {
+                hidden,
+                layer,
+                selected,
+            } => Ok((
+                LlavaBlockInput::Vision {
+                    hidden: empty_hidden(&hidden.device()),
+                    layer,
+                    selected,
+                },
+                hidden,
+            )),
+            LlavaBlockInput::Language(i) => match self.language_model.split_hidden(i) {
+                Ok((frame, x)) => Ok((LlavaBlockInput::Language(frame), x)),
+                Err(i) => Err(LlavaBlockInput::Language(i)),
+            },
+        }
+    }
+
+    /// Unlike [`Prunable::with_hidden`], records no selected state and keeps the layer index.
+    fn join_hidden(&self, frame: LlavaBlockInput<B>, hidden: Tensor<B, 3>) -> LlavaBlockInput<B> {
+        match frame {
+            LlavaBlockInput::Vision {
+                layer, selected, ..
+            } => LlavaBlockInput::Vision {
+                hidden,
+                layer,
+                selected,
+            },
+            LlavaBlockInput::Language(i) => {
+                LlavaBlockInput::Language(self.language_model.join_hidden(i, hidden))
+            }
+        }
+    }
+
+    /// The LM head, and the CLIP layers after the deepest feature layer (never run).
+    fn idle_linears(&self) -> Vec<&Linear<B>> {
+        let mut out: Vec<&Linear<B>> = self
+            .vision_tower
+            .layers
+            .iter()
+            .skip(self.vision_layers())
+            .flat_map(|l| l.linears())
+            .collect();
+        out.extend(self.language_model.idle_linears());
+        out
     }
 }
 

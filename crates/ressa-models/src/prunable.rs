@@ -114,6 +114,51 @@ pub trait Prunable<B: Backend> {
     /// The block's prunable linears (each knows its HF name, [`Linear::key`]).
     fn block_linears(&self, stack: Self::Stack, block: usize) -> Vec<&Linear<B>>;
     fn block_linears_mut(&mut self, stack: Self::Stack, block: usize) -> Vec<&mut Linear<B>>;
+
+    /// Options of the forward whose last-block output [`Prunable::end_stack`] must receive,
+    /// when they differ from `options` (T5 under the reference's bias mode: its blocks ≥ 1 are
+    /// calibrated without the position bias, but the decoder reads the output of a real
+    /// encoder forward). Calibration then carries a second hidden state per sample through
+    /// the stack, every block run on it once more after the block's weights are final for
+    /// propagation (pruned, or dense on the RESSA path), and advanced with
+    /// [`Prunable::with_hidden`] like the first. Default: `None`, the calibration pass's
+    /// output is the stack's output.
+    fn output_options(&self, stack: Self::Stack, options: BlockOptions) -> Option<BlockOptions> {
+        let _ = (stack, options);
+        None
+    }
+
+    /// Takes the hidden state out of a block input: `(frame, hidden)`, the frame holding
+    /// everything else (masks, biases, what a cross-attention reads) and an empty tensor in
+    /// the hidden state's place. [`Prunable::join_hidden`] puts them back together. Calibration
+    /// uses the pair to spill the calibration set's hidden states to disk between blocks when
+    /// they exceed its memory budget. Default: the input back (`Err`), kept in memory whole.
+    #[allow(clippy::type_complexity)]
+    fn split_hidden(
+        &self,
+        input: Self::BlockInput,
+    ) -> std::result::Result<(Self::BlockInput, Tensor<B, 3>), Self::BlockInput> {
+        Err(input)
+    }
+
+    /// The block input `frame` (from [`Prunable::split_hidden`]) with `hidden` back in place:
+    /// the input that was split, with no other effect (a model whose
+    /// [`Prunable::with_hidden`] records states on the way implements this without it).
+    fn join_hidden(&self, frame: Self::BlockInput, hidden: Tensor<B, 3>) -> Self::BlockInput {
+        self.with_hidden(frame, hidden)
+    }
+
+    /// Linears outside the stacks that calibration never runs (a language model's output
+    /// head, layers after the last one the features read): streamed pruning leaves their
+    /// weights on disk instead of loading them. Default: none.
+    fn idle_linears(&self) -> Vec<&Linear<B>> {
+        Vec::new()
+    }
+}
+
+/// The empty tensor [`Prunable::split_hidden`] leaves in a frame.
+pub fn empty_hidden<B: Backend>(device: &B::Device) -> Tensor<B, 3> {
+    Tensor::zeros([0, 0, 0], device)
 }
 
 /// Every prunable linear with its tower, stack by stack, block by block.

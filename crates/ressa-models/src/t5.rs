@@ -15,7 +15,9 @@ use crate::nn::{
     Tap, activate, attention, causal_bias, embed, ids_tensor, key_padding_bias, merge_heads,
     no_tap, rows_index, split_heads,
 };
-use crate::prunable::{BlockOptions, Prunable, StackInfo, Tower, mismatch, not_ready, stack_name};
+use crate::prunable::{
+    BlockOptions, Prunable, StackInfo, Tower, empty_hidden, mismatch, not_ready, stack_name,
+};
 use crate::sparse_kernels::KernelRows;
 use crate::weights::Loader;
 
@@ -843,16 +845,41 @@ impl<B: DenseBackend> Prunable<B> for T5<B> {
         ctx: &mut T5Calibration<B>,
         options: BlockOptions,
     ) -> Result<()> {
+        let _ = options;
         if stack == T5StackId::Encoder {
-            ctx.encoder = Some(if options.t5_position_bias_after_block0 {
-                self.encoder.final_layer_norm.forward(hidden)
-            } else {
-                // The decoder's inputs come from a real forward (the reference's catcher runs
-                // the whole model), not from the bias-less calibration pass.
-                self.encoder.encode(ctx.embeds.clone(), ctx.mask.clone())
-            });
+            // Under the reference's bias mode `hidden` comes from the output pass
+            // (`output_options`): the decoder reads a real encoder forward (the reference's
+            // catcher runs the whole model), not the bias-less calibration pass.
+            ctx.encoder = Some(self.encoder.final_layer_norm.forward(hidden));
         }
         Ok(())
+    }
+
+    /// The encoder's output under the reference's bias mode is a real forward, with the
+    /// position bias in every block.
+    fn output_options(&self, stack: T5StackId, options: BlockOptions) -> Option<BlockOptions> {
+        (stack == T5StackId::Encoder && !options.t5_position_bias_after_block0).then_some(
+            BlockOptions {
+                t5_position_bias_after_block0: true,
+            },
+        )
+    }
+
+    fn split_hidden(
+        &self,
+        mut input: T5BlockInput<B>,
+    ) -> std::result::Result<(T5BlockInput<B>, Tensor<B, 3>), T5BlockInput<B>> {
+        let hidden = std::mem::replace(&mut input.x, empty_hidden(&input.bias.device()));
+        Ok((input, hidden))
+    }
+
+    fn join_hidden(&self, mut frame: T5BlockInput<B>, hidden: Tensor<B, 3>) -> T5BlockInput<B> {
+        frame.x = hidden;
+        frame
+    }
+
+    fn idle_linears(&self) -> Vec<&Linear<B>> {
+        self.lm_head.iter().collect()
     }
 
     fn block_linears(&self, stack: T5StackId, block: usize) -> Vec<&Linear<B>> {

@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -360,6 +360,78 @@ impl WeightStore {
         }
     }
 
+    /// Checks, without reading its values, what [`WeightStore::get`] checks: `key` is stored,
+    /// with shape `expected` and a float dtype.
+    pub fn check(&self, key: &str, expected: &[usize]) -> Result<()> {
+        let (path, shape, dtype) = if let Some(m) = self.compressed.get(key) {
+            let shape = self.part_ints(&format!("{m}.shape"))?;
+            let (_, dtype, _) = self.part(&format!("{m}.compressed"))?;
+            (self.root.clone(), shape, dtype)
+        } else {
+            let &i = self.index.get(key).ok_or_else(|| self.missing(key))?;
+            let f = &self.files[i];
+            let info = f.metadata.info(key).ok_or_else(|| self.missing(key))?;
+            (f.path.clone(), info.shape.clone(), info.dtype)
+        };
+        if shape != expected {
+            return Err(ModelError::Shape {
+                path,
+                key: key.to_string(),
+                found: shape,
+                expected: expected.to_vec(),
+            });
+        }
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return Err(ModelError::Dtype {
+                path,
+                key: key.to_string(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with consecutive pieces (at most ~`max_bytes`, whole elements) of a tensor's
+    /// bytes in its on-disk dtype; each piece's pages are dropped from the mapping once `f`
+    /// returns, so copying a checkpoint never holds it in the resident set.
+    pub fn for_each_stored_piece(
+        &self,
+        key: &str,
+        max_bytes: usize,
+        f: &mut dyn FnMut(&[u8], Dtype) -> Result<()>,
+    ) -> Result<()> {
+        if self.compressed.contains_key(key) {
+            let (_, dtype, bytes) = self.raw(key)?;
+            return f(&bytes, dtype);
+        }
+        let &i = self.index.get(key).ok_or_else(|| self.missing(key))?;
+        let file = &self.files[i];
+        let info = file.metadata.info(key).ok_or_else(|| self.missing(key))?;
+        let (start, end) = (
+            file.data_start + info.data_offsets.0,
+            file.data_start + info.data_offsets.1,
+        );
+        let elem = (info.dtype.bitsize() / 8).max(1);
+        let step = (max_bytes / elem).max(1) * elem;
+        let mut at = start;
+        while at < end {
+            let to = (at + step).min(end);
+            f(&file.mmap[at..to], info.dtype)?;
+            #[cfg(unix)]
+            // SAFETY: as in `get`: a read-only file-backed map; dropped pages are re-read from
+            // the file if touched again.
+            unsafe {
+                let _ = file.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    at,
+                    to - at,
+                );
+            }
+            at = to;
+        }
+        Ok(())
+    }
+
     /// Reads a float tensor as f32, checking its shape.
     pub fn get(&self, key: &str, expected: &[usize]) -> Result<HostTensor> {
         if let Some(m) = self.compressed.get(key) {
@@ -506,6 +578,22 @@ pub struct Loader<'a, B: Backend> {
     prefix: String,
     shapes: Option<&'a ShapeLog>,
     keys: Rc<RefCell<ParamKeys>>,
+    lazy: Option<Rc<Lazy>>,
+}
+
+/// What a lazy [`Loader`] leaves on disk: every tensor (the model's structure only), or the
+/// weights of the named linears (their module keys), each checked against the file.
+struct Lazy {
+    all: bool,
+    linears: HashSet<String>,
+    /// The linear weights left on disk: module key → `[d_in, d_out]`.
+    deferred: RefCell<BTreeMap<String, [usize; 2]>>,
+}
+
+/// The `[0, 0]` weight a linear holds while its values are on disk (see
+/// [`Loader::deferring`]).
+pub fn deferred_weight<B: Backend>(device: &B::Device) -> Tensor<B, 2> {
+    Tensor::zeros([0, 0], device)
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
@@ -516,7 +604,44 @@ impl<'a, B: Backend> Loader<'a, B> {
             prefix: String::new(),
             shapes: None,
             keys: Rc::default(),
+            lazy: None,
         }
+    }
+
+    /// A loader that reads no tensor data: every tensor is checked against the checkpoint
+    /// (present, of the expected shape, a float dtype) and made a placeholder, so the model's
+    /// structure (its stacks, blocks and keys) is known without loading it.
+    pub fn structure(store: &'a WeightStore, device: &B::Device) -> Self {
+        Self {
+            lazy: Some(Rc::new(Lazy {
+                all: true,
+                linears: HashSet::new(),
+                deferred: RefCell::default(),
+            })),
+            ..Self::new(store, device)
+        }
+    }
+
+    /// A loader that reads everything except the weights of the linears named in `linears`
+    /// (module keys, as [`Linear::key`]): those are checked against the checkpoint and left
+    /// on disk, the layer holding [`deferred_weight`] until [`Loader::linear_weight`] reads it.
+    pub fn deferring(store: &'a WeightStore, device: &B::Device, linears: HashSet<String>) -> Self {
+        Self {
+            lazy: Some(Rc::new(Lazy {
+                all: false,
+                linears,
+                deferred: RefCell::default(),
+            })),
+            ..Self::new(store, device)
+        }
+    }
+
+    /// The linear weights left on disk so far: module key → `[d_in, d_out]`.
+    pub fn deferred(&self) -> BTreeMap<String, [usize; 2]> {
+        self.lazy
+            .as_ref()
+            .map(|l| l.deferred.borrow().clone())
+            .unwrap_or_default()
     }
 
     /// A loader that records shapes instead of reading data.
@@ -527,6 +652,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             prefix: String::new(),
             shapes: Some(shapes),
             keys: Rc::default(),
+            lazy: None,
         }
     }
 
@@ -539,6 +665,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             prefix: self.key(name),
             shapes: self.shapes,
             keys: Rc::clone(&self.keys),
+            lazy: self.lazy.clone(),
         }
     }
 
@@ -581,6 +708,10 @@ impl<'a, B: Backend> Loader<'a, B> {
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         match self.store {
+            Some(store) if self.lazy.as_ref().is_some_and(|l| l.all) => {
+                store.check(&key, &shape)?;
+                Ok(Tensor::zeros([1; D], &self.device))
+            }
             Some(store) => {
                 let host = store.get(&key, &shape)?;
                 Ok(Tensor::from_data(
@@ -612,15 +743,14 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// burn's [d_in, d_out]; the layer keeps its HF name.
     pub fn linear(&self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let wname = format!("{name}.weight");
-        // burn layout [d_in, d_out], laid out contiguously once here: with the transposed view
-        // of the PyTorch tensor, Flex's `linear` re-laid the weight out on every call (a
-        // 2048×5120 layer at 64 tokens: 65 ms instead of 22 ms).
-        let weight = self.tensor(&wname, [d_out, d_in])?.transpose();
-        // (a dry loader's placeholders have other shapes and stay as they are)
-        let weight = if weight.dims() == [d_in, d_out] {
-            weight.reshape([d_in * d_out]).reshape([d_in, d_out])
-        } else {
-            weight
+        let module = self.key(name);
+        let weight = match (&self.lazy, self.store) {
+            (Some(lazy), Some(store)) if lazy.all || lazy.linears.contains(&module) => {
+                store.check(&self.key(&wname), &[d_out, d_in])?;
+                lazy.deferred.borrow_mut().insert(module, [d_in, d_out]);
+                deferred_weight(&self.device)
+            }
+            _ => self.linear_weight(name, d_in, d_out)?,
         };
         let weight = Param::from_tensor(weight);
         self.record(weight.id, &wname, Stored::Transposed);
@@ -635,6 +765,23 @@ impl<'a, B: Backend> Loader<'a, B> {
             adapter: None,
             packed: None,
             key: self.key(name).into(),
+        })
+    }
+
+    /// The weight of the `nn.Linear` `name` (`{name}.weight`, [d_out, d_in]) in burn's layout
+    /// [d_in, d_out], without recording a parameter (what [`Loader::linear`] holds; a lazy
+    /// loader's deferred weights are read with it later).
+    pub fn linear_weight(&self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>> {
+        let wname = format!("{name}.weight");
+        // burn layout [d_in, d_out], laid out contiguously once here: with the transposed view
+        // of the PyTorch tensor, Flex's `linear` re-laid the weight out on every call (a
+        // 2048×5120 layer at 64 tokens: 65 ms instead of 22 ms).
+        let weight = self.tensor(&wname, [d_out, d_in])?.transpose();
+        // (a dry loader's placeholders have other shapes and stay as they are)
+        Ok(if weight.dims() == [d_in, d_out] {
+            weight.reshape([d_in * d_out]).reshape([d_in, d_out])
+        } else {
+            weight
         })
     }
 
@@ -829,7 +976,7 @@ pub fn dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-fn encode(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+pub(crate) fn encode(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     out.clear();
     match dtype {
         Dtype::F16 => values
@@ -914,32 +1061,42 @@ pub fn write_safetensors_chunked(
 type PieceSink<'a> = &'a mut dyn FnMut(Piece) -> Result<()>;
 
 /// The writer behind the others: pieces of f32 values or of encoded bytes.
-fn write_safetensors_pieces(
-    path: &Path,
-    specs: &[(String, Vec<usize>, Dtype)],
-    data: &mut dyn FnMut(usize, PieceSink) -> Result<()>,
-) -> Result<()> {
+/// The start of a safetensors file holding `specs` (name, shape, dtype) in this order: the
+/// 8-byte header length and the header; and each tensor's byte offset in the file.
+pub fn safetensors_header(specs: &[(String, Vec<usize>, Dtype)]) -> (Vec<u8>, Vec<u64>) {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0usize;
+    let mut offsets = Vec::with_capacity(specs.len());
     for (name, shape, dtype) in specs {
         let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         header.insert(
             name.clone(),
             serde_json::json!({"dtype": dtype_name(*dtype), "shape": shape, "data_offsets": [offset, offset + n]}),
         );
+        offsets.push(offset as u64);
         offset += n;
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("json");
     while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
+    let mut start = (header_bytes.len() as u64).to_le_bytes().to_vec();
+    start.extend_from_slice(&header_bytes);
+    let base = start.len() as u64;
+    (start, offsets.into_iter().map(|o| o + base).collect())
+}
+
+fn write_safetensors_pieces(
+    path: &Path,
+    specs: &[(String, Vec<usize>, Dtype)],
+    data: &mut dyn FnMut(usize, PieceSink) -> Result<()>,
+) -> Result<()> {
+    let (start, _) = safetensors_header(specs);
     let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
     let mut w = BufWriter::new(file);
     let io = |e| ModelError::io(path, e);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header_bytes).map_err(io)?;
+    w.write_all(&start).map_err(io)?;
     let mut buf = Vec::new();
     for (i, (name, shape, dtype)) in specs.iter().enumerate() {
         // bytes written for this tensor

@@ -15,6 +15,7 @@ use ressa_models::nn::no_tap;
 use ressa_models::prunable::{BlockOptions, Prunable, StackInfo, Tower};
 use ressa_sparse::{Mask, SparsityPattern};
 
+use crate::activations::{Generation, Hidden, Spill};
 use crate::owl::{OwlConfig, OwlLayer, allocate, outlier_ratio};
 use crate::stats::ActivationStats;
 use crate::{
@@ -224,6 +225,67 @@ fn model_err(e: ressa_models::ModelError) -> CalibrateError {
     CalibrateError::Model(e)
 }
 
+/// Where the blocks' weights live while calibration runs: all in the model ([`InMemory`]),
+/// or read block by block from a checkpoint and written out as they are pruned (streamed
+/// pruning, `crate::stream`). Calibration loads a block before running it, releases it when
+/// done, and hands every pruned weight to [`BlockWeights::pruned`].
+pub trait BlockWeights<B: Backend, M: Prunable<B>> {
+    /// Makes block `block` of `stack` runnable: its prunable linears' weights in the model.
+    fn load(&mut self, model: &mut M, stack: M::Stack, block: usize) -> Result<(), CalibrateError>;
+    /// Block `block` of `stack` is not needed until it is loaded again.
+    fn release(
+        &mut self,
+        model: &mut M,
+        stack: M::Stack,
+        block: usize,
+    ) -> Result<(), CalibrateError>;
+    /// The pruned weight `name` (`….weight`) in burn's layout `[d_in, d_out]`, as soon as it is
+    /// computed.
+    fn pruned(
+        &mut self,
+        name: &str,
+        values: &[f32],
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(), CalibrateError>;
+    /// Whether the model itself must end up holding every pruned weight (with dense
+    /// propagation they are then applied after the last stack).
+    fn holds_model(&self) -> bool;
+}
+
+/// The whole model in memory: blocks are always loaded, and the model ends up pruned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InMemory;
+
+impl<B: Backend, M: Prunable<B>> BlockWeights<B, M> for InMemory {
+    fn load(&mut self, _: &mut M, _: M::Stack, _: usize) -> Result<(), CalibrateError> {
+        Ok(())
+    }
+
+    fn release(&mut self, _: &mut M, _: M::Stack, _: usize) -> Result<(), CalibrateError> {
+        Ok(())
+    }
+
+    fn pruned(&mut self, _: &str, _: &[f32], _: usize, _: usize) -> Result<(), CalibrateError> {
+        Ok(())
+    }
+
+    fn holds_model(&self) -> bool {
+        true
+    }
+}
+
+/// How much of the calibration set's activations (block inputs between blocks) may stay in
+/// memory, and where the rest goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActivationBudget {
+    /// Bytes of hidden states held in memory at most (`None`: no limit).
+    pub bytes: Option<u64>,
+    /// Directory of the spill files (created when first needed; each file is removed when its
+    /// activations are no longer needed). `None`: everything stays in memory.
+    pub spill_dir: Option<std::path::PathBuf>,
+}
+
 /// The keys of a block's linears: every one named, none twice.
 fn block_keys<B: Backend>(
     linears: &[&Linear<B>],
@@ -275,70 +337,27 @@ fn tap_key<B: Backend>(
 /// Pruner state of the linear groups that share an input, keyed by their linears' keys.
 type Groups = Vec<(Vec<Arc<str>>, Box<dyn Pruner>)>;
 
-/// Runs every input through block `b` of `stack`, feeding each tapped linear input to its
-/// group's pruner; returns the outputs.
-#[allow(clippy::too_many_arguments)]
-fn collect_stats<B: Backend, M: Prunable<B>>(
-    model: &M,
-    stack: M::Stack,
-    b: usize,
-    inputs: &[M::BlockInput],
-    pruner_cfg: &PrunerConfig,
-    options: BlockOptions,
-    block_name: &str,
-    groups: &mut Groups,
-) -> Result<Vec<Tensor<B, 3>>, CalibrateError> {
-    let mut outputs = Vec::with_capacity(inputs.len());
-    let mut failure: Option<CalibrateError> = None;
-    let listed = listed_keys(model, stack, b);
-    for input in inputs {
-        let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
-            if failure.is_some() {
-                return;
-            }
-            let [n, l, d] = x.dims();
-            let key = match tap_key(linears, &listed, block_name) {
-                Ok(k) => k,
-                Err(e) => {
-                    failure = Some(e);
-                    return;
-                }
-            };
-            let name = || {
-                key.first()
-                    .map_or(block_name.to_string(), |k| k.to_string())
-            };
-            let idx = match groups.iter().position(|(k, _)| *k == key) {
-                Some(i) => i,
-                None => match pruner_cfg.build(d) {
-                    Ok(p) => {
-                        groups.push((key.clone(), p));
-                        groups.len() - 1
-                    }
-                    Err(e) => {
-                        failure = Some(at(&name())(e));
-                        return;
-                    }
-                },
-            };
-            if let Err(e) = groups[idx].1.add_batch_samples(&host(x), n * l, n) {
-                failure = Some(at(&name())(e));
-            }
-        };
-        let out = model
-            .run_block(stack, b, input, options, &mut tap)
-            .map_err(model_err)?;
-        outputs.push(out);
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(outputs),
-    }
-}
-
 /// Pruned weights held back until their stack ends (dense propagation): stack, block, linear
 /// key, values.
-type Pending<S> = Vec<(S, usize, Arc<str>, Vec<f32>)>;
+type Pending<S> = Vec<(S, usize, Arc<str>, Vec<f32>, [usize; 2])>;
+
+/// Sets the weight of linear `key` of block `b`.
+fn set_linear<B: Backend, M: Prunable<B>>(
+    model: &mut M,
+    stack: M::Stack,
+    b: usize,
+    key: &str,
+    weight: impl FnOnce(&B::Device) -> Tensor<B, 2>,
+) {
+    if let Some(linear) = model
+        .block_linears_mut(stack, b)
+        .into_iter()
+        .find(|l| &*l.key == key)
+    {
+        let device = linear.weight.device();
+        linear.set_weight(weight(&device));
+    }
+}
 
 /// [`calibrate_and_prune`] handing every mask to `sink` instead of keeping them, so a whole
 /// model's masks need not be in memory; returns the per-layer report.
@@ -346,6 +365,33 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
     model: &mut M,
     samples: &[M::Sample],
     cfg: &CalibrationConfig,
+    progress: Progress,
+    sink: MaskSink,
+) -> Result<Vec<LayerReport>, CalibrateError> {
+    calibrate_blocks(
+        model,
+        &mut InMemory,
+        samples,
+        cfg,
+        &ActivationBudget::default(),
+        progress,
+        sink,
+    )
+}
+
+/// The calibration loop over any [`BlockWeights`]: for each stack, the inputs of block 0 from
+/// every sample's context; for each block, load it, run it with every linear's input
+/// reported, compute all its masks from those statistics (handing each mask to `sink` and
+/// each pruned weight to `weights`), produce the next block's inputs (through the pruned
+/// block, or the dense one), then release it. The activations between blocks are the only
+/// state carried from block to block; their hidden states beyond `budget` go to disk.
+/// Masks and weights do not depend on where the weights or activations were held.
+pub fn calibrate_blocks<B: Backend, M: Prunable<B>, W: BlockWeights<B, M>>(
+    model: &mut M,
+    weights: &mut W,
+    samples: &[M::Sample],
+    cfg: &CalibrationConfig,
+    budget: &ActivationBudget,
     progress: Progress,
     sink: MaskSink,
 ) -> Result<Vec<LayerReport>, CalibrateError> {
@@ -382,6 +428,7 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
     } else {
         Vec::new()
     };
+    let spill = Spill::new(budget);
     let mut layers: Vec<LayerReport> = Vec::new();
     let mut pending: Pending<M::Stack> = Vec::new();
     for stack in &stacks[..=last] {
@@ -391,17 +438,21 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
             if prune {
                 for b in 0..stack.blocks {
                     progress(&stack.name, b, stack.blocks);
+                    weights.load(model, stack.id, b)?;
                     prune_block(
                         model,
+                        weights,
                         stack,
                         b,
                         target,
                         cfg,
                         None,
+                        false,
                         &mut layers,
                         &mut pending,
                         sink,
                     )?;
+                    weights.release(model, stack.id, b)?;
                 }
             }
             continue;
@@ -412,105 +463,218 @@ pub fn calibrate_and_prune_with<B: Backend, M: Prunable<B>>(
                 stack.name
             )));
         }
-        let mut inputs: Vec<M::BlockInput> = contexts
-            .iter()
-            .map(|c| model.stack_input(stack.id, c))
-            .collect::<Result<_, _>>()
-            .map_err(model_err)?;
+        let mut inputs = Generation::new(&spill);
+        for c in &contexts {
+            let input = model.stack_input(stack.id, c).map_err(model_err)?;
+            inputs.push(model, input)?;
+        }
         let block_targets = match (prune, cfg.allocation) {
             (false, _) => vec![0.0; stack.blocks],
             (true, Allocation::Uniform) => vec![target; stack.blocks],
-            (true, Allocation::Owl(owl)) => {
-                owl_targets(model, stack, inputs.clone(), target, &owl, cfg.block)?
-            }
+            (true, Allocation::Owl(owl)) => owl_targets(
+                model, weights, stack, &inputs, target, &owl, cfg.block, &spill,
+            )?,
         };
+        let ends = stack.id != stacks[last].id;
+        // The output pass (see `Prunable::output_options`), from the same inputs.
+        let out_options = ends
+            .then(|| model.output_options(stack.id, cfg.block))
+            .flatten();
+        let mut output_pass = out_options.map(|_| inputs.share());
         let pruner_cfg = cfg.pruner_config(stack.tower);
-        let mut hidden: Vec<Tensor<B, 3>> = Vec::new();
+        // The last block's outputs, for `end_stack`.
+        let mut outputs: Vec<Hidden<B>> = Vec::new();
+        let mut kept = Generation::<B, ()>::new(&spill);
         for (b, &block_target) in block_targets.iter().enumerate().take(stack.blocks) {
             let block_name = format!("{}.{b}", stack.name);
-            let rerun = |model: &M, inputs: &[M::BlockInput]| {
-                inputs
-                    .iter()
-                    .map(|i| model.run_block(stack.id, b, i, cfg.block, &mut no_tap))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(model_err)
+            let final_block = b + 1 == stack.blocks;
+            weights.load(model, stack.id, b)?;
+            let stats_pass = prune && cfg.method != Method::Magnitude;
+            // Dense propagation: the statistics pass's outputs are the next inputs.
+            let next_from_stats = stats_pass && cfg.propagation == Propagation::Dense;
+            let mut next = Generation::new(&spill);
+            let mut groups: Groups = Vec::new();
+            // Moves a sample on: its next input, or (last block) its output for `end_stack`.
+            let mut advance = |model: &M,
+                               next: &mut Generation<B, M::BlockInput>,
+                               input: M::BlockInput,
+                               out: Tensor<B, 3>,
+                               keep_output: bool|
+             -> Result<(), CalibrateError> {
+                if final_block {
+                    if keep_output {
+                        outputs.push(kept.keep(out.clone())?);
+                    }
+                    // (still called: a model may record states on the way)
+                    drop(model.with_hidden(input, out));
+                    Ok(())
+                } else {
+                    next.push(model, model.with_hidden(input, out))
+                }
             };
-            if !prune {
-                hidden = rerun(model, &inputs)?;
-            } else {
+            if prune {
                 progress(&stack.name, b, stack.blocks);
-                let mut groups: Groups = Vec::new();
-                let outputs = if cfg.method != Method::Magnitude {
-                    collect_stats(
+            }
+            if stats_pass {
+                let listed = listed_keys(model, stack.id, b);
+                for i in 0..inputs.len() {
+                    let input = inputs.get(model, i)?;
+                    let out = collect_stats(
                         model,
                         stack.id,
                         b,
-                        &inputs,
+                        &input,
                         &pruner_cfg,
                         cfg.block,
                         &block_name,
+                        &listed,
                         &mut groups,
-                    )?
-                } else {
-                    Vec::new()
-                };
+                    )?;
+                    if next_from_stats {
+                        advance(model, &mut next, input, out, out_options.is_none())?;
+                    }
+                }
+            }
+            if prune {
+                // The dense weights are run again after pruning only by the output pass, or
+                // when the next inputs come through the dense block.
+                let keep_dense = cfg.propagation == Propagation::Dense
+                    && (!next_from_stats || output_pass.is_some());
                 prune_block(
                     model,
+                    weights,
                     stack,
                     b,
                     block_target,
                     cfg,
-                    Some(&groups),
+                    stats_pass.then_some(&mut groups),
+                    keep_dense,
                     &mut layers,
                     &mut pending,
                     sink,
                 )?;
-                // Next block's inputs: the dense outputs already computed, or through the
-                // pruned block.
-                hidden = match cfg.propagation {
-                    Propagation::Dense if cfg.method != Method::Magnitude => outputs,
-                    _ => rerun(model, &inputs)?,
-                };
             }
-            inputs = inputs
-                .into_iter()
-                .zip(hidden.iter().cloned())
-                .map(|(i, h)| model.with_hidden(i, h))
-                .collect();
+            drop(groups);
+            if !next_from_stats {
+                for i in 0..inputs.len() {
+                    let input = inputs.get(model, i)?;
+                    let out = model
+                        .run_block(stack.id, b, &input, cfg.block, &mut no_tap)
+                        .map_err(model_err)?;
+                    advance(model, &mut next, input, out, out_options.is_none())?;
+                }
+            }
+            if let (Some(options), Some(pass)) = (out_options, &output_pass) {
+                let mut pass_next = Generation::new(&spill);
+                for i in 0..pass.len() {
+                    let input = pass.get(model, i)?;
+                    let out = model
+                        .run_block(stack.id, b, &input, options, &mut no_tap)
+                        .map_err(model_err)?;
+                    advance(model, &mut pass_next, input, out, true)?;
+                }
+                output_pass = Some(pass_next);
+            }
+            weights.release(model, stack.id, b)?;
+            inputs = next;
         }
-        if stack.id != stacks[last].id {
-            for (ctx, h) in contexts.iter_mut().zip(hidden) {
+        drop(inputs);
+        drop(output_pass);
+        if ends {
+            for (ctx, h) in contexts.iter_mut().zip(&outputs) {
                 model
-                    .end_stack(stack.id, h, ctx, cfg.block)
+                    .end_stack(stack.id, h.load()?, ctx, cfg.block)
                     .map_err(model_err)?;
             }
         }
-    }
-    for (stack, block, key, values) in pending {
-        for linear in model.block_linears_mut(stack, block) {
-            if linear.key == key {
-                let [d_in, d_out] = linear.weight.dims();
-                let device = linear.weight.device();
-                linear.set_weight(Tensor::from_data(
-                    TensorData::new(values.clone(), [d_in, d_out]),
-                    &device,
-                ));
-            }
+        if spill.spilled() > 0 {
+            tracing::debug!(
+                stack = %stack.name,
+                spilled_mib = spill.spilled() >> 20,
+                "activations spilled so far"
+            );
         }
+    }
+    for (stack, block, key, values, dims) in pending {
+        set_linear(model, stack, block, &key, |device| {
+            Tensor::from_data(TensorData::new(values, dims), device)
+        });
     }
     Ok(layers)
 }
 
-/// Masks of every linear of block `b` (from the block's statistics in `groups`, or by
-/// magnitude), handed to `sink`; the pruned weights written (pruned propagation) or queued.
+/// Runs one input through block `b` of `stack`, feeding each tapped linear input to its
+/// group's pruner; returns the output.
 #[allow(clippy::too_many_arguments)]
-fn prune_block<B: Backend, M: Prunable<B>>(
+fn collect_stats<B: Backend, M: Prunable<B>>(
+    model: &M,
+    stack: M::Stack,
+    b: usize,
+    input: &M::BlockInput,
+    pruner_cfg: &PrunerConfig,
+    options: BlockOptions,
+    block_name: &str,
+    listed: &[Arc<str>],
+    groups: &mut Groups,
+) -> Result<Tensor<B, 3>, CalibrateError> {
+    let mut failure: Option<CalibrateError> = None;
+    let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
+        if failure.is_some() {
+            return;
+        }
+        let [n, l, d] = x.dims();
+        let key = match tap_key(linears, listed, block_name) {
+            Ok(k) => k,
+            Err(e) => {
+                failure = Some(e);
+                return;
+            }
+        };
+        let name = || {
+            key.first()
+                .map_or(block_name.to_string(), |k| k.to_string())
+        };
+        let idx = match groups.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => match pruner_cfg.build(d) {
+                Ok(p) => {
+                    groups.push((key.clone(), p));
+                    groups.len() - 1
+                }
+                Err(e) => {
+                    failure = Some(at(&name())(e));
+                    return;
+                }
+            },
+        };
+        if let Err(e) = groups[idx].1.add_batch_samples(&host(x), n * l, n) {
+            failure = Some(at(&name())(e));
+        }
+    };
+    let out = model
+        .run_block(stack, b, input, options, &mut tap)
+        .map_err(model_err)?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Masks of every linear of block `b` (from the block's statistics in `groups`, or by
+/// magnitude), handed to `sink`; each pruned weight handed to `weights` and set in the model
+/// (pruned propagation) or queued for the end (dense propagation of a model held whole). A
+/// linear's dense weight is dropped once copied for pruning unless `keep_dense` (the block
+/// still runs dense), and a group's pruner once its last linear is pruned.
+#[allow(clippy::too_many_arguments)]
+fn prune_block<B: Backend, M: Prunable<B>, W: BlockWeights<B, M>>(
     model: &mut M,
+    weights: &mut W,
     stack: &StackInfo<M::Stack>,
     b: usize,
     target: f64,
     cfg: &CalibrationConfig,
-    groups: Option<&Groups>,
+    mut groups: Option<&mut Groups>,
+    keep_dense: bool,
     layers: &mut Vec<LayerReport>,
     pending: &mut Pending<M::Stack>,
     sink: MaskSink,
@@ -518,20 +682,47 @@ fn prune_block<B: Backend, M: Prunable<B>>(
     let block_name = format!("{}.{b}", stack.name);
     let spec = PruneSpec::new(cfg.pattern, target).map_err(at(&block_name))?;
     let magnitude = PrunerConfig::default_for(Method::Magnitude);
-    let mut updates: Vec<(Arc<str>, Vec<f32>)> = Vec::new();
-    {
-        let linears = model.block_linears(stack.id, b);
-        block_keys(&linears, &block_name)?;
-        for linear in linears {
-            let full = format!("{}.weight", linear.key);
+    let keys = block_keys(&model.block_linears(stack.id, b), &block_name)?;
+    for linear in model.block_linears(stack.id, b) {
+        let [d_in, _] = linear.weight.dims();
+        spec.validate(d_in)
+            .map_err(at(&format!("{}.weight", linear.key)))?;
+    }
+    let mut done: Vec<Arc<str>> = Vec::with_capacity(keys.len());
+    for key in &keys {
+        let full = format!("{key}.weight");
+        let (mut values, d_in, d_out) = {
+            let linears = model.block_linears(stack.id, b);
+            let linear = linears
+                .iter()
+                .find(|l| l.key == *key)
+                .expect("listed above");
             let [d_in, d_out] = linear.weight.dims();
-            spec.validate(d_in).map_err(at(&full))?;
-            let mut values = host(&linear.weight.val());
-            let weights = Weights::new(&values, d_in, d_out).map_err(at(&full))?;
-            let output = match groups.filter(|_| cfg.method != Method::Magnitude) {
-                None => magnitude.build(d_in).map_err(at(&full))?.prune(weights, &spec),
-                Some(groups) => match groups.iter().find(|(k, _)| k.contains(&linear.key)) {
-                    Some((_, pruner)) => pruner.prune(weights, &spec),
+            (host(&linear.weight.val()), d_in, d_out)
+        };
+        if !keep_dense {
+            // (the values are in `values`; the layer gets them back pruned, or is reloaded)
+            set_linear(model, stack.id, b, key, |device| {
+                Tensor::zeros([0, 0], device)
+            });
+        }
+        let output = {
+            let w = Weights::new(&values, d_in, d_out).map_err(at(&full))?;
+            match groups.as_deref_mut().filter(|_| cfg.method != Method::Magnitude) {
+                None => magnitude.build(d_in).map_err(at(&full))?.prune(w, &spec),
+                Some(groups) => match groups.iter().position(|(k, _)| k.contains(key)) {
+                    Some(g) => {
+                        let last_of_group = groups[g]
+                            .0
+                            .iter()
+                            .all(|k| k == key || done.contains(k));
+                        if last_of_group {
+                            let (_, pruner) = groups.remove(g);
+                            pruner.prune_once(w, &spec)
+                        } else {
+                            groups[g].1.prune(w, &spec)
+                        }
+                    }
                     None => {
                         return Err(CalibrateError::Input(format!(
                             "{full}: no calibration input reached this linear (its block does not tap it)"
@@ -539,60 +730,62 @@ fn prune_block<B: Backend, M: Prunable<B>>(
                     }
                 },
             }
-            .map_err(at(&full))?;
-            output.apply_to(&mut values).map_err(at(&full))?;
-            layers.push(LayerReport {
-                name: full.clone(),
-                tower: stack.tower,
-                d_in,
-                d_out,
-                target: spec.sparsity(),
-                sparsity: output.mask.sparsity(),
-                pruned: output.mask.count_pruned(),
-            });
-            sink(&full, output.mask)?;
-            updates.push((Arc::clone(&linear.key), values));
-        }
-    }
-    match cfg.propagation {
-        Propagation::Pruned => {
-            for linear in model.block_linears_mut(stack.id, b) {
-                if let Some(pos) = updates.iter().position(|(k, _)| *k == linear.key) {
-                    let (_, values) = updates.swap_remove(pos);
-                    let [d_in, d_out] = linear.weight.dims();
-                    let device = linear.weight.device();
-                    linear.set_weight(Tensor::from_data(
-                        TensorData::new(values, [d_in, d_out]),
-                        &device,
-                    ));
-                }
+            .map_err(at(&full))?
+        };
+        done.push(Arc::clone(key));
+        output.apply_to(&mut values).map_err(at(&full))?;
+        layers.push(LayerReport {
+            name: full.clone(),
+            tower: stack.tower,
+            d_in,
+            d_out,
+            target: spec.sparsity(),
+            sparsity: output.mask.sparsity(),
+            pruned: output.mask.count_pruned(),
+        });
+        drop(output.weights);
+        sink(&full, output.mask)?;
+        weights.pruned(&full, &values, d_in, d_out)?;
+        match cfg.propagation {
+            Propagation::Pruned => set_linear(model, stack.id, b, key, |device| {
+                Tensor::from_data(TensorData::new(values, [d_in, d_out]), device)
+            }),
+            Propagation::Dense if weights.holds_model() => {
+                pending.push((stack.id, b, Arc::clone(key), values, [d_in, d_out]));
             }
-        }
-        Propagation::Dense => {
-            pending.extend(updates.into_iter().map(|(k, v)| (stack.id, b, k, v)));
+            Propagation::Dense => {}
         }
     }
     Ok(())
 }
 
-/// OWL per-block sparsities of one stack: a dense pass collecting ‖x_j‖ of every linear input,
-/// the outlier ratio of |W|·‖x‖ per block, then `allocate`.
-fn owl_targets<B: Backend, M: Prunable<B>>(
-    model: &M,
+/// OWL per-block sparsities of one stack: a dense pass (each block loaded, run on the
+/// stack's inputs, released) collecting ‖x_j‖ of every linear input, the outlier ratio of
+/// |W|·‖x‖ per block, then `allocate`. Its own generations of activations; the stack's
+/// inputs are left for the pruning pass.
+#[allow(clippy::too_many_arguments)]
+fn owl_targets<B: Backend, M: Prunable<B>, W: BlockWeights<B, M>>(
+    model: &mut M,
+    weights: &mut W,
     stack: &StackInfo<M::Stack>,
-    mut inputs: Vec<M::BlockInput>,
+    inputs: &Generation<B, M::BlockInput>,
     target: f64,
     owl: &OwlConfig,
     options: BlockOptions,
+    spill: &Spill,
 ) -> Result<Vec<f64>, CalibrateError> {
     let mut ratios = Vec::with_capacity(stack.blocks);
+    let mut current: Option<Generation<B, M::BlockInput>> = None;
     for b in 0..stack.blocks {
         let block_name = format!("{}.{b}", stack.name);
+        weights.load(model, stack.id, b)?;
         let mut stats: Vec<(Vec<Arc<str>>, ActivationStats)> = Vec::new();
         let mut failure = None;
-        let mut outputs = Vec::new();
         let listed = listed_keys(model, stack.id, b);
-        for input in &inputs {
+        let source = current.as_ref().unwrap_or(inputs);
+        let mut next = Generation::new(spill);
+        for i in 0..source.len() {
+            let input = source.get(model, i)?;
             let mut tap = |linears: &[&Linear<B>], x: &Tensor<B, 3>| {
                 let [n, l, d] = x.dims();
                 let key = match tap_key(linears, &listed, &block_name) {
@@ -619,17 +812,19 @@ fn owl_targets<B: Backend, M: Prunable<B>>(
                     failure.get_or_insert(at(&block_name)(e));
                 }
             };
-            outputs.push(
-                model
-                    .run_block(stack.id, b, input, options, &mut tap)
-                    .map_err(model_err)?,
-            );
+            let out = model
+                .run_block(stack.id, b, &input, options, &mut tap)
+                .map_err(model_err)?;
+            let advanced = model.with_hidden(input, out);
+            if b + 1 < stack.blocks {
+                next.push(model, advanced)?;
+            }
         }
         if let Some(e) = failure {
             return Err(e);
         }
         let linears = model.block_linears(stack.id, b);
-        let weights: Vec<(Arc<str>, Vec<f32>, usize, usize)> = linears
+        let block_weights: Vec<(Arc<str>, Vec<f32>, usize, usize)> = linears
             .iter()
             .map(|l| {
                 let [d_in, d_out] = l.weight.dims();
@@ -639,7 +834,7 @@ fn owl_targets<B: Backend, M: Prunable<B>>(
         let norms: Vec<(Vec<Arc<str>>, Vec<f64>)> =
             stats.iter().map(|(k, s)| (k.clone(), s.norms())).collect();
         let mut owl_layers = Vec::new();
-        for (key, values, d_in, d_out) in &weights {
+        for (key, values, d_in, d_out) in &block_weights {
             match norms.iter().find(|(k, _)| k.contains(key)) {
                 Some((_, n)) => owl_layers.push(OwlLayer {
                     weights: Weights::new(values, *d_in, *d_out).map_err(at(&block_name))?,
@@ -653,11 +848,10 @@ fn owl_targets<B: Backend, M: Prunable<B>>(
             }
         }
         ratios.push(outlier_ratio(&owl_layers, owl.m).map_err(at(&block_name))?);
-        inputs = inputs
-            .into_iter()
-            .zip(outputs)
-            .map(|(i, o)| model.with_hidden(i, o))
-            .collect();
+        drop(owl_layers);
+        drop(block_weights);
+        weights.release(model, stack.id, b)?;
+        current = Some(next);
     }
     allocate(&ratios, target, owl.lambda).map_err(at(&stack.name))
 }

@@ -27,6 +27,7 @@
 //! [`ThresholdRule`] reproduces the reference's value-threshold variants for groups spanning
 //! several outputs.
 
+mod activations;
 pub mod calibrate;
 pub mod dsnot;
 pub mod error;
@@ -37,6 +38,7 @@ mod select;
 mod simd;
 pub mod sparsegpt;
 pub mod stats;
+pub mod stream;
 pub mod wanda;
 
 use ressa_sparse::{Mask, SparsityPattern};
@@ -287,6 +289,13 @@ pub trait Pruner: Send + Sync {
 
     /// Computes the mask (and, for SparseGPT, the reconstructed weights) of `weights`.
     fn prune(&self, weights: Weights<'_>, spec: &PruneSpec) -> Result<PruneOutput>;
+
+    /// [`Pruner::prune`] by a pruner not needed afterwards, which may free its statistics as
+    /// soon as it can (SparseGPT drops its `d_in²` Hessian sum once the Hessian is factorized).
+    /// Same result as [`Pruner::prune`].
+    fn prune_once(self: Box<Self>, weights: Weights<'_>, spec: &PruneSpec) -> Result<PruneOutput> {
+        self.prune(weights, spec)
+    }
 }
 
 /// Configuration of any method; [`PrunerConfig::build`] makes its [`Pruner`].

@@ -32,7 +32,11 @@
 //!   notes), retries are bounded, and non-finite inputs are rejected up front.
 //! - The Cholesky/inverse steps run in `f64` (the reference uses `f32`).
 
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::inverse;
 use faer::linalg::matmul::triangular::BlockStructure;
+use faer::mat::AsMatMut;
+use faer::prelude::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use ressa_sparse::{Mask, SparsityPattern};
@@ -140,20 +144,6 @@ fn cholesky_lower(a: &mut Mat<f64>) -> std::result::Result<(), ()> {
     .map_err(|_| ())
 }
 
-/// `(L Lᵀ)⁻¹` from a lower factor, full symmetric result.
-fn inverse_from_lower(l: &Mat<f64>) -> Mat<f64> {
-    use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::cholesky::llt::inverse;
-    let n = l.nrows();
-    let par = Par::rayon(0);
-    let mut out = Mat::<f64>::zeros(n, n);
-    let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(n, par));
-    let stack = MemStack::new(&mut mem);
-    inverse::inverse(out.as_mut(), l.as_ref(), par, stack);
-    symmetrize_from_lower(&mut out);
-    out
-}
-
 fn symmetrize_from_lower(a: &mut Mat<f64>) {
     let n = a.nrows();
     for j in 0..n {
@@ -163,37 +153,40 @@ fn symmetrize_from_lower(a: &mut Mat<f64>) {
     }
 }
 
-/// Cholesky of `a + t·damp·I` for `t = first, first+1, ...`, at most `max` dampings.
-/// Returns the lower factor (upper part zeroed) or the number of dampings tried.
-fn damped_cholesky(
-    a: &Mat<f64>,
-    damp: f64,
-    damp_first: bool,
-    max: usize,
-) -> std::result::Result<Mat<f64>, usize> {
+/// In-place lower Cholesky of `a + applied·damp·I` (upper part zeroed on success); `false`
+/// when it fails, leaving `a` destroyed.
+fn damped_cholesky_in_place(a: &mut Mat<f64>, applied: usize, damp: f64) -> bool {
     let n = a.nrows();
-    let mut applied = 0usize;
-    if damp_first {
-        applied = 1;
+    for i in 0..n {
+        a[(i, i)] += applied as f64 * damp;
     }
-    loop {
-        let mut l = a.clone();
-        for i in 0..n {
-            l[(i, i)] += applied as f64 * damp;
-        }
-        if cholesky_lower(&mut l).is_ok() && (0..n).all(|i| l[(i, i)].is_finite()) {
-            for j in 0..n {
-                for i in 0..j {
-                    l[(i, j)] = 0.0;
-                }
+    if cholesky_lower(a).is_ok() && (0..n).all(|i| a[(i, i)].is_finite()) {
+        for j in 0..n {
+            for i in 0..j {
+                a[(i, j)] = 0.0;
             }
-            return Ok(l);
         }
-        if applied >= max {
-            return Err(applied);
-        }
-        applied += 1;
+        true
+    } else {
+        false
     }
+}
+
+/// `out = (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹` (lower part, then symmetrized) from `l_inv` = L⁻¹ (lower part),
+/// as faer's `llt::inverse` computes it.
+fn square_inverse(out: &mut Mat<f64>, l_inv: MatRef<'_, f64>) {
+    faer::linalg::matmul::triangular::matmul(
+        out.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        l_inv.adjoint(),
+        BlockStructure::TriangularUpper,
+        l_inv,
+        BlockStructure::TriangularLower,
+        1.0f64,
+        Par::rayon(0),
+    );
+    symmetrize_from_lower(out);
 }
 
 /// SparseGPT on a given Hessian (`d_in × d_in`, symmetric, already scaled, `f32`
@@ -212,19 +205,25 @@ pub fn sparsegpt_prune(
         });
     }
     check_finite("hessian", hessian)?;
-    let h = Mat::<f64>::from_fn(d_in, d_in, |i, j| hessian[i * d_in + j] as f64);
-    run(weights, h, spec, config)
+    let build = || Mat::<f64>::from_fn(d_in, d_in, |i, j| hessian[i * d_in + j] as f64);
+    run(weights, &build, &mut || {}, spec, config)
 }
 
-/// The core, with the (mutable) `f64` Hessian.
+/// The core. `hessian()` builds the `f64` Hessian (again when a factorization in place failed
+/// and is retried with more damping); `release()` is called once it is no longer needed.
+///
+/// Memory: at most two `d_in²` `f64` matrices at a time (the factor and its inverse), each
+/// factorization in place; the results are those of factorizing copies.
 fn run(
     weights: Weights<'_>,
-    mut h: Mat<f64>,
+    hessian: &dyn Fn() -> Mat<f64>,
+    release: &mut dyn FnMut(),
     spec: &PruneSpec,
     config: &SparseGptConfig,
 ) -> Result<PruneOutput> {
     let (d_in, d_out) = (weights.d_in(), weights.d_out());
     config.validate(spec, d_in)?;
+    let mut h = hessian();
     // finite activations can still overflow f32 in Σ XᵀX
     if let Some(k) = (0..d_in * d_in).find(|&k| !h[(k / d_in, k % d_in)].is_finite()) {
         return Err(PruneError::NonFinite {
@@ -236,27 +235,60 @@ fn run(
     let mut w = weights.data().to_vec();
 
     // dead inputs
+    let mut dead = Vec::new();
     for j in 0..d_in {
         if h[(j, j)] == 0.0 {
             h[(j, j)] = 1.0;
             w[j * d_out..(j + 1) * d_out].fill(0.0);
+            dead.push(j);
         }
     }
     let mean_diag = (0..d_in).map(|i| h[(i, i)]).sum::<f64>() / d_in as f64;
-    let l = damped_cholesky(&h, config.percdamp * mean_diag, true, config.max_dampings)
-        .map_err(PruneError::HessianNotPositiveDefinite)?;
-    drop(h);
-    let hinv = inverse_from_lower(&l);
-    drop(l);
-    let mean_abs = (0..d_in).map(|i| hinv[(i, i)].abs()).sum::<f64>() / d_in as f64;
-    let l2 = damped_cholesky(
-        &hinv,
-        config.percdamp * mean_abs,
-        false,
-        config.max_dampings,
-    )
-    .map_err(PruneError::InverseHessianNotPositiveDefinite)?;
-    drop(hinv);
+    // L = chol(H + t·λ·mean(diag H)·I), t = 1, 2, … until it succeeds
+    let damp = config.percdamp * mean_diag;
+    let mut applied = 1usize;
+    let mut l = h;
+    while !damped_cholesky_in_place(&mut l, applied, damp) {
+        if applied >= config.max_dampings {
+            return Err(PruneError::HessianNotPositiveDefinite(applied));
+        }
+        applied += 1;
+        l = hessian();
+        for &j in &dead {
+            l[(j, j)] = 1.0;
+        }
+    }
+    release();
+
+    // H⁻¹ = L⁻ᵀ L⁻¹ (as faer's `llt::inverse`), written over L's storage; L⁻¹ is kept to
+    // rebuild H⁻¹ if its factorization has to be retried.
+    let l2 = {
+        let par = Par::rayon(0);
+        let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(d_in, par));
+        let stack = MemStack::new(&mut mem);
+        // SAFETY: every entry `square_inverse` reads (the lower part) is written by
+        // `invert_lower_triangular` first.
+        let (mut l_inv, _) =
+            unsafe { faer::linalg::temp_mat_uninit::<f64, _, _>(d_in, d_in, stack) };
+        let mut l_inv = l_inv.as_mat_mut();
+        faer::linalg::triangular_inverse::invert_lower_triangular(l_inv.rb_mut(), l.as_ref(), par);
+        let l_inv = l_inv.rb();
+        let mut hinv = l;
+        square_inverse(&mut hinv, l_inv);
+        let mean_abs = (0..d_in).map(|i| hinv[(i, i)].abs()).sum::<f64>() / d_in as f64;
+        // U = chol(H⁻¹ + t·λ·mean|diag H⁻¹|·I)ᵀ, t = 0, 1, …
+        let damp = config.percdamp * mean_abs;
+        let mut applied = 0usize;
+        let mut l2 = hinv;
+        while !damped_cholesky_in_place(&mut l2, applied, damp) {
+            if applied >= config.max_dampings {
+                return Err(PruneError::InverseHessianNotPositiveDefinite(applied));
+            }
+            applied += 1;
+            square_inverse(&mut l2, l_inv);
+        }
+        l2
+    };
     // U = L2ᵀ (upper), row-major f32
     let mut u = vec![0f32; d_in * d_in];
     u.par_chunks_mut(d_in).enumerate().for_each(|(r, row)| {
@@ -455,24 +487,24 @@ impl SparseGptPruner {
         Ok(h)
     }
 
-    fn hessian_f64(&self) -> Result<Mat<f64>> {
-        if self.nsamples == 0 {
-            return Err(PruneError::EmptyStatistics);
-        }
+    /// `H = (2/N) Σ XᵀX` in `f64` from the column-major lower sum `src`.
+    fn hessian_f64_of(&self, src: &[f32]) -> Mat<f64> {
         let d = self.d_in;
-        let mut sum;
-        let src: &[f32] = if self.pending_tokens > 0 {
-            sum = self.hsum.clone();
-            accumulate_xtx(&mut sum, d, &self.pending, self.pending_tokens);
-            &sum
-        } else {
-            &self.hsum
-        };
         let scale = 2.0 / self.nsamples as f64;
-        Ok(Mat::from_fn(d, d, |i, j| {
+        Mat::from_fn(d, d, |i, j| {
             let (r, c) = if i >= j { (i, j) } else { (j, i) };
             src[c * d + r] as f64 * scale
-        }))
+        })
+    }
+
+    fn hessian_f64(&self) -> Mat<f64> {
+        if self.pending_tokens > 0 {
+            let mut sum = self.hsum.clone();
+            accumulate_xtx(&mut sum, self.d_in, &self.pending, self.pending_tokens);
+            self.hessian_f64_of(&sum)
+        } else {
+            self.hessian_f64_of(&self.hsum)
+        }
     }
 }
 
@@ -508,8 +540,45 @@ impl Pruner for SparseGptPruner {
             });
         }
         self.config.validate(spec, self.d_in)?;
-        let h = self.hessian_f64()?;
-        run(weights, h, spec, &self.config)
+        if self.nsamples == 0 {
+            return Err(PruneError::EmptyStatistics);
+        }
+        run(
+            weights,
+            &|| self.hessian_f64(),
+            &mut || {},
+            spec,
+            &self.config,
+        )
+    }
+
+    /// Drops the `d_in²` Hessian sum once the Hessian is factorized.
+    fn prune_once(
+        mut self: Box<Self>,
+        weights: Weights<'_>,
+        spec: &PruneSpec,
+    ) -> Result<PruneOutput> {
+        if weights.d_in() != self.d_in {
+            return Err(PruneError::DimMismatch {
+                expected: self.d_in,
+                got: weights.d_in(),
+            });
+        }
+        self.config.validate(spec, self.d_in)?;
+        if self.nsamples == 0 {
+            return Err(PruneError::EmptyStatistics);
+        }
+        self.flush();
+        let hsum = std::cell::RefCell::new(Some(std::mem::take(&mut self.hsum)));
+        let this = &*self;
+        let build = || this.hessian_f64_of(hsum.borrow().as_deref().expect("held until released"));
+        run(
+            weights,
+            &build,
+            &mut || drop(hsum.borrow_mut().take()),
+            spec,
+            &self.config,
+        )
     }
 }
 
@@ -528,6 +597,318 @@ mod tests {
                 ((s >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// The implementation before the in-place factorizations (each step on a copy), kept to
+    /// check that the new one gives the same bits.
+    mod reference {
+        use super::super::*;
+
+        /// `(L Lᵀ)⁻¹` from a lower factor, full symmetric result.
+        fn inverse_from_lower_ref(l: &Mat<f64>) -> Mat<f64> {
+            use faer::dyn_stack::{MemBuffer, MemStack};
+            use faer::linalg::cholesky::llt::inverse;
+            let n = l.nrows();
+            let par = Par::rayon(0);
+            let mut out = Mat::<f64>::zeros(n, n);
+            let mut mem = MemBuffer::new(inverse::inverse_scratch::<f64>(n, par));
+            let stack = MemStack::new(&mut mem);
+            inverse::inverse(out.as_mut(), l.as_ref(), par, stack);
+            symmetrize_from_lower_ref(&mut out);
+            out
+        }
+
+        fn symmetrize_from_lower_ref(a: &mut Mat<f64>) {
+            let n = a.nrows();
+            for j in 0..n {
+                for i in 0..j {
+                    a[(i, j)] = a[(j, i)];
+                }
+            }
+        }
+
+        /// Cholesky of `a + t·damp·I` for `t = first, first+1, ...`, at most `max` dampings.
+        /// Returns the lower factor (upper part zeroed) or the number of dampings tried.
+        fn damped_cholesky_ref(
+            a: &Mat<f64>,
+            damp: f64,
+            damp_first: bool,
+            max: usize,
+        ) -> std::result::Result<Mat<f64>, usize> {
+            let n = a.nrows();
+            let mut applied = 0usize;
+            if damp_first {
+                applied = 1;
+            }
+            loop {
+                let mut l = a.clone();
+                for i in 0..n {
+                    l[(i, i)] += applied as f64 * damp;
+                }
+                if cholesky_lower(&mut l).is_ok() && (0..n).all(|i| l[(i, i)].is_finite()) {
+                    for j in 0..n {
+                        for i in 0..j {
+                            l[(i, j)] = 0.0;
+                        }
+                    }
+                    return Ok(l);
+                }
+                if applied >= max {
+                    return Err(applied);
+                }
+                applied += 1;
+            }
+        }
+
+        /// The core, with the (mutable) `f64` Hessian.
+        pub(super) fn run_ref(
+            weights: Weights<'_>,
+            mut h: Mat<f64>,
+            spec: &PruneSpec,
+            config: &SparseGptConfig,
+        ) -> Result<PruneOutput> {
+            let (d_in, d_out) = (weights.d_in(), weights.d_out());
+            config.validate(spec, d_in)?;
+            // finite activations can still overflow f32 in Σ XᵀX
+            if let Some(k) = (0..d_in * d_in).find(|&k| !h[(k / d_in, k % d_in)].is_finite()) {
+                return Err(PruneError::NonFinite {
+                    what: "Hessian (activations too large for f32)",
+                    index: k,
+                    value: h[(k / d_in, k % d_in)] as f32,
+                });
+            }
+            let mut w = weights.data().to_vec();
+
+            // dead inputs
+            for j in 0..d_in {
+                if h[(j, j)] == 0.0 {
+                    h[(j, j)] = 1.0;
+                    w[j * d_out..(j + 1) * d_out].fill(0.0);
+                }
+            }
+            let mean_diag = (0..d_in).map(|i| h[(i, i)]).sum::<f64>() / d_in as f64;
+            let l = damped_cholesky_ref(&h, config.percdamp * mean_diag, true, config.max_dampings)
+                .map_err(PruneError::HessianNotPositiveDefinite)?;
+            drop(h);
+            let hinv = inverse_from_lower_ref(&l);
+            drop(l);
+            let mean_abs = (0..d_in).map(|i| hinv[(i, i)].abs()).sum::<f64>() / d_in as f64;
+            let l2 = damped_cholesky_ref(
+                &hinv,
+                config.percdamp * mean_abs,
+                false,
+                config.max_dampings,
+            )
+            .map_err(PruneError::InverseHessianNotPositiveDefinite)?;
+            drop(hinv);
+            // U = L2ᵀ (upper), row-major f32
+            let mut u = vec![0f32; d_in * d_in];
+            u.par_chunks_mut(d_in).enumerate().for_each(|(r, row)| {
+                for (c, x) in row.iter_mut().enumerate().skip(r) {
+                    *x = l2[(c, r)] as f32;
+                }
+            });
+            drop(l2);
+
+            let mut keep = vec![true; d_in * d_out];
+            let bs = config.block_size;
+            let nm = match spec.pattern() {
+                SparsityPattern::NM { n, m } => Some((n, m)),
+                SparsityPattern::Unstructured => None,
+            };
+            let threads = rayon::current_num_threads().max(1);
+            let cw = (d_out / (2 * threads)).clamp(16, 256);
+            let starts: Vec<usize> = (0..d_out).step_by(cw).collect();
+            let mut err = vec![0f32; bs.min(d_in) * d_out];
+
+            for b0 in (0..d_in).step_by(bs) {
+                let b1 = (b0 + bs).min(d_in);
+                let nb = b1 - b0;
+                let ub: Vec<f32> = (b0..b1)
+                    .flat_map(|r| u[r * d_in + b0..r * d_in + b1].iter().copied())
+                    .collect();
+                let udiag: Vec<f64> = (0..nb).map(|k| ub[k * nb + k] as f64).collect();
+                let wblock = &mut w[b0 * d_out..b1 * d_out];
+                let kblock = &mut keep[b0 * d_out..b1 * d_out];
+
+                if nm.is_none() {
+                    let scores: Vec<f64> = wblock
+                        .par_chunks(d_out)
+                        .zip(&udiag)
+                        .flat_map_iter(|(row, &d)| {
+                            row.iter().map(move |&x| (x as f64).powi(2) / (d * d))
+                        })
+                        .collect();
+                    let k = floor_count(nb * d_out, spec.sparsity());
+                    let sel = select_matrix(&scores, nb, d_out, k, config.threshold_rule);
+                    kblock.copy_from_slice(&sel);
+                }
+
+                // OBS inside the block, independent per output: parallel over column chunks
+                let wref: &[f32] = wblock;
+                let kref: &[bool] = kblock;
+                let results: Vec<(Vec<f32>, Vec<f32>, Vec<bool>)> = starts
+                    .par_iter()
+                    .map(|&j0| {
+                        let ncols = cw.min(d_out - j0);
+                        let mut wl = vec![0f32; nb * ncols];
+                        let mut kl = vec![true; nb * ncols];
+                        for k in 0..nb {
+                            wl[k * ncols..(k + 1) * ncols]
+                                .copy_from_slice(&wref[k * d_out + j0..k * d_out + j0 + ncols]);
+                            kl[k * ncols..(k + 1) * ncols]
+                                .copy_from_slice(&kref[k * d_out + j0..k * d_out + j0 + ncols]);
+                        }
+                        let mut el = vec![0f32; nb * ncols];
+                        let mut pairs: Vec<(f64, u32)> = Vec::with_capacity(64);
+                        for k in 0..nb {
+                            if let Some((n, m)) = nm
+                                && k % m == 0
+                            {
+                                for c in 0..ncols {
+                                    pairs.clear();
+                                    pairs.extend((0..m).map(|g| {
+                                        let x = wl[(k + g) * ncols + c] as f64;
+                                        (x * x / (udiag[k + g] * udiag[k + g]), g as u32)
+                                    }));
+                                    pairs.sort_by(cmp_keyed);
+                                    for &(_, g) in &pairs[..n] {
+                                        kl[(k + g as usize) * ncols + c] = false;
+                                    }
+                                }
+                            }
+                            let d = ub[k * nb + k];
+                            let (head, tail) = wl.split_at_mut((k + 1) * ncols);
+                            let row = &mut head[k * ncols..];
+                            let e = &mut el[k * ncols..(k + 1) * ncols];
+                            let kr = &kl[k * ncols..(k + 1) * ncols];
+                            for ((x, ek), &kp) in row.iter_mut().zip(e.iter_mut()).zip(kr) {
+                                let q = if kp { *x } else { 0.0 };
+                                *ek = (*x - q) / d;
+                                *x = q;
+                            }
+                            for (k2, row2) in tail.chunks_exact_mut(ncols).enumerate() {
+                                let uk = ub[k * nb + k + 1 + k2];
+                                if uk != 0.0 {
+                                    for (y, &ek) in row2.iter_mut().zip(e.iter()) {
+                                        *y -= ek * uk;
+                                    }
+                                }
+                            }
+                        }
+                        (wl, el, kl)
+                    })
+                    .collect();
+
+                // write back the block, its errors and its mask
+                let eblock = &mut err[..nb * d_out];
+                wblock
+                    .par_chunks_mut(d_out)
+                    .zip(eblock.par_chunks_mut(d_out))
+                    .zip(kblock.par_chunks_mut(d_out))
+                    .enumerate()
+                    .for_each(|(k, ((wrow, erow), krow))| {
+                        for ((wl, el, kl), &j0) in results.iter().zip(&starts) {
+                            let ncols = wl.len() / nb;
+                            let src = k * ncols..(k + 1) * ncols;
+                            wrow[j0..j0 + ncols].copy_from_slice(&wl[src.clone()]);
+                            erow[j0..j0 + ncols].copy_from_slice(&el[src.clone()]);
+                            krow[j0..j0 + ncols].copy_from_slice(&kl[src]);
+                        }
+                    });
+
+                // lazy update of the later inputs
+                if b1 < d_in {
+                    let rest = &mut w[b1 * d_out..];
+                    let dst = MatMut::from_row_major_slice_mut(rest, d_in - b1, d_out);
+                    let lhs = MatRef::from_row_major_slice(&u, d_in, d_in)
+                        .submatrix(b0, b1, nb, d_in - b1)
+                        .transpose();
+                    let rhs = MatRef::from_row_major_slice(&err[..nb * d_out], nb, d_out);
+                    faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::rayon(0));
+                }
+            }
+
+            Ok(PruneOutput {
+                mask: Mask::from_bools(d_in, d_out, &keep)?,
+                weights: Some(w),
+            })
+        }
+    }
+
+    #[test]
+    fn in_place_factorizations_give_the_copying_implementations_bits() {
+        for (d_in, d_out, t, seed, nm) in [
+            (64, 24, 40, 11, false),
+            (200, 16, 150, 12, false),
+            (256, 32, 30, 13, false),
+            (131, 9, 500, 14, false),
+            (128, 20, 100, 15, true),
+            (520, 40, 700, 16, false),
+        ] {
+            let w = rand_vec(d_in * d_out, seed);
+            let mut x = rand_vec(t * d_in, seed + 100);
+            // a dead input and a near-duplicate pair (damping retries)
+            for r in 0..t {
+                x[r * d_in + 3] = 0.0;
+                x[r * d_in + 5] = x[r * d_in + 4];
+            }
+            let mut p = SparseGptPruner::new(d_in, SparseGptConfig::default()).unwrap();
+            for chunk in x.chunks(d_in * 7) {
+                p.add_batch(chunk, chunk.len() / d_in).unwrap();
+            }
+            let spec = if nm {
+                PruneSpec::n_m(2, 4).unwrap()
+            } else {
+                PruneSpec::unstructured(0.6).unwrap()
+            };
+            let weights = Weights::new(&w, d_in, d_out).unwrap();
+            let expected = reference::run_ref(weights, p.hessian_f64(), &spec, &p.config).unwrap();
+            let got = p.prune(weights, &spec).unwrap();
+            let once = Box::new(p.clone()).prune_once(weights, &spec).unwrap();
+            for out in [&got, &once] {
+                assert_eq!(out.mask, expected.mask, "{d_in}x{d_out}");
+                let (a, b) = (
+                    out.weights.as_ref().unwrap(),
+                    expected.weights.as_ref().unwrap(),
+                );
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{d_in}x{d_out}: weights differ"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn damping_retries_give_the_copying_implementations_bits() {
+        // H = I − 1.025·vvᵀ (v = 1/√n): one eigenvalue −0.025, so the Cholesky fails with
+        // 1 and 2 dampings of 0.01·mean(diag) and succeeds with 3.
+        let (d_in, d_out) = (40, 12);
+        let c = 1.025 / d_in as f32;
+        let h: Vec<f32> = (0..d_in * d_in)
+            .map(|k| if k / d_in == k % d_in { 1.0 - c } else { -c })
+            .collect();
+        let w = rand_vec(d_in * d_out, 21);
+        let spec = PruneSpec::unstructured(0.5).unwrap();
+        let cfg = SparseGptConfig::default();
+        let weights = Weights::new(&w, d_in, d_out).unwrap();
+        let got = sparsegpt_prune(weights, &h, &spec, &cfg).unwrap();
+        let hm = Mat::<f64>::from_fn(d_in, d_in, |i, j| h[i * d_in + j] as f64);
+        let expected = reference::run_ref(weights, hm, &spec, &cfg).unwrap();
+        assert_eq!(got.mask, expected.mask);
+        let (a, b) = (got.weights.unwrap(), expected.weights.unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // too few dampings: the same error
+        let cfg2 = SparseGptConfig {
+            max_dampings: 2,
+            ..cfg
+        };
+        let e = sparsegpt_prune(weights, &h, &spec, &cfg2).unwrap_err();
+        assert!(
+            matches!(e, PruneError::HessianNotPositiveDefinite(2)),
+            "{e}"
+        );
     }
 
     #[test]

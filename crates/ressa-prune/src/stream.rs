@@ -1,0 +1,185 @@
+//! Layer-streamed pruning: calibration over a [`Streamed`] model, whose block linears are read
+//! from the memory-mapped checkpoint when their block runs and dropped after, every pruned
+//! weight written to a [`StreamedOutput`] as soon as it is known. Only the model's parts
+//! outside the blocks, one block, its pruning workspace and the calibration activations are
+//! ever held; what that amounts to is estimated before any work ([`MemoryPlan`]).
+
+use burn::prelude::*;
+use ressa_models::VisionLanguageModel;
+use ressa_models::pretrained::StreamedOutput;
+use ressa_models::prunable::StackInfo;
+use ressa_models::streaming::{LinearSource, Streamed};
+
+use crate::calibrate::{
+    ActivationBudget, Allocation, BlockWeights, CalibrateError, CalibrationConfig, LayerReport,
+    MaskSink, Progress, calibrate_blocks,
+};
+use crate::{ComparisonGroup, Method};
+
+/// [`BlockWeights`] of a streamed model: blocks read from the checkpoint, pruned weights
+/// written to the output.
+pub struct StreamedWeights<'a, B: Backend> {
+    pub source: LinearSource<B>,
+    pub output: &'a mut StreamedOutput,
+}
+
+impl<B: Backend, M: VisionLanguageModel<B>> BlockWeights<B, M> for StreamedWeights<'_, B> {
+    fn load(&mut self, model: &mut M, stack: M::Stack, block: usize) -> Result<(), CalibrateError> {
+        for linear in model.block_linears_mut(stack, block) {
+            self.source.load_linear(linear)?;
+        }
+        Ok(())
+    }
+
+    fn release(
+        &mut self,
+        model: &mut M,
+        stack: M::Stack,
+        block: usize,
+    ) -> Result<(), CalibrateError> {
+        for linear in model.block_linears_mut(stack, block) {
+            self.source.release_linear(linear);
+        }
+        Ok(())
+    }
+
+    fn pruned(
+        &mut self,
+        name: &str,
+        values: &[f32],
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(), CalibrateError> {
+        Ok(self.output.write_linear(name, values, d_in, d_out)?)
+    }
+
+    fn holds_model(&self) -> bool {
+        false
+    }
+}
+
+/// Prunes a streamed model: calibration with blocks read from its checkpoint and every pruned
+/// weight written to `output`, which [`StreamedOutput::finish`] then completes with the
+/// untouched tensors. Masks and weights are those of [`crate::calibrate::calibrate_and_prune`]
+/// on the loaded model.
+#[allow(clippy::too_many_arguments)]
+pub fn prune_streamed<B: Backend, M: VisionLanguageModel<B>>(
+    streamed: &mut Streamed<B, M>,
+    output: &mut StreamedOutput,
+    samples: &[M::Sample],
+    cfg: &CalibrationConfig,
+    budget: &ActivationBudget,
+    progress: Progress,
+    sink: MaskSink,
+) -> Result<Vec<LayerReport>, CalibrateError> {
+    let mut weights = StreamedWeights {
+        source: streamed.source().clone(),
+        output,
+    };
+    calibrate_blocks(
+        &mut streamed.model,
+        &mut weights,
+        samples,
+        cfg,
+        budget,
+        progress,
+        sink,
+    )
+}
+
+/// What a streamed prune holds at once besides the process's own memory (the weights outside
+/// the blocks are part of that, once the model is open): the largest block in f32 plus its
+/// pruning workspace, an estimate from the linears' shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// f32 bytes of the weights read outside the blocks.
+    pub resident: u64,
+    /// The block with the largest need: its weights…
+    pub block: u64,
+    /// …and its pruning workspace (statistics, copies, factorizations).
+    pub workspace: u64,
+}
+
+impl MemoryPlan {
+    /// The block's weights and workspace.
+    pub fn peak_block(&self) -> u64 {
+        self.block + self.workspace
+    }
+}
+
+/// Workspace of pruning one block whose linears are `dims` (`[d_in, d_out]`, block order),
+/// for `method` (`per_matrix`: Wanda's selection over whole matrices).
+pub fn workspace_bytes(method: Method, per_matrix: bool, dims: &[[usize; 2]]) -> u64 {
+    let n = |[i, o]: [usize; 2]| (i * o) as u64;
+    let sq = |[i, _]: [usize; 2]| (i * i) as u64;
+    // the host copy of a weight, its mask and the pruned result
+    let copies = dims.iter().map(|&d| 9 * n(d)).max().unwrap_or(0);
+    match method {
+        Method::Magnitude => copies + dims.iter().map(|&d| 17 * n(d)).max().unwrap_or(0),
+        Method::Wanda if per_matrix => copies + dims.iter().map(|&d| 17 * n(d)).max().unwrap_or(0),
+        Method::Wanda => copies + dims.iter().map(|&d| 2 * n(d)).max().unwrap_or(0),
+        Method::Dsnot => copies + dims.iter().map(|&d| 24 * n(d)).max().unwrap_or(0),
+        Method::SparseGpt => {
+            // Statistics: a d_in² f32 sum per linear (an upper bound: linears reading the same
+            // input share one). Pruning linear l: the sums of the linears after it, two d_in²
+            // f64 matrices (factor and inverse) and the reconstruction's copies.
+            let stats: u64 = dims.iter().map(|&d| 4 * sq(d)).sum();
+            let pruning = (0..dims.len())
+                .map(|l| {
+                    let later: u64 = dims[l + 1..].iter().map(|&d| 4 * sq(d)).sum();
+                    later + 16 * sq(dims[l]) + copies
+                })
+                .max()
+                .unwrap_or(0);
+            stats.max(pruning)
+        }
+    }
+}
+
+/// The [`MemoryPlan`] of pruning `streamed` with `cfg`: the block of the stacks calibration
+/// runs (each up to the last pruned one, or only the pruned ones without calibration data)
+/// with the largest weights plus workspace.
+pub fn memory_plan<B: Backend, M: VisionLanguageModel<B>>(
+    streamed: &Streamed<B, M>,
+    cfg: &CalibrationConfig,
+) -> MemoryPlan {
+    let model = &streamed.model;
+    let stacks = model.stacks();
+    let pruned = |s: &StackInfo<M::Stack>| cfg.sparsity.of(s.tower) > 0.0 && s.blocks > 0;
+    let needs_data =
+        cfg.method != Method::Magnitude || matches!(cfg.allocation, Allocation::Owl(_));
+    let last = stacks.iter().rposition(pruned);
+    let mut plan = MemoryPlan {
+        resident: streamed.resident_bytes(),
+        block: 0,
+        workspace: 0,
+    };
+    for (i, stack) in stacks.iter().enumerate() {
+        let runs = last.is_some_and(|l| i <= l) && (needs_data || pruned(stack));
+        if !runs {
+            continue;
+        }
+        let per_matrix = cfg.wanda_group.unwrap_or(match stack.tower {
+            ressa_models::prunable::Tower::Vision => ComparisonGroup::PerMatrix,
+            _ => ComparisonGroup::PerOutput,
+        }) == ComparisonGroup::PerMatrix;
+        for b in 0..stack.blocks {
+            let dims: Vec<[usize; 2]> = model
+                .block_linears(stack.id, b)
+                .iter()
+                .filter_map(|l| streamed.source().deferred_dims(&l.key))
+                .collect();
+            let block = streamed.block_bytes(stack.id, b);
+            let workspace = if pruned(stack) {
+                workspace_bytes(cfg.method, per_matrix, &dims)
+            } else {
+                0
+            };
+            if block + workspace > plan.block + plan.workspace {
+                plan.block = block;
+                plan.workspace = workspace;
+            }
+        }
+    }
+    plan
+}
