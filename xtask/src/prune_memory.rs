@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ressa_prune::stream::parse_size;
 
 #[derive(clap::Args)]
 pub struct PruneMemoryArgs {
@@ -92,27 +93,6 @@ pub struct PruneMemoryArgs {
     /// Further `ressa prune` arguments (after `--`).
     #[arg(last = true)]
     extra: Vec<String>,
-}
-
-/// A size as `ressa prune --memory-budget` reads it (B, K/KiB…, KB…).
-fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().with_context(|| format!("size {text:?}"))?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        u => bail!("size {text:?}: unknown unit {u:?}"),
-    };
-    Ok((value * scale) as u64)
 }
 
 fn loadavg() -> Option<f64> {

@@ -121,7 +121,7 @@ impl LlavaConfig {
             &raw.vision_feature_layer,
             raw.vision_config.num_hidden_layers,
         )
-        .map_err(|msg| ModelError::config(path, "vision_feature_layer", msg))?;
+        .map_err(|e| ModelError::config(path, "vision_feature_layer", e.to_string()))?;
         // The projector reads hidden_size per selected layer.
         let width = raw.vision_config.hidden_size * feature_layers.len();
         if width > crate::config::MAX_SIZE {
@@ -195,15 +195,30 @@ impl LlavaConfig {
     }
 }
 
+/// Why a `vision_feature_layer` value selects no usable hidden states.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum FeatureLayerError {
+    #[error("an empty list selects no hidden state")]
+    Empty,
+    #[error("{0}: expected an integer or a list of integers")]
+    NotInteger(serde_json::Value),
+    #[error("{i} is outside the {states} hidden states of a {layers}-layer vision tower")]
+    OutOfRange { i: i64, states: i64, layers: usize },
+    #[error(
+        "{0} selects only the embeddings; ressa reads the output of at least one of the {1} layers"
+    )]
+    OnlyEmbeddings(serde_json::Value, usize),
+}
+
 /// `vision_feature_layer` (an int or a non-empty list; negative: from the end of the
 /// `layers + 1` hidden states) as `hidden_states` indices; the deepest must be a layer's output.
 fn feature_layers(
     value: &serde_json::Value,
     layers: usize,
-) -> std::result::Result<Vec<usize>, String> {
+) -> std::result::Result<Vec<usize>, FeatureLayerError> {
     let values: Vec<&serde_json::Value> = match value {
         serde_json::Value::Array(a) if !a.is_empty() => a.iter().collect(),
-        serde_json::Value::Array(_) => return Err("an empty list selects no hidden state".into()),
+        serde_json::Value::Array(_) => return Err(FeatureLayerError::Empty),
         v => vec![v],
     };
     let states = layers as i64 + 1;
@@ -211,19 +226,15 @@ fn feature_layers(
     for v in values {
         let i = v
             .as_i64()
-            .ok_or_else(|| format!("{value}: expected an integer or a list of integers"))?;
+            .ok_or_else(|| FeatureLayerError::NotInteger(value.clone()))?;
         let n = if i < 0 { states + i } else { i };
         if !(0..states).contains(&n) {
-            return Err(format!(
-                "{i} is outside the {states} hidden states of a {layers}-layer vision tower"
-            ));
+            return Err(FeatureLayerError::OutOfRange { i, states, layers });
         }
         out.push(n as usize);
     }
     if out.iter().all(|&n| n == 0) {
-        return Err(format!(
-            "{value} selects only the embeddings; ressa reads the output of at least one of the {layers} layers"
-        ));
+        return Err(FeatureLayerError::OnlyEmbeddings(value.clone(), layers));
     }
     Ok(out)
 }
@@ -751,7 +762,7 @@ mod tests {
             (json!("last"), "expected an integer"),
             (json!([1.5]), "expected an integer"),
         ] {
-            let err = feature_layers(&bad, 4).unwrap_err();
+            let err = feature_layers(&bad, 4).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
     }

@@ -183,3 +183,37 @@ pub fn memory_plan<B: Backend, M: VisionLanguageModel<B>>(
     }
     plan
 }
+
+/// A size that is not a number with a known unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected a size such as 4GiB, 512MiB or 3GB")]
+pub struct SizeError(pub String);
+
+/// A size for `--memory-budget` and friends: a number with an optional unit, B,
+/// KiB/MiB/GiB/TiB (or K/M/G/T, powers of 1024) or KB/MB/GB/TB (powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let bad = || SizeError(text.to_string());
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return Err(bad()),
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
