@@ -43,17 +43,16 @@ use burn::tensor::backend::AutodiffBackend;
 use ressa_data::loader::{Example, Loader, LoaderConfig};
 use ressa_models::VisionLanguageModel;
 use ressa_models::prunable::prunable_linears;
-use ressa_models::vlm::teacher_forced;
 
 use crate::adamw::{AdamW, Moments};
 use crate::checkpoint::TrainState;
 use crate::distill::{LossSums, distill_sums};
 use crate::error::{Result, TrainError};
-use crate::sparse_lora::{dense_path, for_each_linear_mut};
+use crate::sparse_lora::for_each_linear_mut;
 use crate::trainer::{
     AdapterGrads, TrainBatch, TrainConfig, TrainData, TrainEvent, TrainReport, Validation,
     apply_update, check_finite_adapters, epoch_order, epoch_transform, save_checkpoint,
-    start_state, total_steps, validate,
+    start_state, student_and_teacher, total_steps, validate,
 };
 
 /// burn's collective keeps one state per process and backend type: one data-parallel run at a
@@ -297,14 +296,7 @@ where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
     M::InnerModule: VisionLanguageModel<B::InnerBackend>,
 {
-    let student = teacher_forced(model, &batch.inputs, &batch.targets)?;
-    let teacher = if cfg.distill.lambda > 0.0 {
-        let t = dense_path(model.valid());
-        let inner = batch.inner();
-        Tensor::from_inner(teacher_forced(&t, &inner.inputs, &inner.targets)?.logits)
-    } else {
-        student.logits.clone().detach()
-    };
+    let (student, teacher) = student_and_teacher(model, batch, cfg)?;
     let sums = distill_sums(
         student.logits,
         teacher,

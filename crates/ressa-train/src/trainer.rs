@@ -18,6 +18,7 @@ use rand::seq::SliceRandom;
 use ressa_data::augment::TrainTransform;
 use ressa_data::loader::{Batch, Example, ImageTransform, Loader, LoaderConfig};
 use ressa_data::rng::item_rng;
+use ressa_models::lm::TeacherForced;
 use ressa_models::prunable::prunable_linears;
 use ressa_models::vlm::teacher_forced;
 use ressa_models::{Processor, VisionLanguageModel, VlmInputs};
@@ -463,13 +464,13 @@ where
 /// Adapter gradients by name (`{linear}.lora_A` / `.lora_B`).
 pub type AdapterGrads<B> = BTreeMap<String, Tensor<<B as AutodiffBackend>::InnerBackend, 2>>;
 
-/// One micro-batch: student forward, teacher forward (dense path, no graph), the loss scaled
-/// by `1 / grad_accum`, backward. Returns the adapter gradients and (loss, CE, KL).
-pub fn forward_backward<B: AutodiffBackend, M>(
-    model: &mut M,
+/// The student's teacher-forced output and the teacher's logits: the dense path of the same
+/// model (no gradient) when distilling, else the student's own logits detached.
+pub(crate) fn student_and_teacher<B: AutodiffBackend, M>(
+    model: &M,
     batch: &TrainBatch<B>,
     cfg: &TrainConfig,
-) -> Result<(AdapterGrads<B>, (f64, f64, f64))>
+) -> Result<(TeacherForced<B>, Tensor<B, 3>)>
 where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
     M::InnerModule: VisionLanguageModel<B::InnerBackend>,
@@ -482,6 +483,21 @@ where
     } else {
         student.logits.clone().detach()
     };
+    Ok((student, teacher))
+}
+
+/// One micro-batch: student forward, teacher forward (dense path, no graph), the loss scaled
+/// by `1 / grad_accum`, backward. Returns the adapter gradients and (loss, CE, KL).
+pub fn forward_backward<B: AutodiffBackend, M>(
+    model: &mut M,
+    batch: &TrainBatch<B>,
+    cfg: &TrainConfig,
+) -> Result<(AdapterGrads<B>, (f64, f64, f64))>
+where
+    M: VisionLanguageModel<B> + AutodiffModule<B>,
+    M::InnerModule: VisionLanguageModel<B::InnerBackend>,
+{
+    let (student, teacher) = student_and_teacher(&*model, batch, cfg)?;
     let parts = distill_loss(
         student.logits,
         teacher,
