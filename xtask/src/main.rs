@@ -227,6 +227,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,ressa_models=warn,ressa_train=warn".into()),
         )
         .init();
+    // Subnormal floats cost ~100 cycles per operation on x86 (see `ressa_sparse::fpenv`).
+    ressa_sparse::fpenv::flush_subnormals();
     match Cli::parse().task {
         Task::Bench(args) => bench::run(args),
         Task::Experiment { config, work_dir } => experiment::run(&config, work_dir),

@@ -24,6 +24,8 @@ use ressa_models::{InstructBlipConfig, InstructBlipT5, Pretrained, T5Config, Vlm
 type Config = InstructBlipConfig<T5Config>;
 
 fn bench(c: &mut Criterion) {
+    // As the binaries run (`ressa_sparse::fpenv`).
+    ressa_sparse::fpenv::flush_subnormals();
     on_backend::<Flex>(c, "flex");
     #[cfg(feature = "ndarray")]
     on_backend::<burn::backend::NdArray>(c, "ndarray");

@@ -39,6 +39,8 @@ fn feed(p: &mut dyn Pruner, xs: &[Vec<f32>]) {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the binaries run (`ressa_sparse::fpenv`).
+    ressa_sparse::fpenv::flush_subnormals();
     let (w, xs) = data();
     let weights = Weights::new(&w, D_IN, D_OUT).unwrap();
     let half = PruneSpec::unstructured(0.5).unwrap();

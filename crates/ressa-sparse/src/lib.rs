@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod formats;
+pub mod fpenv;
 pub mod kernels;
 pub mod mask;
 pub mod pattern;

@@ -27,6 +27,8 @@ use ressa_train::sparse_lora::attach;
 use ressa_train::trainer::{TrainBatch, apply_update, forward_backward};
 
 fn step(c: &mut Criterion) {
+    // As the binaries run (`ressa_sparse::fpenv`).
+    ressa_sparse::fpenv::flush_subnormals();
     step_on::<Flex>(c, "flex");
     pretrain_on::<Flex>(c, "flex");
     #[cfg(feature = "wgpu")]

@@ -684,6 +684,8 @@ where
     // Clears what a failed earlier session in this process may have left registered. The
     // message is queued before any peer's registration.
     reset_collective::<B::InnerBackend>();
+    // The peers compute in the caller's floating-point environment (subnormals flushed or not).
+    let flush = ressa_sparse::fpenv::flushes_subnormals();
     let (first, others) = std::thread::scope(|s| {
         // Every thread waits for a go before it registers: if one cannot be started, the others
         // are told to stop instead of waiting for it in the collective's registration.
@@ -701,6 +703,9 @@ where
             let spawned = std::thread::Builder::new()
                 .name(format!("ressa-peer-{rank}"))
                 .spawn_scoped(s, move || {
+                    if flush {
+                        ressa_sparse::fpenv::flush_subnormals_on_this_thread();
+                    }
                     if wait.recv() != Ok(true) {
                         return Err(PeerError::Aborted);
                     }
