@@ -47,6 +47,9 @@ pub struct VisionConfig {
     pub hidden_act: String,
     pub layer_norm_eps: f64,
     pub qkv_bias: bool,
+    /// σ of the tower's weights at initialisation (`transformers`' vision model's own
+    /// `_init_weights`); only read when a model is trained from scratch.
+    pub initializer_range: f32,
 }
 
 impl Default for VisionConfig {
@@ -61,6 +64,7 @@ impl Default for VisionConfig {
             hidden_act: "gelu".into(),
             layer_norm_eps: 1e-6,
             qkv_bias: true,
+            initializer_range: 0.02,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct QFormerConfig {
     pub encoder_hidden_size: usize,
     /// BLIP-2 only: whether the Q-Former also reads instruction text (InstructBLIP always does).
     pub use_qformer_text_input: Option<bool>,
+    /// σ of the Q-Former's weights at initialisation (training from scratch only).
+    pub initializer_range: f32,
 }
 
 impl Default for QFormerConfig {
@@ -97,6 +103,7 @@ impl Default for QFormerConfig {
             cross_attention_frequency: 2,
             encoder_hidden_size: 1408,
             use_qformer_text_input: None,
+            initializer_range: 0.02,
         }
     }
 }
@@ -517,10 +524,17 @@ pub struct BlipConfig {
     pub image_token_index: Option<u32>,
     #[serde(default)]
     pub use_decoder_only_language_model: Option<bool>,
+    /// σ of the composite's own weights (query tokens, language projection) at initialisation.
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f32,
 }
 
 fn default_num_query_tokens() -> usize {
     32
+}
+
+fn default_initializer_range() -> f32 {
+    0.02
 }
 
 /// A parsed, validated InstructBLIP / BLIP-2 configuration over the language model's

@@ -77,8 +77,16 @@ impl<T: LmConfig> FamilyConfig for InstructBlipConfig<T> {
         {
             return s;
         }
-        // BERT / BLIP-2 `initializer_range`.
-        0.02
+        // Each sub-model's own `initializer_range` (transformers initialises the vision model
+        // and the Q-Former with their configs'), the composite's for the query tokens (N(0, σ²)
+        // as LAVIS; transformers 5 writes zeros) and the language projection.
+        if key.starts_with("vision_model.") {
+            self.vision.initializer_range
+        } else if key.starts_with("qformer.") {
+            self.qformer.initializer_range
+        } else {
+            self.raw.initializer_range
+        }
     }
 }
 
@@ -510,5 +518,52 @@ impl<B: DenseBackend, L: LanguageModel<B>> Prunable<B> for InstructBlip<B, L> {
 
     fn idle_linears(&self) -> Vec<&Linear<B>> {
         self.language_model.idle_linears()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::T5Config;
+
+    /// The initialisation σ of each part comes from its own config: vision and Q-Former from
+    /// their `initializer_range`, query tokens and projection from the top level, T5 by its
+    /// own rule (d_model^-½ for a feed-forward input).
+    #[test]
+    fn init_std_follows_each_sub_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs/models/shapes-tiny/config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["initializer_range"] = 0.3.into();
+        v["vision_config"]["initializer_range"] = 0.1.into();
+        v["qformer_config"]["initializer_range"] = 0.2.into();
+        let cfg = InstructBlipConfig::<T5Config>::from_json(&v.to_string(), &path).unwrap();
+        let d_model = cfg.text.d_model as f32;
+        for (key, want) in [
+            ("vision_model.encoder.layers.0.mlp.fc1.weight", 0.1),
+            ("vision_model.embeddings.position_embedding", 0.1),
+            (
+                "qformer.encoder.layer.0.attention.attention.query.weight",
+                0.2,
+            ),
+            ("query_tokens", 0.3),
+            ("language_projection.weight", 0.3),
+            (
+                "language_model.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+                d_model.powf(-0.5),
+            ),
+        ] {
+            assert_eq!(cfg.init_std(key), want, "{key}");
+        }
+        // Absent fields: transformers' default 0.02.
+        for part in ["vision_config", "qformer_config"] {
+            v[part].as_object_mut().unwrap().remove("initializer_range");
+        }
+        v.as_object_mut().unwrap().remove("initializer_range");
+        let cfg = InstructBlipConfig::<T5Config>::from_json(&v.to_string(), &path).unwrap();
+        for key in ["vision_model.x.weight", "qformer.x.weight", "query_tokens"] {
+            assert_eq!(cfg.init_std(key), 0.02, "{key}");
+        }
     }
 }
