@@ -409,3 +409,44 @@ fn the_llava_toy_study_runs_in_its_reduced_form() {
     }
     assert!(work.join("report.md").exists());
 }
+
+/// A study that names no cells is refused before any data is generated or model trained.
+#[test]
+fn a_study_without_cells_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("empty.toml");
+    std::fs::write(
+        &config,
+        r#"name = "empty"
+[model]
+train_config = "configs/models/shapes-tiny/config.json"
+[data.shapes]
+seed = 0
+train = 8
+val = 4
+test = 4
+[eval]
+vqa_items = 2
+"#,
+    )
+    .unwrap();
+    let work = tmp.path().join("work");
+    let t = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .arg("experiment")
+        .arg(&config)
+        .arg("--work-dir")
+        .arg(&work)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("empty.toml: no cells to run"),
+        "{stderr}"
+    );
+    assert!(!work.exists(), "nothing is written");
+    assert!(t.elapsed().as_secs() < 30);
+}

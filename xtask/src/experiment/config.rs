@@ -703,5 +703,28 @@ file = "annotations/nocaps_val_eval.json"
             .unwrap_err()
             .to_string();
         assert!(msg.contains("eval.tasks[0].file: "), "{msg}");
+        // Every shapes study loads, and its model config trains on its images.
+        for entry in std::fs::read_dir(configs("")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if !(name.starts_with("shapes-") && name.ends_with(".toml")) {
+                continue;
+            }
+            let cfg = ExperimentConfig::from_file(&path).unwrap();
+            let model: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(
+                    configs("").join("..").join(cfg.model.train_config.unwrap()),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            let shapes = cfg.data.shapes.unwrap();
+            let size = shapes.model_image_size.unwrap_or(shapes.image_size);
+            assert_eq!(
+                model["vision_config"]["image_size"].as_u64(),
+                Some(u64::from(size)),
+                "{name}"
+            );
+        }
     }
 }

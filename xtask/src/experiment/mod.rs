@@ -567,6 +567,13 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
     if work_dir.is_some() {
         cfg.work_dir = work_dir;
     }
+    // A study without cells would fail only after training the dense model.
+    if cells(&cfg)?.is_empty() {
+        anyhow::bail!(
+            "{}: no cells to run (give a [grid], [split] or [towers] table)",
+            config_path.display()
+        );
+    }
     let work = cfg.work_dir();
     let cache = work.join("cache");
     std::fs::create_dir_all(&cache).with_context(|| cache.display().to_string())?;
