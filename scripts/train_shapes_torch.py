@@ -14,6 +14,13 @@ What it showed (2 threads, 1500-8000 images, lr 1e-3): at 32×32 pixels (patch 8
 stays at the blind baseline on mixed data (colour 0.19, chance 0.17) though colour-only
 training on one-shape images reaches 0.99; at 64×64 pixels with patch 8 and 8000 images it
 reads the images (4000 steps: VQA 53 %, colour 0.69, size 0.80, count 0.62).
+
+Issue #18 (configs/models/shapes-paper, 48×48 images in 16-pixel patches, 8000 images, batch
+32): with initializer_range 0.02 the model stays at the blind level (39 % after 1500 steps);
+`--init-range 0.1 --query-init-std 0.1` (ressa's init for that config: query tokens N(0, σ²)
+as LAVIS, where transformers 5 writes zeros) and lr 1e-3 reach 64.8 % at 3000 steps (colour
+0.73, count 0.83, yes/no 0.89, size 0.85; shape 0.30 and position 0.06: shapes not yet
+recognised). lr 4e-3 learns nothing in 1000 steps.
 """
 
 import argparse
@@ -89,13 +96,20 @@ def main():
     ap.add_argument("--warm-steps", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--query-init-std", type=float, default=None, help="query tokens ~ N(0, std) (LAVIS) instead of transformers' zeros")
+    ap.add_argument("--init-range", type=float, default=None, help="override initializer_range (vision, Q-Former, top level)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
     cfg = InstructBlipConfig.from_pretrained(os.path.dirname(os.path.abspath(args.config)))
+    if args.init_range is not None:
+        cfg.initializer_range = cfg.vision_config.initializer_range = cfg.qformer_config.initializer_range = args.init_range
     model = InstructBlipForConditionalGeneration(cfg)
+    if args.query_init_std is not None:
+        with torch.no_grad():
+            model.query_tokens.normal_(0.0, args.query_init_std)
     pp = json.load(open(os.path.join(args.data, "preprocessor_config.json")))
     mean = np.array(pp["image_mean"], dtype=np.float32)
     std = np.array(pp["image_std"], dtype=np.float32)
