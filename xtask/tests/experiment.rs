@@ -443,10 +443,7 @@ vqa_items = 2
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(
-        stderr.contains("empty.toml: no cells to run"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("empty.toml: no cells to run"), "{stderr}");
     assert!(!work.exists(), "nothing is written");
     assert!(t.elapsed().as_secs() < 30);
 }
