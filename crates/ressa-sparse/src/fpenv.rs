@@ -32,11 +32,11 @@ pub fn flush_subnormals_on_this_thread() {
 /// Whether the calling thread flushes subnormals (always false off x86_64).
 pub fn flushes_subnormals() -> bool {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: reading MXCSR has no side effects.
-    #[allow(deprecated)]
-    unsafe {
-        use std::arch::x86_64::_mm_getcsr;
-        return _mm_getcsr() & FTZ_DAZ == FTZ_DAZ;
+    {
+        // SAFETY: reading MXCSR has no side effects.
+        #[allow(deprecated)]
+        let csr = unsafe { std::arch::x86_64::_mm_getcsr() };
+        csr & FTZ_DAZ == FTZ_DAZ
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
