@@ -53,6 +53,20 @@ fn run_and_kill(work: &std::path::Path, after: usize) -> usize {
     finished_cells(work)
 }
 
+/// `xtask experiment CONFIG --work-dir WORK` (CONFIG relative to the repository or absolute),
+/// warnings only.
+fn experiment(config: impl AsRef<std::path::Path>, work: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(repo())
+        .arg("experiment")
+        .arg(config.as_ref())
+        .arg("--work-dir")
+        .arg(work)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
 fn run(work: &std::path::Path) -> (std::process::Output, f64) {
     let t = Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -215,15 +229,7 @@ max_caption_tokens = 4
     )
     .unwrap();
     let work = tmp.path().join("work");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(repo())
-        .args(["experiment"])
-        .arg(&config)
-        .arg("--work-dir")
-        .arg(&work)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let o = experiment(&config, &work);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     let results: ressa_report::results::Results =
@@ -244,13 +250,7 @@ max_caption_tokens = 4
 fn the_llama_toy_study_runs_in_its_reduced_form() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("study");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(repo())
-        .args(["experiment", "configs/shapes-ci-llama.toml", "--work-dir"])
-        .arg(&work)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let o = experiment("configs/shapes-ci-llama.toml", &work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let results: ressa_report::results::Results =
         serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
@@ -362,13 +362,7 @@ fn random_checkpoints_of_a_llava_use_transformers_init_or_the_given_scale() {
 fn the_llava_toy_study_runs_in_its_reduced_form() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("study");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(repo())
-        .args(["experiment", "configs/shapes-ci-llava.toml", "--work-dir"])
-        .arg(&work)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let o = experiment("configs/shapes-ci-llava.toml", &work);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let results: ressa_report::results::Results =
         serde_json::from_slice(&std::fs::read(work.join("results.json")).unwrap()).unwrap();
@@ -432,15 +426,7 @@ vqa_items = 2
     .unwrap();
     let work = tmp.path().join("work");
     let t = std::time::Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(repo())
-        .arg("experiment")
-        .arg(&config)
-        .arg("--work-dir")
-        .arg(&work)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let o = experiment(&config, &work);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(stderr.contains("empty.toml: no cells to run"), "{stderr}");

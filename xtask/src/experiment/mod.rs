@@ -460,6 +460,7 @@ struct Study<'a> {
     data_key: &'a str,
     cache: &'a Path,
     test: &'a TestSet,
+    specs: &'a [CellSpec],
     timings: &'a mut BTreeMap<String, f64>,
 }
 
@@ -477,6 +478,7 @@ impl AutodiffFamilyVisitor<AD> for Study<'_> {
             data_key,
             cache,
             test,
+            specs,
             timings,
         } = self;
         let (data_dir, data_key) = (data_dir.to_path_buf(), data_key.to_string());
@@ -511,12 +513,11 @@ impl AutodiffFamilyVisitor<AD> for Study<'_> {
         let samples = calibration(&dense_model, &data_dir, cfg.calibration.samples)?;
         drop(dense_model);
 
-        let specs = cells(cfg)?;
         let progress = bar(specs.len() as u64, "cells");
         let mut done = Vec::new();
         let t = Instant::now();
         let (mut reused, mut ran) = (0, 0);
-        for spec in &specs {
+        for spec in specs {
             let ressa_json = if spec.ressa {
                 json(&cfg.ressa)
             } else {
@@ -568,7 +569,8 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
         cfg.work_dir = work_dir;
     }
     // A study without cells would fail only after training the dense model.
-    if cells(&cfg)?.is_empty() {
+    let specs = cells(&cfg)?;
+    if specs.is_empty() {
         anyhow::bail!(
             "{}: no cells to run (give a [grid], [split] or [towers] table)",
             config_path.display()
@@ -591,6 +593,7 @@ pub fn run(config_path: &Path, work_dir: Option<PathBuf>) -> Result<()> {
         data_key: &data_key,
         cache: &cache,
         test: &test,
+        specs: &specs,
         timings: &mut timings,
     };
     let (dense_metrics, chance, done) =

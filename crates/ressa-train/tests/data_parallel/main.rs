@@ -175,7 +175,7 @@ fn a_checkpoint_of_two_peers_resumes_on_one() {
         devices: 2,
         ..Default::default()
     };
-    cfg.adamw.epsilon = 1e-5;
+    cfg.adamw.epsilon = 1e-6;
     let dir = tmp.path().join("ckpt");
     let (two, report) = run(&data, &cfg, Some(&dir), false).unwrap();
     assert_eq!(report.steps, 12);
