@@ -113,6 +113,11 @@ pub struct Args {
     /// those of one device.
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Several machines: node r generates for the r-th contiguous share of the questions;
+    /// node 0 gathers the predictions in the questions' order (through burn's all-reduce),
+    /// writes `--out` and scores once.
+    #[command(flatten)]
+    nodes: crate::nodes::NodeArgs,
 }
 
 fn parse_task(s: &str) -> Result<Task, String> {
@@ -301,9 +306,38 @@ pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
             first.image.display()
         );
     }
+    let cluster = args.nodes.cluster()?;
+    let lead = cluster.as_ref().is_none_or(|c| c.node_rank == 0);
     let gt = ground_truth(&args)?;
     // Fail now, not after the generation, if the output cannot be written.
-    let out = OutputFile::create(&args.out)?;
+    let out = match lead {
+        true => Some(OutputFile::create(&args.out)?),
+        false => None,
+    };
+    // Joined before the model loads, so a node that cannot reach the others fails fast.
+    let quiet = cluster
+        .as_ref()
+        .and_then(|_| crate::nodes::StdoutToStderr::new());
+    let mut link = match &cluster {
+        Some(c) => {
+            tracing::info!(
+                nodes = c.nodes,
+                node_rank = c.node_rank,
+                "joining the other nodes"
+            );
+            Some(
+                ressa_train::cluster::NodeLink::<burn::backend::Flex>::connect(
+                    c,
+                    &Default::default(),
+                )?,
+            )
+        }
+        None => None,
+    };
+    let share = match &cluster {
+        Some(c) => ressa_train::parallel::shard(entries.len(), c.node_rank, c.nodes),
+        None => 0..entries.len(),
+    };
     if args.task == Task::Okvqa {
         tracing::warn!(
             "OK-VQA predictions are not lemmatised (the reference lemmatises NOUN/VERB tokens with spaCy)"
@@ -313,11 +347,33 @@ pub fn run(kind: BackendKind, mut args: Args) -> Result<()> {
     let mut job = Job {
         args: &args,
         template: &template,
-        entries: &entries,
+        entries: &entries[share],
         predictions: None,
     };
     run_model_job(kind, &dir, &mut job)?;
-    let (predictions, skipped) = job.predictions.take().expect("the job predicted");
+    let (mut predictions, mut skipped) = job.predictions.take().expect("the job predicted");
+    if let (Some(link), Some(c)) = (link.as_mut(), &cluster) {
+        let mine = serde_json::to_vec(&(&predictions, skipped))?;
+        let all = link.gather_bytes(&mine)?;
+        if c.node_rank > 0 {
+            tracing::info!(
+                node = c.node_rank,
+                predictions = predictions.len(),
+                "sent this node's predictions to node 0"
+            );
+            return Ok(());
+        }
+        (predictions, skipped) = (Vec::with_capacity(entries.len()), 0);
+        for (node, bytes) in all.iter().enumerate() {
+            let (p, s): (Vec<Option<String>>, usize) = serde_json::from_slice(bytes)
+                .with_context(|| format!("the predictions of node {node}"))?;
+            predictions.extend(p);
+            skipped += s;
+        }
+    }
+    drop(link);
+    drop(quiet);
+    let out = out.expect("node 0 writes the predictions");
 
     let kept: Vec<(&Entry, &String)> = entries
         .iter()

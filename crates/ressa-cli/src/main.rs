@@ -6,6 +6,7 @@ mod export;
 mod generate;
 mod inspect;
 mod logits;
+mod nodes;
 mod output;
 mod prune;
 mod repair;
@@ -65,9 +66,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            // burn-collective logs every peer's whole configuration at info.
+            // burn-collective logs every peer's whole configuration at info, and its
+            // communication layer every tensor a node downloads.
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,burn_collective=warn".into()),
+                .unwrap_or_else(|_| "info,burn_collective=warn,burn_communication=warn".into()),
         )
         .init();
     // Subnormal floats cost ~100 cycles per operation on x86 (see `ressa_sparse::fpenv`).

@@ -75,6 +75,11 @@ pub struct Args {
     /// `--batch-size` stays the global batch (each peer takes an equal share of it).
     #[arg(long)]
     devices: Option<usize>,
+    /// Several machines: `--batch-size` is the global batch over all nodes' peers; node 0
+    /// writes `--out` and the checkpoints; with `--resume` every node reads the checkpoint
+    /// directory (`--checkpoints` on a shared file system, or a copy).
+    #[command(flatten)]
+    nodes: crate::nodes::NodeArgs,
 }
 
 fn config(args: Args) -> Result<(RepairConfig, bool)> {
@@ -172,6 +177,17 @@ fn config(args: Args) -> Result<(RepairConfig, bool)> {
         }
         t.devices = n;
     }
+    if let Some(c) = args.nodes.cluster()? {
+        if !t.batch_size.is_multiple_of(t.devices * c.nodes) {
+            bail!(
+                "--batch-size {}: not divisible by --nodes {} × --devices {} (the batch size is the global batch; every device takes an equal share)",
+                t.batch_size,
+                c.nodes,
+                t.devices
+            );
+        }
+        t.cluster = Some(c);
+    }
     if t.devices > 0 && !t.batch_size.is_multiple_of(t.devices) {
         bail!(
             "--batch-size {}: not divisible by --devices {} (the batch size is the global batch; every device takes an equal share)",
@@ -213,6 +229,11 @@ pub fn run(kind: BackendKind, args: Args) -> Result<()> {
     }
     with_backend!(kind, |device: B| {
         let devices = ressa_models::parallel::device_list::<B>(&device, cfg.train.devices)?;
+        let _quiet = cfg
+            .train
+            .cluster
+            .as_ref()
+            .and_then(|_| crate::nodes::StdoutToStderr::new());
         run_on::<burn::backend::Autodiff<B>>(&cfg, resume, &devices)
     })
 }
@@ -230,7 +251,15 @@ fn run_on<B: ressa_models::ops::AutodiffDenseBackend>(
         .expect("template")
         .progress_chars("=> "),
     );
-    if devices.len() > 1 {
+    if let Some(c) = &cfg.train.cluster {
+        tracing::info!(
+            nodes = c.nodes,
+            node_rank = c.node_rank,
+            devices_per_node = devices.len(),
+            global_batch = cfg.train.batch_size,
+            "multi-node data-parallel repair"
+        );
+    } else if devices.len() > 1 {
         tracing::info!(
             devices = devices.len(),
             global_batch = cfg.train.batch_size,
@@ -288,6 +317,15 @@ fn run_on<B: ressa_models::ops::AutodiffDenseBackend>(
             _ => e.into(),
         }
     })?;
+    if let Some(c) = cfg.train.cluster.as_ref().filter(|c| c.node_rank > 0) {
+        tracing::info!(
+            node = c.node_rank,
+            steps = report.train.steps,
+            seconds = report.train.seconds,
+            "trained; node 0 writes the repaired model"
+        );
+        return Ok(());
+    }
     tracing::info!(
         out = %cfg.out.display(),
         steps = report.train.steps,

@@ -171,6 +171,76 @@ fn vqa_predictions_are_official_format_and_scored() {
     assert_eq!(parallel["accuracy"], metrics["accuracy"]);
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `--nodes 2` as two processes on 127.0.0.1: node 0 writes the file one process writes
+/// (node 1's share gathered through burn's all-reduce) and the same scores; node 1 writes
+/// nothing and prints nothing.
+#[test]
+fn two_nodes_on_loopback_write_the_predictions_of_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ann = data("annotations/v2_mscoco_val2014_annotations.json");
+    let qs = data("annotations/v2_OpenEnded_mscoco_val2014_questions.json");
+    let one = tmp.path().join("one.json");
+    let gt = ["--ground-truth", s(&ann), s(&qs)];
+    let metrics = ok(&run(&vqa_args(&one, &gt)));
+    let coordinator = loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let outs = [tmp.path().join("node0.json"), tmp.path().join("node1.json")];
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let (rank_s, coord, addr) = (
+                rank.to_string(),
+                format!("127.0.0.1:{coordinator}"),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            let mut extra = vec![
+                "--nodes",
+                "2",
+                "--node-rank",
+                &rank_s,
+                "--coordinator",
+                &coord,
+                "--node-address",
+                &addr,
+            ];
+            extra.extend(gt);
+            Command::new(env!("CARGO_BIN_EXE_ressa"))
+                .args(vqa_args(&outs[rank], &extra))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert_eq!(ok(&outputs[0]), metrics);
+    assert!(
+        outputs[1].status.success() && outputs[1].stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&outputs[1].stderr)
+    );
+    assert_eq!(
+        std::fs::read(&outs[0]).unwrap(),
+        std::fs::read(&one).unwrap()
+    );
+    assert!(!outs[1].exists(), "node 1 wrote an output");
+}
+
 #[test]
 fn scoring_is_wired_to_the_predictions() {
     // Ground truth built from the model's own answers, normalised as the official script

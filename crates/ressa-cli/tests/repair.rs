@@ -317,6 +317,61 @@ fn bad_input_is_one_line_naming_it() {
             "--batch-size 2: not divisible by --devices 4",
         ),
         (
+            repair_args(&pruned, &out, &["--nodes", "2", "--node-rank", "0"]),
+            "--nodes N (N ≥ 2) needs --node-rank, --coordinator HOST:PORT and --node-address",
+        ),
+        (
+            repair_args(
+                &pruned,
+                &out,
+                &[
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    "2",
+                    "--coordinator",
+                    "127.0.0.1:29500",
+                    "--node-address",
+                    "127.0.0.1:29510",
+                ],
+            ),
+            "--node-rank 2: expected 0..2",
+        ),
+        (
+            repair_args(
+                &pruned,
+                &out,
+                &[
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    "1",
+                    "--coordinator",
+                    "node0",
+                    "--node-address",
+                    "127.0.0.1:29510",
+                ],
+            ),
+            "--coordinator \"node0\": expected HOST:PORT",
+        ),
+        (
+            repair_args(
+                &pruned,
+                &out,
+                &[
+                    "--nodes",
+                    "4",
+                    "--node-rank",
+                    "1",
+                    "--coordinator",
+                    "127.0.0.1:29500",
+                    "--node-address",
+                    "127.0.0.1:29510",
+                ],
+            ),
+            "--batch-size 2: not divisible by --nodes 4 × --devices 1",
+        ),
+        (
             {
                 let mut a = repair_args(&pruned, &out, &[]);
                 let i = a.iter().position(|x| x == "--data").unwrap();
@@ -353,6 +408,96 @@ fn bad_input_is_one_line_naming_it() {
         !o.status.success() && err.contains("stepz") && err.contains("r.toml"),
         "{err}"
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `ressa repair --nodes 2` as two processes on 127.0.0.1: node 0 writes a model identical
+/// to `--devices 2`'s, node 1 writes nothing; both exit 0.
+#[test]
+fn two_nodes_on_loopback_write_what_two_threads_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pruned = pruned(tmp.path());
+    // 6 steps of 4 rows, no checkpoints.
+    let shorter = |mut a: Vec<String>| {
+        for (flag, v) in [
+            ("--steps", "6"),
+            ("--batch-size", "4"),
+            ("--checkpoint-every", "0"),
+        ] {
+            let i = a.iter().position(|x| x == flag).unwrap();
+            a[i + 1] = v.into();
+        }
+        a
+    };
+    let threads = tmp.path().join("threads");
+    let o = ressa(&shorter(repair_args(
+        &pruned,
+        &threads,
+        &["--devices", "2"],
+    )));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let coordinator = loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let outs = [tmp.path().join("node0"), tmp.path().join("node1")];
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let args = shorter(repair_args(
+                &pruned,
+                &outs[rank],
+                &[
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    &rank.to_string(),
+                    "--coordinator",
+                    &format!("127.0.0.1:{coordinator}"),
+                    "--node-address",
+                    &format!("127.0.0.1:{}", free_port()),
+                ],
+            ));
+            Command::new(env!("CARGO_BIN_EXE_ressa"))
+                .args(&args)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let start = Instant::now();
+    let mut children = children;
+    while start.elapsed() < Duration::from_secs(120)
+        && children.iter_mut().any(|c| c.try_wait().unwrap().is_none())
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (rank, c) in children.iter_mut().enumerate() {
+        let hung = c.try_wait().unwrap().is_none();
+        if hung {
+            c.kill().unwrap();
+        }
+        let status = c.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!hung && status.success(), "node {rank}: {status}\n{err}");
+    }
+    assert_eq!(
+        file(&outs[0], "model.safetensors"),
+        file(&threads, "model.safetensors"),
+        "node 0's model differs from two threads'"
+    );
+    assert!(!outs[1].exists(), "node 1 wrote an output");
 }
 
 /// The LLaMA-family fixture through the CLI: every pruner, then repair, zeros kept.

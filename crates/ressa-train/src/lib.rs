@@ -10,6 +10,7 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod cluster;
 pub mod distill;
 pub mod error;
 pub mod parallel;
@@ -18,6 +19,7 @@ pub mod repair;
 pub mod sparse_lora;
 pub mod trainer;
 
+pub use cluster::Cluster;
 pub use distill::{DistillConfig, KlReduction};
 pub use error::TrainError;
 pub use sparse_lora::{AdapterConfig, TowerLora};

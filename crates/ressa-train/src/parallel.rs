@@ -36,6 +36,8 @@ use burn::collective::{
     AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective,
     register, reset_collective,
 };
+
+use crate::cluster::{Fence, Gate, Orchestrator};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
@@ -92,11 +94,39 @@ fn collective_error(what: &str, e: burn::collective::CollectiveError) -> PeerErr
     )))
 }
 
-/// The collective's settings: `world` peers on this node, pairwise tree all-reduce.
-fn collective_config(world: usize) -> CollectiveConfig {
-    CollectiveConfig::default()
-        .with_num_devices(world)
-        .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2))
+/// The collective's settings: `local` peers on this node, pairwise tree all-reduce; with a
+/// cluster, the nodes' addresses too.
+fn collective_config(local: usize, cfg: &TrainConfig) -> Result<CollectiveConfig> {
+    match &cfg.cluster {
+        Some(c) => c.collective_config(local),
+        None => Ok(CollectiveConfig::default()
+            .with_num_devices(local)
+            .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2))),
+    }
+}
+
+/// Multi-node runs: one collective session per all-reduce (see [`crate::cluster`]); the
+/// node's peers meet at `gate` after finishing one, and the last of them takes the node
+/// through the `fence` with the other nodes.
+struct Sessions {
+    gate: Gate,
+    fence: Mutex<Fence>,
+}
+
+impl Sessions {
+    /// After a session: every peer of every node has finished it.
+    fn between(&self) -> bool {
+        self.gate.wait(|| {
+            let mut fence = self.fence.lock().unwrap_or_else(|e| e.into_inner());
+            match fence.round() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "multi-node run stopped");
+                    false
+                }
+            }
+        })
+    }
 }
 
 /// A panic's message as this peer's one-line error.
@@ -117,7 +147,8 @@ fn guarded<T>(rank: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(panic_error(rank, payload)))
 }
 
-/// One peer's link to the collective: registered on creation, finished on drop (every exit).
+/// One peer's link to the collective: registered on creation, finished on drop (every exit);
+/// with [`Sessions`], registered and finished around each all-reduce instead.
 ///
 /// Reproducibility: burn sums the peers' tensors in `HashMap` order, which changes from run
 /// to run. With two peers that is harmless (`a + b == b + a` bit for bit); with three or more
@@ -127,37 +158,78 @@ fn guarded<T>(rank: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// peer then adds the slots itself in rank order. The result is a pure function of the peers'
 /// inputs, so a resumed run repeats an uninterrupted one bit for bit at any peer count. The
 /// price is `world`× the traffic of a plain all-reduce (only the adapters' gradients travel).
-struct Peer<B: Backend> {
+struct Peer<'a, B: Backend> {
     id: PeerId,
+    /// Global rank: `node_rank × local peers + local rank`.
     rank: usize,
     world: usize,
     device: B::Device,
+    config: CollectiveConfig,
+    sessions: Option<&'a Sessions>,
+    registered: &'a Cell<bool>,
 }
 
-impl<B: Backend> Peer<B> {
+impl<'a, B: Backend> Peer<'a, B> {
     fn register(
+        run: &'a Run<'a>,
         rank: usize,
-        world: usize,
         device: &B::Device,
-        registered: &Cell<bool>,
+        registered: &'a Cell<bool>,
     ) -> PeerResult<Self> {
-        let id = PeerId::from(rank);
-        register::<B>(id, device.clone(), collective_config(world))
-            .map_err(|e| collective_error("register", e))?;
-        registered.set(true);
-        Ok(Self {
-            id,
+        let peer = Self {
+            id: PeerId::from(rank),
             rank,
-            world,
+            world: run.world,
             device: device.clone(),
-        })
+            config: run.config.clone(),
+            sessions: run.sessions.as_ref(),
+            registered,
+        };
+        if peer.sessions.is_none() {
+            peer.join()?;
+        }
+        Ok(peer)
+    }
+
+    fn join(&self) -> PeerResult<()> {
+        register::<B>(self.id, self.device.clone(), self.config.clone())
+            .map_err(|e| collective_error("register", e))?;
+        self.registered.set(true);
+        Ok(())
+    }
+
+    fn leave(&self) -> std::result::Result<(), burn::collective::CollectiveError> {
+        let out = finish_collective::<B>(self.id);
+        self.registered.set(false);
+        out
     }
 
     /// burn's all-reduce (Sum) of `t` over all peers.
     fn all_reduce(&self, t: Tensor<B, 1>) -> PeerResult<Tensor<B, 1>> {
-        let out = all_reduce::<B>(self.id, t.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| collective_error("all-reduce", e))?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+        let Some(sessions) = self.sessions else {
+            let out = all_reduce::<B>(self.id, t.into_primitive().tensor(), ReduceOperation::Sum)
+                .map_err(|e| collective_error("all-reduce", e))?;
+            return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
+        };
+        let out = self.join().and_then(|()| {
+            let out = all_reduce::<B>(self.id, t.into_primitive().tensor(), ReduceOperation::Sum)
+                .map_err(|e| collective_error("all-reduce", e));
+            let left = self.leave().map_err(|e| collective_error("finish", e));
+            let out = out?;
+            left.map(|()| out)
+        });
+        match out {
+            Ok(out) if sessions.between() => {
+                Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+            }
+            Ok(_) => Err(PeerError::Collective(TrainError::Input(
+                "multi-node run: another node or device stopped".into(),
+            ))),
+            Err(e) => {
+                sessions.gate.break_all();
+                Err(e)
+            }
+        }
     }
 
     /// Every peer's `t` (same shape everywhere), concatenated in rank order: `world × n`
@@ -205,9 +277,11 @@ impl<B: Backend> Peer<B> {
     }
 }
 
-impl<B: Backend> Drop for Peer<B> {
+impl<B: Backend> Drop for Peer<'_, B> {
     fn drop(&mut self) {
-        if let Err(e) = finish_collective::<B>(self.id) {
+        if self.registered.get()
+            && let Err(e) = self.leave()
+        {
             tracing::warn!(peer = %self.id, error = ?e, "finishing the collective failed");
         }
     }
@@ -229,7 +303,7 @@ fn adapter_layout<B: Backend, M: VisionLanguageModel<B>>(model: &M) -> Vec<(Stri
 /// into one vector (zeros where this peer has none), followed by one presence flag per tensor;
 /// a tensor no peer has a gradient for stays absent (as on one device).
 fn reduce_grads<B: AutodiffBackend>(
-    peer: &Peer<B::InnerBackend>,
+    peer: &Peer<'_, B::InnerBackend>,
     layout: &[(String, [usize; 2])],
     mut local: AdapterGrads<B>,
 ) -> PeerResult<AdapterGrads<B>> {
@@ -362,20 +436,23 @@ struct PeerEnd<M, O> {
 struct Run<'a> {
     data: &'a TrainData,
     cfg: &'a TrainConfig,
+    /// Peers on all nodes.
     world: usize,
     total: u64,
+    config: CollectiveConfig,
+    sessions: Option<Sessions>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn peer_loop<B: AutodiffBackend, M>(
-    run: &Run<'_>,
+fn peer_loop<'a, B: AutodiffBackend, M>(
+    run: &'a Run<'a>,
     rank: usize,
     mut model: M,
     mut opt: AdamW<B::InnerBackend>,
     mut state: TrainState,
     device: &B::Device,
     mut lead: Option<Lead<'_>>,
-    registered: &Cell<bool>,
+    registered: &'a Cell<bool>,
 ) -> PeerResult<PeerEnd<M, AdamW<B::InnerBackend>>>
 where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
@@ -386,8 +463,20 @@ where
         cfg,
         world,
         total,
+        ..
     } = *run;
-    let peer = Peer::<B::InnerBackend>::register(rank, world, device, registered)?;
+    let peer = Peer::<B::InnerBackend>::register(run, rank, device, registered)?;
+    // Every peer starts where the others do (on several nodes each read its own checkpoint
+    // directory): steps, epochs and positions are exact in f32 below 2^24.
+    let here = [state.step as f32, state.epoch as f32, state.position as f32];
+    for (r, there) in peer.gather_host(&here)?.iter().enumerate() {
+        if there[..] != here[..] {
+            return Err(PeerError::Own(TrainError::Input(format!(
+                "device {rank} starts at step {} but device {r} at step {} (epoch {}, position {}): every node must resume from the same checkpoint",
+                state.step, there[0], there[1], there[2]
+            ))));
+        }
+    }
     let layout = adapter_layout(&model);
     let n = data.train.len();
     let global = cfg.batch_size;
@@ -604,8 +693,8 @@ where
 /// registering registers now (the others wait for it there), and the collective is reset, which
 /// fails the all-reduce the others wait in or call next.
 #[allow(clippy::too_many_arguments)]
-fn run_peer<B: AutodiffBackend, M>(
-    run: &Run<'_>,
+fn run_peer<'a, B: AutodiffBackend, M>(
+    run: &'a Run<'a>,
     rank: usize,
     model: M,
     opt: AdamW<B::InnerBackend>,
@@ -624,13 +713,12 @@ where
     out.unwrap_or_else(|payload| {
         let error = panic_error(rank, payload);
         tracing::error!(device = rank, %error, "data-parallel peer failed; stopping the others");
+        if let Some(s) = &run.sessions {
+            s.gate.break_all();
+        }
         if !registered.get() {
             let _ = catch_unwind(AssertUnwindSafe(|| {
-                register::<B::InnerBackend>(
-                    PeerId::from(rank),
-                    device.clone(),
-                    collective_config(run.world),
-                )
+                register::<B::InnerBackend>(PeerId::from(rank), device.clone(), run.config.clone())
             }));
         }
         reset_collective::<B::InnerBackend>();
@@ -652,7 +740,17 @@ where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
     M::InnerModule: VisionLanguageModel<B::InnerBackend>,
 {
-    let world = devices.len();
+    let local = devices.len();
+    let (nodes, node_rank) = match &cfg.cluster {
+        Some(c) => {
+            c.validate()?;
+            (c.nodes, c.node_rank)
+        }
+        None => (1, 0),
+    };
+    // Node 0 leads: events, validation, checkpoints.
+    let leads = node_rank == 0;
+    let world = local * nodes;
     let mut cfg_n = cfg.clone();
     cfg_n.devices = world;
     cfg_n.validate()?;
@@ -668,18 +766,37 @@ where
         resumed_at,
     });
     let mut validations = Vec::new();
-    if resumed_at.is_none() && !data.val.is_empty() {
+    if leads && resumed_at.is_none() && !data.val.is_empty() {
         let v = validate(&model, data, cfg, 0, device)?;
         on_event(&TrainEvent::Validation(v));
         validations.push(v);
     }
     let steps_at_start = state.step;
+    // Node 0 hosts the orchestrator (until every node has finished); all nodes meet at the
+    // fence before any peer registers.
+    let _orchestrator = match &cfg.cluster {
+        Some(c) if leads => Some(Orchestrator::start(c)?),
+        _ => None,
+    };
+    let sessions = match &cfg.cluster {
+        Some(c) => {
+            tracing::info!(nodes, node_rank, coordinator = %c.coordinator, "joining the other nodes");
+            Some(Sessions {
+                gate: Gate::new(local),
+                fence: Mutex::new(Fence::connect(c)?),
+            })
+        }
+        None => None,
+    };
     let run = Run {
         data,
         cfg,
         world,
         total,
+        config: collective_config(local, cfg)?,
+        sessions,
     };
+    let base = node_rank * local;
     let session = SESSION.lock().unwrap_or_else(|e| e.into_inner());
     // Clears what a failed earlier session in this process may have left registered. The
     // message is queued before any peer's registration.
@@ -692,7 +809,8 @@ where
         let mut handles = Vec::with_capacity(world - 1);
         let mut gos = Vec::with_capacity(world - 1);
         let mut spawn_error = None;
-        for (rank, d) in devices.iter().enumerate().skip(1) {
+        for (i, d) in devices.iter().enumerate().skip(1) {
+            let rank = base + i;
             let d = d.clone();
             // `fork` gives the copy its own autodiff leaves (on Flex the frozen weights still
             // share their buffers), so the peers' backward passes never meet.
@@ -731,12 +849,12 @@ where
         let first = match spawn_error {
             Some(e) => Err(PeerError::Own(e)),
             None => {
-                let lead = Lead {
+                let lead = leads.then(|| Lead {
                     on_event: &mut *on_event,
                     checkpoints,
                     validations: Vec::new(),
-                };
-                run_peer::<B, M>(&run, 0, model, opt, state, device, Some(lead))
+                });
+                run_peer::<B, M>(&run, base, model, opt, state, device, lead)
             }
         };
         let others: Vec<PeerResult<()>> = handles
@@ -746,7 +864,7 @@ where
                 h.join().unwrap_or_else(|_| {
                     Err(PeerError::Own(TrainError::Input(format!(
                         "device {}: its thread panicked",
-                        i + 1
+                        base + i + 1
                     ))))
                 })
             })
@@ -795,7 +913,8 @@ where
         validations: during,
     } = end;
     validations.extend(during);
-    if last_saved != state.step
+    if leads
+        && last_saved != state.step
         && let Some(path) = save_checkpoint(checkpoints, &model, &opt, &state, cfg)?
     {
         on_event(&TrainEvent::Checkpoint {
@@ -803,7 +922,7 @@ where
             path,
         });
     }
-    if !data.val.is_empty() {
+    if leads && !data.val.is_empty() {
         let v = validate(&model, data, cfg, state.step, device)?;
         on_event(&TrainEvent::Validation(v));
         validations.push(v);

@@ -508,13 +508,18 @@ pub fn repair_on<B: ressa_models::ops::AutodiffDenseBackend>(
             ));
         }
     };
-    ressa_models::pretrained::check_output_dir(&cfg.out)?;
+    // On several nodes, node 0 writes the model (every node ends with the same one).
+    let writes = cfg.train.cluster.as_ref().is_none_or(|c| c.node_rank == 0);
+    if writes {
+        ressa_models::pretrained::check_output_dir(&cfg.out)?;
+    }
     struct Job<'a, B: AutodiffBackend> {
         cfg: &'a RepairConfig,
         dense_dir: &'a Path,
         resume: bool,
         devices: &'a [B::Device],
         on_event: &'a mut dyn FnMut(&TrainEvent),
+        writes: bool,
     }
     impl<B: AutodiffBackend> AutodiffFamilyVisitor<B> for Job<'_, B> {
         type Output = Result<RepairReport>;
@@ -529,6 +534,7 @@ pub fn repair_on<B: ressa_models::ops::AutodiffDenseBackend>(
                 resume,
                 devices,
                 on_event,
+                writes,
             } = self;
             let device = &devices[0];
             let pretrained = Pretrained::<B, M>::load_with(dense_dir, config, device)?;
@@ -554,6 +560,9 @@ pub fn repair_on<B: ressa_models::ops::AutodiffDenseBackend>(
             )?;
             let mut report = repaired.report;
             report.config = Some(cfg.clone());
+            if !writes {
+                return Ok(report);
+            }
             let base_name = dense_dir.display().to_string();
             let io =
                 |p: &Path, e: std::io::Error| ModelError::Input(format!("{}: {e}", p.display()));
@@ -589,6 +598,7 @@ pub fn repair_on<B: ressa_models::ops::AutodiffDenseBackend>(
             resume,
             devices,
             on_event,
+            writes,
         },
     )?
 }

@@ -74,6 +74,10 @@ pub struct TrainConfig {
     /// stay as they were).
     #[serde(skip_serializing_if = "is_one")]
     pub devices: usize,
+    /// Several processes (nodes), each with `devices` peers: set by the command line
+    /// (`--nodes`, `--node-rank`, `--coordinator`, `--node-address`), never serialized.
+    #[serde(skip)]
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 fn is_one(n: &usize) -> bool {
@@ -100,6 +104,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             devices: 1,
+            cluster: None,
         }
     }
 }
@@ -732,7 +737,7 @@ where
     M: VisionLanguageModel<B> + AutodiffModule<B>,
     M::InnerModule: VisionLanguageModel<B::InnerBackend>,
 {
-    if cfg.devices > 1 {
+    if cfg.devices > 1 || cfg.cluster.is_some() {
         let devices = vec![device.clone(); cfg.devices];
         return crate::parallel::train_parallel(
             model,
@@ -774,7 +779,9 @@ where
         ));
     }
     match devices {
-        [device] => train_one(model, data, cfg, checkpoints, resume, device, on_event),
+        [device] if cfg.cluster.is_none() => {
+            train_one(model, data, cfg, checkpoints, resume, device, on_event)
+        }
         _ => crate::parallel::train_parallel(
             model,
             data,

@@ -1,8 +1,9 @@
 //! Data-parallel RESSA (`TrainConfig::devices`, threads on Flex through burn's collective):
 //! N peers at the same global batch train the same adapters as one peer (up to the float
 //! summation order), a checkpoint of N peers resumes on another count, and a peer that fails
-//! stops every peer with its error instead of leaving them waiting. `multinode`: why there is
-//! no multi-process mode yet (an ignored reproduction of burn-collective's hang).
+//! stops every peer with its error instead of leaving them waiting. `multinode`: two processes
+//! through burn's orchestrator train what two threads train, and why every all-reduce there is
+//! a session of its own (an ignored reproduction of burn-collective's hang).
 
 mod multinode;
 

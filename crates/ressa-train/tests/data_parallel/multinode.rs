@@ -1,23 +1,21 @@
-//! Why `ressa repair` has no multi-node mode yet: burn-collective 0.21.0's multi-process
-//! ("global") all-reduce hangs on the second all-reduce of a session.
+//! Several processes (nodes) through burn-collective's global orchestrator.
 //!
-//! Two processes on 127.0.0.1 (this test binary run again as node 0 and node 1, one peer
-//! each), an orchestrator on its own runtime in the parent, and two all-reduces (Sum) of
-//! `[1, 2]` and `[10, 20]` per node. The first completes (`[2, 4]` on both), the second never
-//! returns: after the all-reduce, `Node::all_reduce` waits in `SyncService::sync`
+//! `two_nodes_train_the_adapters_of_two_threads`: two processes on 127.0.0.1 (this test
+//! binary run again as node 0 and node 1, one peer each, node 0 hosting the orchestrator)
+//! train adapters bit-identical to two threads of one process.
+//!
+//! Why each all-reduce is a session of its own (`ressa_train::cluster`): burn-collective
+//! 0.21.0's multi-process all-reduce hangs on the second all-reduce of a session. After the
+//! all-reduce, `Node::all_reduce` waits in `SyncService::sync`
 //! (`burn-collective-0.21.0/src/global/node/sync.rs`), which clears a *copy* of its list of
 //! synced nodes (`let mut syncing_peers = self.syncing_peers.lock().unwrap().to_vec(); …
 //! syncing_peers.clear()`), so at the next barrier the list holds every node twice and never
 //! equals the node list. Every global strategy (Ring, Tree, Centralized) ends in that barrier.
-//!
-//! Ignored because it fails (by its timeout) until burn ships a fix; run it with
-//! `cargo test -p ressa-train --test data_parallel multinode -- --ignored --nocapture`.
-//!
-//! A session per all-reduce avoids the stale barrier: register, all-reduce, finish, and
-//! register again for the next one (`finish` drops the node's client, so the next
-//! registration builds a fresh `SyncService`). `two_processes_one_session_per_all_reduce`
-//! checks that path (both all-reduces correct on both nodes, 0.1 s on loopback); it is
-//! what a multi-node `ressa repair` can build on while the upstream bug stands.
+//! `two_processes_all_reduce_twice` reproduces it (two all-reduces of `[1, 2]` and `[10, 20]`
+//! per node: the first gives `[2, 4]`, the second never returns); ignored because it fails (by
+//! its timeout) until burn ships a fix: `cargo test -p ressa-train --test data_parallel
+//! multinode -- --ignored --nocapture`. `two_processes_one_session_per_all_reduce` checks the
+//! bare workaround (register, all-reduce, finish, register again).
 //! (A module of the `data_parallel` test binary rather than a binary of its own: one link
 //! less in CI.)
 
@@ -155,6 +153,120 @@ fn two_nodes(test: &str, per_reduce: bool) {
         assert!(
             report.contains(&format!("node {rank}: all-reduce 2: [20.0, 40.0]")),
             "{report}"
+        );
+    }
+}
+
+const TEST_REPAIR: &str = "multinode::two_nodes_train_the_adapters_of_two_threads";
+
+/// A coordinator port whose successor (the fence) is free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Two processes on 127.0.0.1 (one peer each, node 0 hosting burn's orchestrator) train the
+/// same adapters, bit for bit, as two threads of one process: both sum two peers' gradients
+/// with one addition (`a + b`), the nodes through burn's global all-reduce.
+#[test]
+fn two_nodes_train_the_adapters_of_two_threads() {
+    let mut cfg = ressa_train::TrainConfig {
+        steps: 8,
+        batch_size: 4,
+        lr: 1e-3,
+        warmup_steps: 2,
+        augment: true,
+        ..Default::default()
+    };
+    cfg.adamw.epsilon = 1e-5;
+    let data = super::data(&super::repo("tests/fixtures/calibration"));
+    if let Ok(role) = std::env::var("RESSA_TEST_REPAIR_NODE") {
+        let v: Vec<&str> = role.split(',').collect();
+        let rank: usize = v[0].parse().unwrap();
+        cfg.cluster = Some(ressa_train::Cluster {
+            nodes: 2,
+            node_rank: rank,
+            coordinator: format!("127.0.0.1:{}", v[1]),
+            node_address: format!("127.0.0.1:{}", v[2]),
+        });
+        let (adapters, report) = super::run(&data, &cfg, None, false).unwrap();
+        assert_eq!(report.steps, 8);
+        let bits: std::collections::BTreeMap<&String, (&Vec<usize>, Vec<u32>)> = adapters
+            .iter()
+            .map(|(k, (shape, x))| (k, (shape, x.iter().map(|v| v.to_bits()).collect())))
+            .collect();
+        std::fs::write(v[3], serde_json::to_string(&bits).unwrap()).unwrap();
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let coordinator = free_port_pair();
+    let outs: Vec<_> = (0..2)
+        .map(|r| tmp.path().join(format!("node{r}.json")))
+        .collect();
+    let start = Instant::now();
+    let mut children: Vec<_> = (0..2usize)
+        .map(|rank| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", TEST_REPAIR, "--nocapture", "--test-threads", "1"])
+                .env(
+                    "RESSA_TEST_REPAIR_NODE",
+                    format!(
+                        "{rank},{coordinator},{},{}",
+                        free_port(),
+                        outs[rank].display()
+                    ),
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let (threads, _) = super::run(
+        &data,
+        &ressa_train::TrainConfig {
+            devices: 2,
+            ..cfg.clone()
+        },
+        None,
+        false,
+    )
+    .unwrap();
+    let limit = Duration::from_secs(180);
+    while start.elapsed() < limit && children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (rank, c) in children.iter_mut().enumerate() {
+        let hung = c.try_wait().unwrap().is_none();
+        if hung {
+            c.kill().unwrap();
+        }
+        let status = c.wait().unwrap();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(!hung, "node {rank} hung (killed after {limit:?}):\n{err}");
+        assert!(status.success(), "node {rank}: {status}\n{err}");
+    }
+    eprintln!("two nodes: {:.1} s", start.elapsed().as_secs_f64());
+    let want: std::collections::BTreeMap<String, (Vec<usize>, Vec<u32>)> = threads
+        .iter()
+        .map(|(k, (shape, x))| {
+            (
+                k.clone(),
+                (shape.clone(), x.iter().map(|v| v.to_bits()).collect()),
+            )
+        })
+        .collect();
+    for (rank, out) in outs.iter().enumerate() {
+        let got: std::collections::BTreeMap<String, (Vec<usize>, Vec<u32>)> =
+            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        assert!(
+            got == want,
+            "node {rank}'s adapters differ from two threads'"
         );
     }
 }
