@@ -144,36 +144,41 @@ fn cholesky_lower(a: &mut Mat<f64>) -> std::result::Result<(), ()> {
     .map_err(|_| ())
 }
 
-fn symmetrize_from_lower(a: &mut Mat<f64>) {
-    let n = a.nrows();
-    for j in 0..n {
-        for i in 0..j {
-            a[(i, j)] = a[(j, i)];
+/// An `n × n` matrix whose lower triangle (diagonal included) is `f(i, j)`. Its strict upper
+/// triangle is never written, and never read: faer's Cholesky, triangular inverse and the
+/// triangular product here read and write the lower triangle only (the copying reference in
+/// the tests, on full symmetric matrices, gives the same bits). Left unwritten, those pages of
+/// a fresh allocation never become resident: a `d_in²` `f64` matrix costs half its size in
+/// RAM (SparseGPT's memory peak is two of them at 11008 inputs).
+fn lower_mat(n: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Mat<f64> {
+    let mut m = Mat::<f64>::with_capacity(n, n);
+    // SAFETY: the capacity is n × n; only the lower triangle is written below, and nothing
+    // reads the rest (see above).
+    unsafe { m.set_dims(n, n) };
+    let stride = m.col_stride();
+    let base = m.as_ptr_mut() as usize;
+    (0..n).into_par_iter().for_each(|j| {
+        let col = base as *mut f64;
+        for i in j..n {
+            // SAFETY: (i, j) is inside the matrix; columns are written by one thread each.
+            unsafe { col.offset(i as isize + j as isize * stride).write(f(i, j)) };
         }
-    }
+    });
+    m
 }
 
-/// In-place lower Cholesky of `a + applied·damp·I` (upper part zeroed on success); `false`
-/// when it fails, leaving `a` destroyed.
+/// In-place lower Cholesky of `a + applied·damp·I` (lower triangle only); `false` when it
+/// fails, leaving `a` destroyed.
 fn damped_cholesky_in_place(a: &mut Mat<f64>, applied: usize, damp: f64) -> bool {
     let n = a.nrows();
     for i in 0..n {
         a[(i, i)] += applied as f64 * damp;
     }
-    if cholesky_lower(a).is_ok() && (0..n).all(|i| a[(i, i)].is_finite()) {
-        for j in 0..n {
-            for i in 0..j {
-                a[(i, j)] = 0.0;
-            }
-        }
-        true
-    } else {
-        false
-    }
+    cholesky_lower(a).is_ok() && (0..n).all(|i| a[(i, i)].is_finite())
 }
 
-/// `out = (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹` (lower part, then symmetrized) from `l_inv` = L⁻¹ (lower part),
-/// as faer's `llt::inverse` computes it.
+/// `out = (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹` (lower triangle) from `l_inv` = L⁻¹ (lower triangle), as
+/// faer's `llt::inverse` computes it.
 fn square_inverse(out: &mut Mat<f64>, l_inv: MatRef<'_, f64>) {
     faer::linalg::matmul::triangular::matmul(
         out.as_mut(),
@@ -186,7 +191,6 @@ fn square_inverse(out: &mut Mat<f64>, l_inv: MatRef<'_, f64>) {
         1.0f64,
         Par::rayon(0),
     );
-    symmetrize_from_lower(out);
 }
 
 /// SparseGPT on a given Hessian (`d_in × d_in`, symmetric, already scaled, `f32`
@@ -205,7 +209,7 @@ pub fn sparsegpt_prune(
         });
     }
     check_finite("hessian", hessian)?;
-    let build = || Mat::<f64>::from_fn(d_in, d_in, |i, j| hessian[i * d_in + j] as f64);
+    let build = || lower_mat(d_in, |i, j| hessian[i * d_in + j] as f64);
     run(weights, &build, &mut || {}, spec, config)
 }
 
@@ -213,7 +217,8 @@ pub fn sparsegpt_prune(
 /// and is retried with more damping); `release()` is called once it is no longer needed.
 ///
 /// Memory: at most two `d_in²` `f64` matrices at a time (the factor and its inverse), each
-/// factorization in place; the results are those of factorizing copies.
+/// factorization in place, of which only the lower triangles are ever touched ([`lower_mat`]);
+/// the results are those of factorizing copies.
 fn run(
     weights: Weights<'_>,
     hessian: &dyn Fn() -> Mat<f64>,
@@ -224,12 +229,15 @@ fn run(
     let (d_in, d_out) = (weights.d_in(), weights.d_out());
     config.validate(spec, d_in)?;
     let mut h = hessian();
-    // finite activations can still overflow f32 in Σ XᵀX
-    if let Some(k) = (0..d_in * d_in).find(|&k| !h[(k / d_in, k % d_in)].is_finite()) {
+    // finite activations can still overflow f32 in Σ XᵀX (lower triangle: H is symmetric)
+    if let Some((i, j)) = (0..d_in)
+        .flat_map(|i| (0..=i).map(move |j| (i, j)))
+        .find(|&(i, j)| !h[(i, j)].is_finite())
+    {
         return Err(PruneError::NonFinite {
             what: "Hessian (activations too large for f32)",
-            index: k,
-            value: h[(k / d_in, k % d_in)] as f32,
+            index: i * d_in + j,
+            value: h[(i, j)] as f32,
         });
     }
     let mut w = weights.data().to_vec();
@@ -491,10 +499,8 @@ impl SparseGptPruner {
     fn hessian_f64_of(&self, src: &[f32]) -> Mat<f64> {
         let d = self.d_in;
         let scale = 2.0 / self.nsamples as f64;
-        Mat::from_fn(d, d, |i, j| {
-            let (r, c) = if i >= j { (i, j) } else { (j, i) };
-            src[c * d + r] as f64 * scale
-        })
+        // (i, j) with i >= j: the column-major lower sum's element at j * d + i
+        lower_mat(d, |i, j| src[j * d + i] as f64 * scale)
     }
 
     fn hessian_f64(&self) -> Mat<f64> {
@@ -863,7 +869,10 @@ mod tests {
                 PruneSpec::unstructured(0.6).unwrap()
             };
             let weights = Weights::new(&w, d_in, d_out).unwrap();
-            let expected = reference::run_ref(weights, p.hessian_f64(), &spec, &p.config).unwrap();
+            // the reference factorizes full symmetric copies
+            let lower = p.hessian_f64();
+            let full = Mat::<f64>::from_fn(d_in, d_in, |i, j| lower[(i.max(j), i.min(j))]);
+            let expected = reference::run_ref(weights, full, &spec, &p.config).unwrap();
             let got = p.prune(weights, &spec).unwrap();
             let once = Box::new(p.clone()).prune_once(weights, &spec).unwrap();
             for out in [&got, &once] {

@@ -122,12 +122,13 @@ pub fn workspace_bytes(method: Method, per_matrix: bool, dims: &[[usize; 2]]) ->
         Method::SparseGpt => {
             // Statistics: a d_in² f32 sum per linear (an upper bound: linears reading the same
             // input share one). Pruning linear l: the sums of the linears after it, two d_in²
-            // f64 matrices (factor and inverse) and the reconstruction's copies.
+            // f64 matrices (factor and inverse) of which only the lower triangles are ever
+            // touched (resident), and the reconstruction's copies.
             let stats: u64 = dims.iter().map(|&d| 4 * sq(d)).sum();
             let pruning = (0..dims.len())
                 .map(|l| {
                     let later: u64 = dims[l + 1..].iter().map(|&d| 4 * sq(d)).sum();
-                    later + 16 * sq(dims[l]) + copies
+                    later + 8 * sq(dims[l]) + copies
                 })
                 .max()
                 .unwrap_or(0);
