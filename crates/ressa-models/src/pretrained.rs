@@ -573,11 +573,37 @@ pub fn write_initial_checkpoint_as<B: Backend, M: VisionLanguageModel<B>>(
     dtype: Dtype,
     device: &B::Device,
 ) -> Result<()> {
+    write_initial_checkpoint_with::<B, M>(cfg, dir, seed, dtype, &BTreeMap::new(), device)
+}
+
+/// [`write_initial_checkpoint_as`] with the σ of some tensors set by name (HF key): a
+/// training recipe's choice, e.g. position embeddings at the scale of the patch embeddings'
+/// output. A name the model does not have is refused.
+pub fn write_initial_checkpoint_with<B: Backend, M: VisionLanguageModel<B>>(
+    cfg: &M::Config,
+    dir: &Path,
+    seed: u64,
+    dtype: Dtype,
+    init_std: &BTreeMap<String, f32>,
+    device: &B::Device,
+) -> Result<()> {
     let mut specs: Vec<(String, Vec<usize>, Dtype)> = parameter_shapes::<B, M>(cfg, device)?
         .into_iter()
         .map(|(k, s)| (k, s, dtype))
         .collect();
     specs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, std) in init_std {
+        if !specs.iter().any(|s| s.0 == *name) {
+            return Err(ModelError::Input(format!(
+                "init_std: the model has no tensor `{name}`"
+            )));
+        }
+        if !(std.is_finite() && *std >= 0.0) {
+            return Err(ModelError::Input(format!(
+                "init_std `{name}` = {std}: expected a non-negative number"
+            )));
+        }
+    }
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut uniform = move || {
         state ^= state << 13;
@@ -591,13 +617,14 @@ pub fn write_initial_checkpoint_as<B: Backend, M: VisionLanguageModel<B>>(
         let name = &names[i];
         let lower = name.to_lowercase();
         let is_norm = lower.contains("norm");
-        if name.ends_with("bias") && !name.ends_with("relative_attention_bias.weight") {
-            return vec![0.0; n];
-        }
-        if is_norm {
-            return vec![1.0; n];
-        }
-        let std = cfg.init_std(name);
+        let std = match init_std.get(name) {
+            Some(&std) => std,
+            None if name.ends_with("bias") && !name.ends_with("relative_attention_bias.weight") => {
+                return vec![0.0; n];
+            }
+            None if is_norm => return vec![1.0; n],
+            None => cfg.init_std(name),
+        };
         // Box–Muller.
         (0..n)
             .map(|_| {

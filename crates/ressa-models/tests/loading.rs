@@ -510,3 +510,60 @@ fn bitmask_compressed_weights_load_and_broken_groups_are_named() {
     let err = load_err(&dir);
     assert!(err.contains(key) && err.contains("row_offsets"), "{err}");
 }
+
+/// `write_initial_checkpoint_with`: a named tensor gets the σ asked for (the others keep
+/// their config's), and a name the model does not have is refused in one line.
+#[test]
+fn initial_checkpoint_takes_per_tensor_init_std() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cfg = <T5Blip as VisionLanguageModel<B>>::Config::from_file(
+        &root.join("configs/models/shapes-paper/config.json"),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "vision_model.embeddings.position_embedding";
+    let init = BTreeMap::from([(key.to_string(), 5.0f32)]);
+    ressa_models::pretrained::write_initial_checkpoint_with::<B, ressa_models::InstructBlipT5<B>>(
+        &cfg,
+        tmp.path(),
+        0,
+        safetensors::Dtype::F32,
+        &init,
+        &Default::default(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let std_of = |name: &str| {
+        let v: Vec<f64> = st
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect();
+        (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    // 10 × 48 values: within 15 %
+    assert!((std_of(key) / 5.0 - 1.0).abs() < 0.15, "{}", std_of(key));
+    let other = std_of("vision_model.embeddings.patch_embedding.weight");
+    assert!((other / 0.1 - 1.0).abs() < 0.1, "{other}");
+    let bad = BTreeMap::from([("vision_model.nope".to_string(), 1.0f32)]);
+    let e = ressa_models::pretrained::write_initial_checkpoint_with::<
+        B,
+        ressa_models::InstructBlipT5<B>,
+    >(
+        &cfg,
+        tmp.path(),
+        0,
+        safetensors::Dtype::F32,
+        &bad,
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("vision_model.nope") && e.lines().count() == 1,
+        "{e}"
+    );
+}

@@ -40,6 +40,7 @@ impl<B: Backend, M: VisionLanguageModel<B>> BlockWeights<B, M> for StreamedWeigh
         for linear in model.block_linears_mut(stack, block) {
             self.source.release_linear(linear);
         }
+        return_freed_memory();
         Ok(())
     }
 
@@ -50,11 +51,27 @@ impl<B: Backend, M: VisionLanguageModel<B>> BlockWeights<B, M> for StreamedWeigh
         d_in: usize,
         d_out: usize,
     ) -> Result<(), CalibrateError> {
-        Ok(self.output.write_linear(name, values, d_in, d_out)?)
+        self.output.write_linear(name, values, d_in, d_out)?;
+        // (the linear's pruning workspace is free now)
+        return_freed_memory();
+        Ok(())
     }
 
     fn holds_model(&self) -> bool {
         false
+    }
+}
+
+/// Hands the memory freed by a block back to the system. glibc keeps freed allocations below
+/// its mmap threshold (which grows to 32 MiB as large buffers are freed) in its per-thread
+/// arenas; with the pruners' and the calibration's many threads that retention reached 1.1 GiB
+/// on the Vicuna-7B-sized model (`malloc_trim` returned it: 3.84 → 2.65 GiB resident),
+/// memory a `--memory-budget` run does not have.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

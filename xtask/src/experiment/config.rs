@@ -1,5 +1,6 @@
 //! The study a TOML file describes (see `configs/shapes-tiny.toml`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -50,6 +51,10 @@ pub struct ModelSource {
     /// initialisation (`write_initial_checkpoint`).
     #[serde(default)]
     pub init_scale: Option<f32>,
+    /// σ of named tensors at initialisation (HF keys), instead of their config's
+    /// `initializer_range`: e.g. `"vision_model.embeddings.position_embedding" = 5.0`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub init_std: BTreeMap<String, f32>,
 }
 
 /// Generated shapes data, or LAVIS files on disk.
@@ -687,6 +692,29 @@ file = "annotations/nocaps_val_eval.json"
                 "{tail}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn init_std_is_read_from_the_model_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        let base = std::fs::read_to_string(configs("shapes-paper.toml")).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{base}\n[model.init_std]\n\"vision_model.embeddings.position_embedding\" = 5.0\n"
+            ),
+        )
+        .unwrap();
+        let cfg = ExperimentConfig::from_file(&path).unwrap();
+        assert_eq!(
+            cfg.model
+                .init_std
+                .get("vision_model.embeddings.position_embedding"),
+            Some(&5.0)
+        );
+        let plain = ExperimentConfig::from_file(&configs("shapes-paper.toml")).unwrap();
+        assert!(plain.model.init_std.is_empty());
     }
 
     #[test]

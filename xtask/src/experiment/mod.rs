@@ -18,7 +18,9 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use ressa_data::shapes;
-use ressa_models::pretrained::{save_model_dir, write_initial_checkpoint, write_random_checkpoint};
+use ressa_models::pretrained::{
+    save_model_dir, write_initial_checkpoint_with, write_random_checkpoint,
+};
 use ressa_models::prunable::{BlockOptions, CalibrationSample};
 use ressa_models::{
     AutodiffFamilyVisitor, FamilyConfig, Pretrained, Processor, VisionLanguageModel,
@@ -32,6 +34,7 @@ use ressa_report::results::{Cell, Group, Metrics, OwlParams, Ressa, Results, Tas
 use ressa_sparse::SparsityPattern;
 use ressa_train::TrainEvent;
 use ressa_train::repair::{DataConfig, read_examples, repair_model, student_weights, train_data};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::copy_dir;
@@ -207,13 +210,18 @@ where
     let config_path = cfg.model.train_config.as_ref().expect("validated");
     let config_bytes =
         std::fs::read(config_path).with_context(|| config_path.display().to_string())?;
-    let key = hash(&[
-        b"dense",
-        &config_bytes,
-        &json(&cfg.model.pretrain),
-        &json(&cfg.model.init_scale),
-        data_key.as_bytes(),
-    ]);
+    let (pretrain, init_scale, init_std) = (
+        json(&cfg.model.pretrain),
+        json(&cfg.model.init_scale),
+        json(&cfg.model.init_std),
+    );
+    let mut parts: Vec<&[u8]> = vec![b"dense", &config_bytes, &pretrain, &init_scale];
+    // (only when set: the cache keys of studies without it stay as they were)
+    if !cfg.model.init_std.is_empty() {
+        parts.push(&init_std);
+    }
+    parts.push(data_key.as_bytes());
+    let key = hash(&parts);
     let dir = cache.join(format!("dense-{key}"));
     if dir.join("model.safetensors").exists() {
         return Ok((dir, key));
@@ -249,10 +257,12 @@ where
             scale,
             &device,
         )?,
-        None => write_initial_checkpoint::<B, M::InnerModule>(
+        None => write_initial_checkpoint_with::<B, M::InnerModule>(
             &model_cfg,
             &init,
             cfg.model.pretrain.seed,
+            Dtype::F32,
+            &cfg.model.init_std,
             &device,
         )?,
     }
