@@ -177,10 +177,29 @@ impl Fence {
                 ))
             })?;
             let mut members: Vec<(usize, TcpStream)> = Vec::with_capacity(cluster.nodes - 1);
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| fence_error(format!("port {port}: {e}")))?;
+            let start = Instant::now();
             while members.len() + 1 < cluster.nodes {
-                let (mut s, from) = listener
-                    .accept()
-                    .map_err(|e| fence_error(format!("accept: {e}")))?;
+                let (mut s, from) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if start.elapsed() > CONNECT_FOR {
+                            return Err(fence_error(format!(
+                                "{} of {} nodes joined within {CONNECT_FOR:?} (are the others started with --coordinator {}?)",
+                                members.len() + 1,
+                                cluster.nodes,
+                                cluster.coordinator
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    Err(e) => return Err(fence_error(format!("accept: {e}"))),
+                };
+                s.set_nonblocking(false)
+                    .map_err(|e| fence_error(format!("{from}: {e}")))?;
                 let mut rank = [0u8; 8];
                 s.read_exact(&mut rank)
                     .map_err(|e| fence_error(format!("{from}: no rank ({e})")))?;
