@@ -36,8 +36,6 @@ use burn::collective::{
     AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective,
     register, reset_collective,
 };
-
-use crate::cluster::{Fence, Gate, Orchestrator};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
@@ -48,6 +46,7 @@ use ressa_models::prunable::prunable_linears;
 
 use crate::adamw::{AdamW, Moments};
 use crate::checkpoint::TrainState;
+use crate::cluster::{Fence, Gate, Orchestrator};
 use crate::distill::{LossSums, distill_sums};
 use crate::error::{Result, TrainError};
 use crate::sparse_lora::for_each_linear_mut;
