@@ -6,6 +6,10 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
+#[path = "support/nodes.rs"]
+mod nodes;
+use nodes::{coordinator_port, free_port, node_flags};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -171,14 +175,6 @@ fn vqa_predictions_are_official_format_and_scored() {
     assert_eq!(parallel["accuracy"], metrics["accuracy"]);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `--nodes 2` as two processes on 127.0.0.1: node 0 writes the file one process writes
 /// (node 1's share gathered through burn's all-reduce) and the same scores; node 1 writes
 /// nothing and prints nothing.
@@ -190,30 +186,13 @@ fn two_nodes_on_loopback_write_the_predictions_of_one() {
     let one = tmp.path().join("one.json");
     let gt = ["--ground-truth", s(&ann), s(&qs)];
     let metrics = ok(&run(&vqa_args(&one, &gt)));
-    let coordinator = loop {
-        let p = free_port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            break p;
-        }
-    };
+    let coordinator = format!("127.0.0.1:{}", coordinator_port());
     let outs = [tmp.path().join("node0.json"), tmp.path().join("node1.json")];
     let children: Vec<_> = (0..2)
         .map(|rank| {
-            let (rank_s, coord, addr) = (
-                rank.to_string(),
-                format!("127.0.0.1:{coordinator}"),
-                format!("127.0.0.1:{}", free_port()),
-            );
-            let mut extra = vec![
-                "--nodes",
-                "2",
-                "--node-rank",
-                &rank_s,
-                "--coordinator",
-                &coord,
-                "--node-address",
-                &addr,
-            ];
+            let address = format!("127.0.0.1:{}", free_port());
+            let flags = node_flags(2, rank, &coordinator, &address);
+            let mut extra: Vec<&str> = flags.iter().map(String::as_str).collect();
             extra.extend(gt);
             Command::new(env!("CARGO_BIN_EXE_ressa"))
                 .args(vqa_args(&outs[rank], &extra))

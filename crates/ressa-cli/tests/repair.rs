@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/nodes.rs"]
+mod nodes;
+use nodes::{coordinator_port, free_port, node_flags};
+
 fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -302,6 +306,14 @@ fn bad_input_is_one_line_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let pruned = pruned(tmp.path());
     let out = tmp.path().join("o");
+    let with_nodes = |nodes, rank, coordinator| {
+        let flags = node_flags(nodes, rank, coordinator, "127.0.0.1:29510");
+        repair_args(
+            &pruned,
+            &out,
+            &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (repair_args(&pruned, &out, &["--lambda", "2"]), "lambda 2"),
         (
@@ -321,54 +333,15 @@ fn bad_input_is_one_line_naming_it() {
             "--nodes N (N ≥ 2) needs --node-rank, --coordinator HOST:PORT and --node-address",
         ),
         (
-            repair_args(
-                &pruned,
-                &out,
-                &[
-                    "--nodes",
-                    "2",
-                    "--node-rank",
-                    "2",
-                    "--coordinator",
-                    "127.0.0.1:29500",
-                    "--node-address",
-                    "127.0.0.1:29510",
-                ],
-            ),
+            with_nodes(2, 2, "127.0.0.1:29500"),
             "--node-rank 2: expected 0..2",
         ),
         (
-            repair_args(
-                &pruned,
-                &out,
-                &[
-                    "--nodes",
-                    "2",
-                    "--node-rank",
-                    "1",
-                    "--coordinator",
-                    "node0",
-                    "--node-address",
-                    "127.0.0.1:29510",
-                ],
-            ),
+            with_nodes(2, 1, "node0"),
             "--coordinator \"node0\": expected HOST:PORT",
         ),
         (
-            repair_args(
-                &pruned,
-                &out,
-                &[
-                    "--nodes",
-                    "4",
-                    "--node-rank",
-                    "1",
-                    "--coordinator",
-                    "127.0.0.1:29500",
-                    "--node-address",
-                    "127.0.0.1:29510",
-                ],
-            ),
+            with_nodes(4, 1, "127.0.0.1:29500"),
             "--batch-size 2: not divisible by --nodes 4 × --devices 1",
         ),
         (
@@ -410,14 +383,6 @@ fn bad_input_is_one_line_naming_it() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `ressa repair --nodes 2` as two processes on 127.0.0.1: node 0 writes a model identical
 /// to `--devices 2`'s, node 1 writes nothing; both exit 0.
 #[test]
@@ -443,28 +408,16 @@ fn two_nodes_on_loopback_write_what_two_threads_write() {
         &["--devices", "2"],
     )));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let coordinator = loop {
-        let p = free_port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            break p;
-        }
-    };
+    let coordinator = format!("127.0.0.1:{}", coordinator_port());
     let outs = [tmp.path().join("node0"), tmp.path().join("node1")];
     let children: Vec<_> = (0..2)
         .map(|rank| {
+            let address = format!("127.0.0.1:{}", free_port());
+            let flags = node_flags(2, rank, &coordinator, &address);
             let args = shorter(repair_args(
                 &pruned,
                 &outs[rank],
-                &[
-                    "--nodes",
-                    "2",
-                    "--node-rank",
-                    &rank.to_string(),
-                    "--coordinator",
-                    &format!("127.0.0.1:{coordinator}"),
-                    "--node-address",
-                    &format!("127.0.0.1:{}", free_port()),
-                ],
+                &flags.iter().map(String::as_str).collect::<Vec<_>>(),
             ));
             Command::new(env!("CARGO_BIN_EXE_ressa"))
                 .args(&args)

@@ -15,6 +15,7 @@
 //! with an error; a node that dies inside burn's all-reduce leaves the others waiting there
 //! (burn-collective has no timeouts).
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
@@ -263,6 +264,26 @@ impl Fence {
     }
 }
 
+/// One collective session of peer `id`: register, all-reduce (Sum) `t`, finish (also after a
+/// failed all-reduce); `registered` tells whether the peer is registered at any moment. On
+/// error, which step failed.
+pub(crate) fn session_all_reduce<B: Backend>(
+    id: PeerId,
+    device: &B::Device,
+    config: &CollectiveConfig,
+    t: Tensor<B, 1>,
+    registered: &Cell<bool>,
+) -> std::result::Result<B::FloatTensorPrimitive, (&'static str, CollectiveError)> {
+    register::<B>(id, device.clone(), config.clone()).map_err(|e| ("register", e))?;
+    registered.set(true);
+    let out = all_reduce::<B>(id, t.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(|e| ("all-reduce", e));
+    let left = finish_collective::<B>(id).map_err(|e| ("finish", e));
+    registered.set(false);
+    let out = out?;
+    left.map(|()| out)
+}
+
 /// One peer per node, for exchanges outside training (evaluation's predictions): each
 /// exchange is a session of its own and ends at the fence, as in training.
 pub struct NodeLink<B: Backend> {
@@ -294,18 +315,10 @@ impl<B: Backend> NodeLink<B> {
     /// burn's all-reduce (Sum) of `values` over the nodes, in a session of its own.
     fn sum(&mut self, values: Vec<f32>) -> Result<Vec<f32>> {
         let id = PeerId::from(self.cluster.node_rank);
-        let err = |what: &str, e: CollectiveError| {
-            TrainError::Input(format!("multi-node {what} failed: {e:?}"))
-        };
         let n = values.len();
         let t = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &self.device);
-        register::<B>(id, self.device.clone(), self.config.clone())
-            .map_err(|e| err("register", e))?;
-        let out = all_reduce::<B>(id, t.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| err("all-reduce", e));
-        let left = finish_collective::<B>(id).map_err(|e| err("finish", e));
-        let out = out?;
-        left?;
+        let out = session_all_reduce::<B>(id, &self.device, &self.config, t, &Cell::new(false))
+            .map_err(|(what, e)| TrainError::Input(format!("multi-node {what} failed: {e:?}")))?;
         self.fence.round()?;
         Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(out))
             .into_data()

@@ -46,7 +46,7 @@ use ressa_models::prunable::prunable_linears;
 
 use crate::adamw::{AdamW, Moments};
 use crate::checkpoint::TrainState;
-use crate::cluster::{Fence, Gate, Orchestrator};
+use crate::cluster::{Fence, Gate, Orchestrator, session_all_reduce};
 use crate::distill::{LossSums, distill_sums};
 use crate::error::{Result, TrainError};
 use crate::sparse_lora::for_each_linear_mut;
@@ -210,13 +210,8 @@ impl<'a, B: Backend> Peer<'a, B> {
                 .map_err(|e| collective_error("all-reduce", e))?;
             return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
         };
-        let out = self.join().and_then(|()| {
-            let out = all_reduce::<B>(self.id, t.into_primitive().tensor(), ReduceOperation::Sum)
-                .map_err(|e| collective_error("all-reduce", e));
-            let left = self.leave().map_err(|e| collective_error("finish", e));
-            let out = out?;
-            left.map(|()| out)
-        });
+        let out = session_all_reduce::<B>(self.id, &self.device, &self.config, t, self.registered)
+            .map_err(|(what, e)| collective_error(what, e));
         match out {
             Ok(out) if sessions.between() => {
                 Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
