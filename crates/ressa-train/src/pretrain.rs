@@ -1,5 +1,7 @@
 //! Dense training of every parameter from scratch (the toy world's model, issue #6): token-mean
 //! CE on the targets, burn's AdamW, linear warm-up then cosine. No teacher, no adapters.
+//! An optional curriculum (issue #18) trains the first steps on the examples whose prompt
+//! matches (e.g. "where is the" questions) before the mix.
 
 use std::time::Instant;
 
@@ -28,6 +30,18 @@ pub struct PretrainConfig {
     pub weight_decay: f64,
     pub clip_grad_norm: Option<f64>,
     pub seed: u64,
+    /// Curriculum: the first `warm_steps` steps draw only the examples whose prompt contains
+    /// one of `warm_prompts` (e.g. `"where is the"`), the rest every example; the learning-rate
+    /// schedule runs over all `steps`. 0 = none. (Left out of the serialized form when unset,
+    /// so the runner's cache keys of recipes without it stay as they were.)
+    #[serde(skip_serializing_if = "is_zero")]
+    pub warm_steps: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warm_prompts: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for PretrainConfig {
@@ -40,7 +54,49 @@ impl Default for PretrainConfig {
             weight_decay: 0.01,
             clip_grad_norm: Some(1.0),
             seed: 0,
+            warm_steps: 0,
+            warm_prompts: Vec::new(),
         }
+    }
+}
+
+impl PretrainConfig {
+    /// The indices of `examples` the warm-up steps draw from (empty without a warm-up).
+    /// Refuses a warm-up that is as long as the run, has no prompts, or matches nothing.
+    pub fn warm_examples(&self, examples: &[Example]) -> Result<Vec<usize>> {
+        let bad = |what: String| Err(TrainError::Input(format!("pretrain: {what}")));
+        if self.warm_steps == 0 {
+            if !self.warm_prompts.is_empty() {
+                return bad("`warm_prompts` is set but `warm_steps` is 0".into());
+            }
+            return Ok(Vec::new());
+        }
+        if self.warm_steps >= self.steps {
+            return bad(format!(
+                "`warm_steps` is {}, expected fewer than `steps` ({})",
+                self.warm_steps, self.steps
+            ));
+        }
+        if self.warm_prompts.is_empty() {
+            return bad("`warm_steps` is set but `warm_prompts` is empty".into());
+        }
+        let warm: Vec<usize> = (0..examples.len())
+            .filter(|&i| {
+                let prompt = &examples[i].text_input;
+                self.warm_prompts
+                    .iter()
+                    .any(|w| prompt.contains(w.as_str()))
+            })
+            .collect();
+        if warm.len() < self.batch_size {
+            return bad(format!(
+                "`warm_prompts` {:?} match {} training examples, expected at least a batch ({})",
+                self.warm_prompts,
+                warm.len(),
+                self.batch_size
+            ));
+        }
+        Ok(warm)
     }
 }
 
@@ -68,6 +124,7 @@ where
             c as f32,
         )));
     }
+    let warm = cfg.warm_examples(&data.train)?;
     let mut optim = adamw.init::<B, M>();
     let schedule = crate::trainer::TrainConfig {
         lr: cfg.lr,
@@ -86,7 +143,12 @@ where
     let (mut tail_loss, mut tail_n) = (0.0, 0usize);
     let mut t = Instant::now();
     while step < cfg.steps {
-        let mut order: Vec<usize> = (0..data.train.len()).collect();
+        let warming = step < cfg.warm_steps;
+        let mut order: Vec<usize> = if warming {
+            warm.clone()
+        } else {
+            (0..data.train.len()).collect()
+        };
         order.shuffle(&mut item_rng(cfg.seed, 0x5052_4554, epoch));
         let examples: Vec<Example> = order.iter().map(|&i| data.train[i].clone()).collect();
         let loader = Loader::new(
@@ -130,11 +192,102 @@ where
                 examples_per_s: batch.len() as f64 / t.elapsed().as_secs_f64().max(1e-9),
             });
             t = Instant::now();
-            if step >= cfg.steps {
+            if step >= cfg.steps || (warming && step == cfg.warm_steps) {
                 break;
             }
         }
         epoch += 1;
     }
     Ok((model, tail_loss / tail_n.max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(prompt: &str) -> Example {
+        Example {
+            image: "a.png".into(),
+            text_input: prompt.into(),
+            text_output: Some("x".into()),
+        }
+    }
+
+    #[test]
+    fn warm_examples_are_the_prompts_that_match() {
+        let examples = [
+            example("Question: where is the red circle? Short answer:"),
+            example("a photo of"),
+            example("Question: what color is the circle? Short answer:"),
+            example("Question: where is the square? Short answer:"),
+        ];
+        let mut cfg = PretrainConfig {
+            steps: 100,
+            batch_size: 2,
+            ..Default::default()
+        };
+        assert!(cfg.warm_examples(&examples).unwrap().is_empty());
+        cfg.warm_steps = 10;
+        cfg.warm_prompts = vec!["where is the".into()];
+        assert_eq!(cfg.warm_examples(&examples).unwrap(), vec![0, 3]);
+        cfg.warm_prompts.push("what color".into());
+        assert_eq!(cfg.warm_examples(&examples).unwrap(), vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn a_warm_up_that_cannot_run_is_refused() {
+        let examples = [example("a photo of"), example("where is the x")];
+        let base = PretrainConfig {
+            steps: 100,
+            batch_size: 1,
+            warm_steps: 10,
+            warm_prompts: vec!["where is the".into()],
+            ..Default::default()
+        };
+        let err = |cfg: PretrainConfig| cfg.warm_examples(&examples).unwrap_err().to_string();
+        assert!(
+            err(PretrainConfig {
+                warm_steps: 100,
+                ..base.clone()
+            })
+            .contains("`warm_steps`")
+        );
+        assert!(
+            err(PretrainConfig {
+                warm_prompts: vec![],
+                ..base.clone()
+            })
+            .contains("empty")
+        );
+        assert!(
+            err(PretrainConfig {
+                warm_prompts: vec!["how many".into()],
+                ..base.clone()
+            })
+            .contains("match 0 training examples")
+        );
+        assert!(
+            err(PretrainConfig {
+                batch_size: 2,
+                ..base
+            })
+            .contains("at least a batch (2)")
+        );
+    }
+
+    #[test]
+    fn recipes_without_a_warm_up_serialize_as_before() {
+        let json = serde_json::to_string(&PretrainConfig::default()).unwrap();
+        assert!(
+            !json.contains("warm_steps") && !json.contains("warm_prompts"),
+            "{json}"
+        );
+        let warm = PretrainConfig {
+            warm_steps: 5,
+            warm_prompts: vec!["where is the".into()],
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&warm).unwrap();
+        assert_eq!(serde_json::from_str::<PretrainConfig>(&json).unwrap(), warm);
+    }
 }

@@ -523,3 +523,67 @@ fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
     });
     assert_eq!(checked, masks.len());
 }
+
+/// The pretraining curriculum (`warm_steps`, `warm_prompts`): the warm-up steps see exactly the
+/// matching examples, in the order a run on those examples alone sees them, and the steps after
+/// it draw from every example.
+#[test]
+fn a_pretraining_warm_up_draws_only_the_matching_examples() {
+    use ressa_train::pretrain::{PretrainConfig, pretrain};
+    use ressa_train::trainer::TrainEvent;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, _, images) = write_data(tmp.path());
+    let device = Default::default();
+    let losses = |only_warm: bool, warm_steps: u64| -> Vec<f64> {
+        let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
+        let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
+        let data_cfg = DataConfig {
+            train: train.clone(),
+            images: images.clone(),
+            val: None,
+            caption_prompt: None,
+            max_examples: None,
+        };
+        let mut data = train_data(processor, &data_cfg).unwrap();
+        if only_warm {
+            data.train.retain(|e| e.text_input.contains("where is the"));
+        }
+        let cfg = PretrainConfig {
+            steps: 4,
+            batch_size: 1,
+            lr: 1e-3,
+            warmup_steps: 0,
+            warm_steps,
+            warm_prompts: if warm_steps > 0 {
+                vec!["where is the".into()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        pretrain(dense.model, &data, &cfg, &device, &mut |e| {
+            if let TrainEvent::Step { loss, .. } = e {
+                out.push(*loss)
+            }
+        })
+        .unwrap();
+        out
+    };
+    let warm = losses(false, 2);
+    let alone = losses(true, 2);
+    let plain = losses(false, 0);
+    assert_eq!(warm.len(), 4);
+    assert_eq!(
+        warm[..2],
+        alone[..2],
+        "warm-up steps: the matching examples, same order"
+    );
+    assert_ne!(warm[2..], alone[2..], "after the warm-up: every example");
+    assert_ne!(
+        warm[..2],
+        plain[..2],
+        "without a warm-up the first steps draw from all"
+    );
+}
