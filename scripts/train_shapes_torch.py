@@ -54,7 +54,12 @@ instead of 8 (0.55, shape 0.33); a 600-step warm-up on one-shape images (`--warm
 warm-up (σ 0.1: 0.59 at 2000, shape 0.21, position 0.09; σ 5: position 0.57 but colour 0.16);
 σ 5 position embeddings in 16 channels and the patch embedding in the other 32
 (`--pos-channels 16`: position 0.11 after the 400 warm-up steps, where all-channel σ 5 has
-0.47 — position is learned only when it dominates the token).
+0.47 — position is learned only when it dominates the token). Nor is it memorisation: with
+40 000 training images (`xtask shapes --train 40000`, `--one-caption`, no image seen twice in
+3000 steps) σ 0.1 gives VQA 0.648, shape 0.274, colour 0.69, position 0.08 (8000 images: 0.648,
+0.30, 0.73, 0.06) and σ 5 with the "where is" warm-up 0.578, shape 0.22, colour 0.25, position
+0.65 (8000: 0.565, 0.32, 0.30, 0.51). A 12 000-step cosine run (σ 0.1, 8000 images) stood at
+0.575 / 0.623 after 2000 / 4000 steps, shape 0.23 / 0.30.
 """
 
 import argparse
@@ -192,6 +197,7 @@ def main():
     ap.add_argument("--pos-init-std", type=float, default=None, help="ViT position embeddings ~ N(0, std²)")
     ap.add_argument("--single-shape", action="store_true", help="only images with one shape (train and test)")
     ap.add_argument("--pos-channels", type=int, default=None, help="position embeddings only in the first K channels, the patch embedding only in the others")
+    ap.add_argument("--one-caption", action="store_true", help="train on the first caption of each image only")
     ap.add_argument("--example-mean", action="store_true", help="loss: mean over examples of each example's token-mean CE (captions weigh as much as answers)")
     ap.add_argument("--warm-single", action="store_true", help="the warm-up steps train on one-shape images only (all types, or --warm-types)")
     args = ap.parse_args()
@@ -240,7 +246,11 @@ def main():
             continue
         train.append((it["image"], VQA_PROMPT.format(pre_question(it["question"])), it["answer"][0], qtype(pre_question(it["question"]))))
     if not (args.vqa_only or args.only_type):
+        seen = set()
         for it in json.load(open(os.path.join(ann, "caption_train.json"))):
+            if args.one_caption and it["image"] in seen:
+                continue
+            seen.add(it["image"])
             train.append((it["image"], CAPTION_PROMPT, it["caption"].lower(), "caption"))
     test = [
         (it["image"], VQA_PROMPT.format(pre_question(it["question"])), it["answer"][0], qtype(pre_question(it["question"])))
