@@ -203,7 +203,6 @@ def main():
     ap.add_argument("--single-shape", action="store_true", help="only images with one shape (train and test)")
     ap.add_argument("--pos-channels", type=int, default=None, help="position embeddings only in the first K channels, the patch embedding only in the others")
     ap.add_argument("--one-caption", action="store_true", help="train on the first caption of each image only")
-    ap.add_argument("--example-mean", action="store_true", help="loss: mean over examples of each example's token-mean CE (captions weigh as much as answers)")
     ap.add_argument("--warm-single", action="store_true", help="the warm-up steps train on one-shape images only (all types, or --warm-types)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -325,14 +324,7 @@ def main():
         for i in range(0, len(order) - args.batch + 1, args.batch):
             batch = [train[j] for j in order[i : i + args.batch]]
             enc = encode(batch)
-            out = model(**enc)
-            if args.example_mean:
-                labels = enc["labels"]
-                ce = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-                keep = (labels != -100).float()
-                loss = ((ce * keep).sum(1) / keep.sum(1)).mean()
-            else:
-                loss = out.loss
+            loss = model(**enc).loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -60,25 +60,34 @@ impl Default for PretrainConfig {
     }
 }
 
+fn input(what: String) -> TrainError {
+    TrainError::Input(format!("pretrain: {what}"))
+}
+
 impl PretrainConfig {
+    /// Checks the warm-up settings alone, before any data is read: a warm-up as long as the
+    /// run, steps without prompts or prompts without steps are refused.
+    pub fn validate(&self) -> Result<()> {
+        match (self.warm_steps, self.warm_prompts.is_empty()) {
+            (0, true) => Ok(()),
+            (0, false) => Err(input("`warm_prompts` is set but `warm_steps` is 0".into())),
+            (_, true) => Err(input(
+                "`warm_steps` is set but `warm_prompts` is empty".into(),
+            )),
+            (w, false) if w >= self.steps => Err(input(format!(
+                "`warm_steps` is {w}, expected fewer than `steps` ({})",
+                self.steps
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The indices of `examples` the warm-up steps draw from (empty without a warm-up).
-    /// Refuses a warm-up that is as long as the run, has no prompts, or matches nothing.
+    /// Refuses what [`Self::validate`] refuses, and prompts that match fewer than a batch.
     pub fn warm_examples(&self, examples: &[Example]) -> Result<Vec<usize>> {
-        let bad = |what: String| Err(TrainError::Input(format!("pretrain: {what}")));
+        self.validate()?;
         if self.warm_steps == 0 {
-            if !self.warm_prompts.is_empty() {
-                return bad("`warm_prompts` is set but `warm_steps` is 0".into());
-            }
             return Ok(Vec::new());
-        }
-        if self.warm_steps >= self.steps {
-            return bad(format!(
-                "`warm_steps` is {}, expected fewer than `steps` ({})",
-                self.warm_steps, self.steps
-            ));
-        }
-        if self.warm_prompts.is_empty() {
-            return bad("`warm_steps` is set but `warm_prompts` is empty".into());
         }
         let warm: Vec<usize> = (0..examples.len())
             .filter(|&i| {
@@ -89,12 +98,12 @@ impl PretrainConfig {
             })
             .collect();
         if warm.len() < self.batch_size {
-            return bad(format!(
+            return Err(input(format!(
                 "`warm_prompts` {:?} match {} training examples, expected at least a batch ({})",
                 self.warm_prompts,
                 warm.len(),
                 self.batch_size
-            ));
+            )));
         }
         Ok(warm)
     }

@@ -368,6 +368,8 @@ impl ExperimentConfig {
             (Some(_), None) | (None, Some(_)) => {}
             _ => bail!("model: give exactly one of `dir` or `train_config`"),
         }
+        // (the warm-up's prompts are matched against the data when training starts)
+        self.model.pretrain.validate()?;
         match (&self.data.shapes, &self.data.dir) {
             (Some(_), None) | (None, Some(_)) => {}
             _ => bail!("data: give exactly one of `shapes` or `dir`"),
@@ -715,6 +717,21 @@ file = "annotations/nocaps_val_eval.json"
         );
         let plain = ExperimentConfig::from_file(&configs("shapes-paper.toml")).unwrap();
         assert!(plain.model.init_std.is_empty());
+    }
+
+    #[test]
+    fn a_warm_up_that_cannot_run_is_refused_when_the_study_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        let base = std::fs::read_to_string(configs("shapes-paper.toml")).unwrap();
+        let warm = "warmup_steps = 50\nwarm_steps = 5000\nwarm_prompts = [\"where is the\"]";
+        std::fs::write(&path, base.replacen("warmup_steps = 50", warm, 1)).unwrap();
+        let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("s.toml")
+                && e.contains("`warm_steps` is 5000, expected fewer than `steps` (3000)"),
+            "{e}"
+        );
     }
 
     #[test]
