@@ -203,6 +203,7 @@ def main():
     ap.add_argument("--single-shape", action="store_true", help="only images with one shape (train and test)")
     ap.add_argument("--pos-channels", type=int, default=None, help="position embeddings only in the first K channels, the patch embedding only in the others")
     ap.add_argument("--one-caption", action="store_true", help="train on the first caption of each image only")
+    ap.add_argument("--freeze-vision", action="store_true", help="the ViT is frozen in the main training (after --vision-pretrain-steps, as InstructBLIP freezes its pretrained ViT)")
     ap.add_argument("--warm-single", action="store_true", help="the warm-up steps train on one-shape images only (all types, or --warm-types)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -283,7 +284,11 @@ def main():
     if args.vision_pretrain_steps:
         pretrain_vision(model, args, cfg, img_train)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    if args.freeze_vision:
+        for p in model.vision_model.parameters():
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.wd)
 
     def lr_at(step):
         if step <= args.warmup:
@@ -327,7 +332,7 @@ def main():
             loss = model(**enc).loss
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             step += 1
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)

@@ -11,6 +11,7 @@ pub mod lavis;
 pub mod loader;
 pub mod prompts;
 pub mod rng;
+pub mod scenes;
 pub mod shapes;
 pub mod text;
 

@@ -25,7 +25,7 @@ use crate::sparse_kernels::KernelRows;
 use crate::t5::T5;
 use crate::vit::VisionModel;
 use crate::vlm::{
-    FamilyConfig, InputSpec, TextInput, VisionLanguageModel, VlmInputs, check_inputs,
+    FamilyConfig, InputSpec, TextInput, VisionLanguageModel, VlmInputs, check_inputs, check_pixels,
 };
 use crate::weights::{Loader, ParamKeys};
 
@@ -241,6 +241,20 @@ impl<B: DenseBackend, L: LanguageModel<B>> VisionLanguageModel<B> for InstructBl
             BlipStack::Language(s) => self.language_model.kernel_rows(s, rows, self.num_queries()),
         }
         .max(1)
+    }
+
+    /// The ViT's last hidden state (post-layernorm, what the Q-Former cross-attends to)
+    /// without its class token.
+    fn vision_patches(&self, pixel_values: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        check_pixels(&pixel_values, self.vision_model.image_size())?;
+        let h = self.vision_model.forward(pixel_values);
+        let [b, n, d] = h.dims();
+        Ok(h.slice([0..b, 1..n, 0..d]))
+    }
+
+    fn freeze_vision(mut self) -> Self {
+        self.vision_model = self.vision_model.no_grad();
+        self
     }
 }
 

@@ -32,7 +32,9 @@ use crate::prunable::{
     stack_name,
 };
 use crate::sparse_kernels::KernelRows;
-use crate::vlm::{FamilyConfig, InputSpec, VisionLanguageModel, VlmInputs, check_inputs};
+use crate::vlm::{
+    FamilyConfig, InputSpec, VisionLanguageModel, VlmInputs, check_inputs, check_pixels,
+};
 use crate::weights::{Loader, ParamKeys};
 
 /// The top-level `config.json` of a LLaVA checkpoint (HF `LlavaConfig` defaults).
@@ -447,6 +449,27 @@ impl<B: DenseBackend> VisionLanguageModel<B> for Llava<B> {
             }
         }
         .max(1)
+    }
+
+    /// The selected CLIP layers' patch states (class token left out), concatenated along the
+    /// features as the projector reads them.
+    fn vision_patches(&self, pixel_values: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        check_pixels(&pixel_values, self.vision_tower.image_size)?;
+        let states = self
+            .vision_tower
+            .hidden_states(pixel_values, &self.feature_layers)
+            .into_iter()
+            .map(|h| {
+                let [b, n, e] = h.dims();
+                h.slice([0..b, 1..n, 0..e])
+            })
+            .collect();
+        Ok(Tensor::cat(states, 2))
+    }
+
+    fn freeze_vision(mut self) -> Self {
+        self.vision_tower = self.vision_tower.no_grad();
+        self
     }
 }
 

@@ -84,6 +84,23 @@ pub trait VisionLanguageModel<B: Backend>:
     fn lm_input(&self, inputs: &VlmInputs<B>) -> Result<LmInput<B>>;
     /// Rows one call of `stack`'s linears sees, for the sparse kernels' cost model.
     fn kernel_rows(&self, stack: Self::Stack, rows: &KernelRows) -> usize;
+    /// The vision tower's patch features [B, patches, D] (class token left out, patches
+    /// row-major): what the model's connector reads. A vision pretraining head reads them.
+    fn vision_patches(&self, pixel_values: Tensor<B, 4>) -> Result<Tensor<B, 3>>;
+    /// The model with its vision tower frozen: no gradient reaches the tower, so an optimiser
+    /// leaves it as it is (InstructBLIP and LLaVA train with a frozen pretrained ViT).
+    fn freeze_vision(self) -> Self;
+}
+
+/// Checks pixel values against the tower's square input size.
+pub fn check_pixels<B: Backend>(pixel_values: &Tensor<B, 4>, image_size: usize) -> Result<()> {
+    let [b, c, h, w] = pixel_values.dims();
+    if b == 0 || c != 3 || h != image_size || w != image_size {
+        return Err(ModelError::Input(format!(
+            "pixel_values are [{b}, {c}, {h}, {w}], expected [B ≥ 1, 3, {image_size}, {image_size}]"
+        )));
+    }
+    Ok(())
 }
 
 /// Teacher-forced logits of `targets` after `inputs` (one target row per batch row).

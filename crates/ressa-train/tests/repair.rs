@@ -587,3 +587,204 @@ fn a_pretraining_warm_up_draws_only_the_matching_examples() {
         "without a warm-up the first steps draw from all"
     );
 }
+
+/// Every parameter of `m` by HF key, as f32.
+fn params_by_key<M: VisionLanguageModel<AD>>(m: &M) -> BTreeMap<String, Vec<f32>> {
+    export_tensors(m, m.param_keys())
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_f32()))
+        .collect()
+}
+
+/// Which tensors a run changed (bit for bit), split into the vision tower's and the rest's.
+fn changed(
+    before: &BTreeMap<String, Vec<f32>>,
+    after: &BTreeMap<String, Vec<f32>>,
+) -> (Vec<bool>, Vec<bool>) {
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    let (mut vision, mut rest) = (Vec::new(), Vec::new());
+    for (k, a) in before {
+        let moved = a
+            .iter()
+            .zip(&after[k])
+            .any(|(x, y)| x.to_bits() != y.to_bits());
+        if k.starts_with("vision_model.") {
+            vision.push(moved);
+        } else {
+            rest.push(moved);
+        }
+    }
+    (vision, rest)
+}
+
+/// `freeze_vision`: the main run leaves every tensor of the vision tower as it was and trains
+/// every other one; without it the tower is trained too.
+#[test]
+fn a_frozen_vision_tower_is_left_as_it_is() {
+    use ressa_train::pretrain::{PretrainConfig, pretrain};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, _, images) = write_data(tmp.path());
+    let device = Default::default();
+    for freeze in [true, false] {
+        let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
+        let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
+        let data_cfg = DataConfig {
+            train: train.clone(),
+            images: images.clone(),
+            val: None,
+            caption_prompt: None,
+            max_examples: None,
+        };
+        let data = train_data(processor, &data_cfg).unwrap();
+        let before = params_by_key(&dense.model);
+        let cfg = PretrainConfig {
+            steps: 3,
+            batch_size: 2,
+            lr: 1e-2,
+            warmup_steps: 0,
+            freeze_vision: freeze,
+            ..Default::default()
+        };
+        let (model, _) = pretrain(dense.model, &data, &cfg, &device, &mut |_| {}).unwrap();
+        let (vision, rest) = changed(&before, &params_by_key(&model));
+        assert!(!vision.is_empty() && !rest.is_empty());
+        assert!(
+            vision.iter().all(|&c| c != freeze),
+            "freeze_vision = {freeze}: vision tensors changed: {vision:?}"
+        );
+        assert!(rest.iter().all(|&c| c), "the rest is trained: {rest:?}");
+    }
+}
+
+/// Stage 0 on the shapes world with the shapes-paper architecture: the vision tower learns
+/// what each patch holds (the content head beats always answering "empty" and the loss falls),
+/// nothing outside the tower moves, and a tower whose patches do not tile the 3×3 cells is
+/// refused in one line.
+#[test]
+fn vision_pretraining_learns_the_patches_and_trains_only_the_tower() {
+    use ressa_data::scenes::read_patch_labels;
+    use ressa_data::shapes::{ShapesConfig, generate};
+    use ressa_models::pretrained::write_initial_checkpoint_with;
+    use ressa_train::pretrain::{PretrainConfig, pretrain_vision};
+    use ressa_train::trainer::{TrainData, TrainEvent};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let shapes = ShapesConfig {
+        train: 96,
+        val: 0,
+        test: 0,
+        image_size: 48,
+        ..Default::default()
+    };
+    generate(&shapes, &data_dir).unwrap();
+    let model_dir = tmp.path().join("model");
+    std::fs::create_dir_all(model_dir.join("qformer_tokenizer")).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::copy(
+        root.join("configs/models/shapes-paper/config.json"),
+        model_dir.join("config.json"),
+    )
+    .unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "qformer_tokenizer/tokenizer.json",
+        "qformer_tokenizer/tokenizer_config.json",
+    ] {
+        std::fs::copy(data_dir.join(f), model_dir.join(f)).unwrap();
+    }
+    let device = Default::default();
+    let config =
+        <T5<B> as VisionLanguageModel<B>>::Config::from_file(&model_dir.join("config.json"))
+            .unwrap();
+    write_initial_checkpoint_with::<B, T5<B>>(
+        &config,
+        &model_dir,
+        0,
+        safetensors::Dtype::F32,
+        &BTreeMap::new(),
+        &device,
+    )
+    .unwrap();
+    let scenes = data_dir.join("annotations/scenes_train.json");
+    let images = data_dir.join("images");
+    let cfg = PretrainConfig {
+        vision_steps: 120,
+        vision_lr: Some(3e-3),
+        batch_size: 16,
+        warmup_steps: 4,
+        ..Default::default()
+    };
+    let dense = Pretrained::<AD, T5<AD>>::load(&model_dir, &device).unwrap();
+    let data = TrainData {
+        train: Vec::new(),
+        val: Vec::new(),
+        processor: Processor::for_model(&model_dir, &dense.model).unwrap(),
+        loader_threads: 1,
+    };
+    let before = params_by_key(&dense.model);
+    let mut losses = Vec::new();
+    let (model, accuracy) = pretrain_vision(
+        dense.model,
+        &data,
+        &scenes,
+        &images,
+        &cfg,
+        &device,
+        &mut |e| {
+            if let TrainEvent::Step { loss, .. } = e {
+                losses.push(*loss)
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(losses.len(), 120);
+    let tail = losses[110..].iter().sum::<f64>() / 10.0;
+    assert!(tail < 0.3 * losses[0], "loss {} → {tail}", losses[0]);
+    let labels = read_patch_labels(&scenes, &images, 3).unwrap();
+    let empty = labels
+        .iter()
+        .flat_map(|l| &l.content)
+        .filter(|&&c| c == 0)
+        .count() as f64
+        / (labels.len() * 9) as f64;
+    assert!(
+        accuracy > empty + 0.1,
+        "patch accuracy {accuracy} vs {empty} empty"
+    );
+    let (vision, rest) = changed(&before, &params_by_key(&model));
+    assert!(
+        vision.iter().all(|&c| c),
+        "the tower is trained: {vision:?}"
+    );
+    assert!(rest.iter().all(|&c| !c), "nothing else moves: {rest:?}");
+
+    // The fixture's tower has 4×4 patches: they do not tile 3×3 cells.
+    let fixture_model = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
+    let data = TrainData {
+        processor: Processor::for_model(&fixture(), &fixture_model.model).unwrap(),
+        ..data
+    };
+    let err = pretrain_vision(
+        fixture_model.model,
+        &data,
+        &scenes,
+        &images,
+        &cfg,
+        &device,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("4×4 patches") && err.contains("scenes_train.json") && !err.contains('\n'),
+        "{err}"
+    );
+}

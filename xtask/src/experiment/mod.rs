@@ -286,14 +286,40 @@ where
         &images,
         ressa_data::prompts::CAPTION_PROMPT,
     )?);
+    let mut model = pretrained.model;
+    if cfg.model.pretrain.vision_steps > 0 {
+        let total = cfg.model.pretrain.vision_steps;
+        let p = bar(total, "pretraining the vision tower");
+        let t = Instant::now();
+        let (m, accuracy) = ressa_train::pretrain::pretrain_vision(
+            model,
+            &td,
+            &ann.join("scenes_train.json"),
+            &images,
+            &cfg.model.pretrain,
+            &device,
+            &mut |e| {
+                if let TrainEvent::Step { step, loss, .. } = e {
+                    p.set_position(*step);
+                    p.set_message(format!("loss {loss:.3}"));
+                    if *step % (total / 10).max(1) == 0 {
+                        tracing::info!(step, total, loss, "pretraining the vision tower");
+                    }
+                }
+            },
+        )?;
+        p.finish_and_clear();
+        tracing::info!(
+            seconds = t.elapsed().as_secs_f64(),
+            patch_accuracy = accuracy,
+            "pretrained the vision tower"
+        );
+        model = m;
+    }
     let p = bar(cfg.model.pretrain.steps, "training the dense model");
     let t = Instant::now();
-    let (model, tail) = ressa_train::pretrain::pretrain(
-        pretrained.model,
-        &td,
-        &cfg.model.pretrain,
-        &device,
-        &mut |e| {
+    let (model, tail) =
+        ressa_train::pretrain::pretrain(model, &td, &cfg.model.pretrain, &device, &mut |e| {
             if let TrainEvent::Step {
                 step,
                 loss,
@@ -315,8 +341,7 @@ where
                     );
                 }
             }
-        },
-    )?;
+        })?;
     p.finish_and_clear();
     tracing::info!(
         seconds = t.elapsed().as_secs_f64(),
