@@ -482,18 +482,18 @@ fn question_types_section(o: &mut String, results: &Results) {
             let _ = writeln!(
                 o,
                 "## Accuracy by question type\n\nVQA accuracy per `question_type` of the \
-                 annotations: dense vs every grid cell at {} (the study's highest unstructured \
-                 setting), pruned → + RESSA.\n",
+                 annotations: dense, chance (the blind floor of the reference models) and every \
+                 grid cell at {} (the study's highest unstructured setting), pruned → + RESSA.\n",
                 Setting::label(top)
             );
             header = true;
         }
         let _ = writeln!(o, "### {}\n", esc(&task.name));
-        o.push_str("| question type | items | dense |");
+        o.push_str("| question type | items | dense | chance |");
         for c in &cells {
             let _ = write!(o, " {} |", esc(&cell_label(c)));
         }
-        o.push_str("\n|---|---:|---:|");
+        o.push_str("\n|---|---:|---:|---:|");
         for _ in &cells {
             o.push_str("---:|");
         }
@@ -509,13 +509,6 @@ fn question_types_section(o: &mut String, results: &Results) {
                 } else {
                     ty.clone()
                 };
-                let _ = write!(
-                    o,
-                    "| {} | {} | {} |",
-                    esc(&label),
-                    score.items,
-                    points(score.accuracy)
-                );
                 let get = |m: &Metrics| {
                     let t = m.tasks.get(&task.name)?;
                     let map = if kind == "answer" {
@@ -525,6 +518,14 @@ fn question_types_section(o: &mut String, results: &Results) {
                     };
                     map.get(ty).map(|s| s.accuracy)
                 };
+                let _ = write!(
+                    o,
+                    "| {} | {} | {} | {} |",
+                    esc(&label),
+                    score.items,
+                    points(score.accuracy),
+                    opt(get(&results.chance))
+                );
                 for c in &cells {
                     let p = get(&c.pruned);
                     match c.ressa.as_ref() {

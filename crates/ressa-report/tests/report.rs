@@ -806,9 +806,18 @@ fn owl_tasks_and_question_types_get_their_tables() {
         .unwrap();
     assert!(header.contains("| wanda 70% |") && header.contains("| wanda, owl 70% |"));
     assert!(!header.contains("50%"), "{header}");
+    assert!(header.starts_with("| question type | items | dense | chance |"));
     let row = md.lines().find(|l| l.starts_with("| how many |")).unwrap();
-    assert!(row.starts_with("| how many | 10 | 19.8 |"), "{row}");
+    assert!(row.starts_with("| how many | 10 | 19.8 | — |"), "{row}");
     assert!(row.contains("| 1.8 → 12.6 |"), "{row}");
+    // The blind floor per type, where the chance model has one.
+    let mut blind = r.clone();
+    blind.chance.tasks = blind.dense.tasks.clone();
+    let vqa = blind.chance.tasks.get_mut("VQAv2").unwrap();
+    vqa.by_question_type.get_mut("how many").unwrap().accuracy = 0.02;
+    let md = std::fs::read_to_string(write_report(&blind, dir.path()).unwrap().report).unwrap();
+    let row = md.lines().find(|l| l.starts_with("| how many |")).unwrap();
+    assert!(row.starts_with("| how many | 10 | 19.8 | 2.0 |"), "{row}");
 
     // Without tasks (older files) none of the task tables appear.
     let mut old = paper_like();

@@ -788,3 +788,78 @@ fn vision_pretraining_learns_the_patches_and_trains_only_the_tower() {
         "{err}"
     );
 }
+
+/// The committed dense model of the default study (`configs/models/shapes-paper/dense`, two
+/// shards) loads, shares the generated data's tokenizers and reads the images: on held-out
+/// scenes it answers most questions right, and far fewer when each question is asked of
+/// another image.
+#[test]
+fn the_committed_shapes_paper_model_reads_the_images() {
+    use ressa_data::shapes::{ShapesConfig, generate as generate_shapes};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let shapes = ShapesConfig {
+        train: 0,
+        val: 0,
+        test: 30,
+        image_size: 48,
+        captions_per_image: 1,
+        ..Default::default()
+    };
+    generate_shapes(&shapes, tmp.path()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("configs/models/shapes-paper/dense");
+    for f in ["tokenizer.json", "qformer_tokenizer/tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(dir.join(f)).unwrap(),
+            std::fs::read(tmp.path().join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let device = Default::default();
+    let dense = Pretrained::<B, T5<B>>::load(&dir, &device).unwrap();
+    let processor = Processor::for_model(&dir, &dense.model).unwrap();
+    let items: Vec<serde_json::Value> = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("annotations/vqa_test.json")).unwrap(),
+    )
+    .unwrap();
+    let mut images: Vec<&str> = items
+        .iter()
+        .map(|it| it["image"].as_str().unwrap())
+        .collect();
+    images.dedup();
+    let accuracy = |other: bool| -> f64 {
+        let mut right = 0;
+        for it in &items {
+            // `other`: the question is asked of the next image instead of its own.
+            let own = images.iter().position(|&m| m == it["image"]).unwrap();
+            let image = images[(own + usize::from(other)) % images.len()];
+            let pixels = processor
+                .image
+                .preprocess(&load_rgb(&tmp.path().join("images").join(image)).unwrap());
+            let prompt = vqa_prompt(&pre_question(it["question"].as_str().unwrap(), MAX_WORDS));
+            let inputs = processor
+                .inputs::<B>(&[pixels], &[&prompt], None, &device)
+                .unwrap();
+            let cfg = GenerationConfig {
+                max_new_tokens: 3,
+                ..Default::default()
+            };
+            let out = generate(&dense.model, &inputs, &cfg).unwrap();
+            let answer = processor.decode(&out.answer(0)).unwrap();
+            right += usize::from(answer.trim() == it["answer"][0].as_str().unwrap());
+        }
+        right as f64 / items.len() as f64
+    };
+    let seeing = accuracy(false);
+    let other_image = accuracy(true);
+    assert!(
+        seeing >= 0.8,
+        "accuracy {seeing} on {} questions",
+        items.len()
+    );
+    assert!(
+        other_image < seeing - 0.25,
+        "{other_image} with another image's pixels vs {seeing}"
+    );
+}

@@ -700,7 +700,7 @@ file = "annotations/nocaps_val_eval.json"
     fn init_std_is_read_from_the_model_table() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("s.toml");
-        let base = std::fs::read_to_string(configs("shapes-paper.toml")).unwrap();
+        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
         std::fs::write(
             &path,
             format!(
@@ -715,7 +715,7 @@ file = "annotations/nocaps_val_eval.json"
                 .get("vision_model.embeddings.position_embedding"),
             Some(&5.0)
         );
-        let plain = ExperimentConfig::from_file(&configs("shapes-paper.toml")).unwrap();
+        let plain = ExperimentConfig::from_file(&configs("shapes-paper-scratch.toml")).unwrap();
         assert!(plain.model.init_std.is_empty());
     }
 
@@ -723,13 +723,17 @@ file = "annotations/nocaps_val_eval.json"
     fn a_warm_up_that_cannot_run_is_refused_when_the_study_is_read() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("s.toml");
-        let base = std::fs::read_to_string(configs("shapes-paper.toml")).unwrap();
-        let warm = "warmup_steps = 50\nwarm_steps = 5000\nwarm_prompts = [\"where is the\"]";
-        std::fs::write(&path, base.replacen("warmup_steps = 50", warm, 1)).unwrap();
+        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
+        assert!(base.contains("warm_steps = 500\n"));
+        std::fs::write(
+            &path,
+            base.replacen("warm_steps = 500\n", "warm_steps = 7000\n", 1),
+        )
+        .unwrap();
         let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
         assert!(
             e.contains("s.toml")
-                && e.contains("`warm_steps` is 5000, expected fewer than `steps` (3000)"),
+                && e.contains("`warm_steps` is 7000, expected fewer than `steps` (6000)"),
             "{e}"
         );
     }
@@ -756,11 +760,13 @@ file = "annotations/nocaps_val_eval.json"
                 continue;
             }
             let cfg = ExperimentConfig::from_file(&path).unwrap();
+            let model_config = match (&cfg.model.train_config, &cfg.model.dir) {
+                (Some(c), _) => c.clone(),
+                (None, Some(dir)) => dir.join("config.json"),
+                (None, None) => panic!("{name}: no model"),
+            };
             let model: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(
-                    configs("").join("..").join(cfg.model.train_config.unwrap()),
-                )
-                .unwrap(),
+                &std::fs::read_to_string(configs("").join("..").join(model_config)).unwrap(),
             )
             .unwrap();
             let shapes = cfg.data.shapes.unwrap();

@@ -193,6 +193,42 @@ fn dense_config_path(cfg: &ExperimentConfig) -> PathBuf {
     }
 }
 
+/// The cache key of a given model directory: its path, its `config.json` and every weight
+/// file's name, size and modification time (as make does), so that cells computed from an
+/// earlier model in the same place are not reused (the committed toy model may be retrained).
+fn model_dir_key(dir: &Path) -> Result<String> {
+    let mut parts: Vec<Vec<u8>> = vec![dir.to_string_lossy().as_bytes().to_vec()];
+    let config = dir.join("config.json");
+    parts.push(std::fs::read(&config).with_context(|| config.display().to_string())?);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| dir.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        })
+        .collect();
+    files.sort();
+    for f in files {
+        let meta = std::fs::metadata(&f).with_context(|| f.display().to_string())?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        parts.push(
+            format!(
+                "{}:{}:{mtime}",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                meta.len()
+            )
+            .into_bytes(),
+        );
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(hash(&refs))
+}
+
 /// The dense model directory (trained from scratch if asked) and its hash.
 fn dense<M>(
     cfg: &ExperimentConfig,
@@ -205,7 +241,7 @@ where
     M::InnerModule: VisionLanguageModel<B, Config = M::Config>,
 {
     if let Some(dir) = &cfg.model.dir {
-        return Ok((dir.clone(), hash(&[dir.to_string_lossy().as_bytes()])));
+        return Ok((dir.clone(), model_dir_key(dir)?));
     }
     let config_path = cfg.model.train_config.as_ref().expect("validated");
     let config_bytes =
@@ -701,4 +737,38 @@ fn utc_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_model_directory_is_keyed_by_its_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dense");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(
+            model_dir_key(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("config.json")
+        );
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), [0u8; 8]).unwrap();
+        std::fs::write(dir.join("README.md"), "notes").unwrap();
+        let first = model_dir_key(&dir).unwrap();
+        assert_eq!(model_dir_key(&dir).unwrap(), first, "stable");
+        std::fs::write(dir.join("README.md"), "other notes").unwrap();
+        assert_eq!(
+            model_dir_key(&dir).unwrap(),
+            first,
+            "only weights and config count"
+        );
+        std::fs::write(dir.join("model.safetensors"), [0u8; 16]).unwrap();
+        let retrained = model_dir_key(&dir).unwrap();
+        assert_ne!(retrained, first, "new weights");
+        std::fs::write(dir.join("config.json"), "{\"a\": 1}").unwrap();
+        assert_ne!(model_dir_key(&dir).unwrap(), retrained, "new config");
+    }
 }
