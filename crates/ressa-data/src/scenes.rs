@@ -51,7 +51,7 @@ fn index_of(list: &[&str], name: &str, field: &str, path: &Path, image: &str) ->
 /// tower with `grid`×`grid` patches; image paths are joined to `images`. A patch belongs to the
 /// cell that holds it, so `grid` must be a multiple of 3.
 pub fn read_patch_labels(scenes: &Path, images: &Path, grid: usize) -> Result<Vec<PatchLabels>> {
-    if grid == 0 || grid % 3 != 0 {
+    if grid == 0 || !grid.is_multiple_of(3) {
         return Err(DataError::Input(format!(
             "{}: the vision tower has {grid}×{grid} patches, expected a multiple of 3 so that \
              every patch lies in one of the scene's 3×3 cells",
