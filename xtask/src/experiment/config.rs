@@ -727,13 +727,13 @@ file = "annotations/nocaps_val_eval.json"
         assert!(base.contains("warm_steps = 500\n"));
         std::fs::write(
             &path,
-            base.replacen("warm_steps = 500\n", "warm_steps = 7000\n", 1),
+            base.replacen("warm_steps = 500\n", "warm_steps = 9500\n", 1),
         )
         .unwrap();
         let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
         assert!(
             e.contains("s.toml")
-                && e.contains("`warm_steps` is 7000, expected fewer than `steps` (6000)"),
+                && e.contains("`warm_steps` is 9500, expected fewer than `steps` (9000)"),
             "{e}"
         );
     }
