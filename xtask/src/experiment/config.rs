@@ -374,6 +374,19 @@ impl ExperimentConfig {
             (Some(_), None) | (None, Some(_)) => {}
             _ => bail!("data: give exactly one of `shapes` or `dir`"),
         }
+        // Stage 0 reads the shapes world's scenes: a data directory must hold them.
+        if self.model.pretrain.vision_steps > 0
+            && let Some(dir) = &self.data.dir
+        {
+            let scenes = dir.join("annotations/scenes_train.json");
+            if !scenes.is_file() {
+                bail!(
+                    "model.pretrain.vision_steps: {} is missing (vision pretraining reads the \
+                     shapes world's scene annotations)",
+                    scenes.display()
+                );
+            }
+        }
         for (i, g) in self.grid.iter().enumerate() {
             let key = if self.grid.len() == 1 {
                 "grid".to_string()
@@ -734,6 +747,31 @@ file = "annotations/nocaps_val_eval.json"
         assert!(
             e.contains("s.toml")
                 && e.contains("`warm_steps` is 9500, expected fewer than `steps` (9000)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn vision_pretraining_on_data_without_scenes_is_refused_when_the_study_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("annotations")).unwrap();
+        let start = base.find("[data.shapes]").unwrap();
+        let end = base.find("[calibration]").unwrap();
+        let text = format!(
+            "{}[data]\ndir = {:?}\n\n{}",
+            &base[..start],
+            data.display().to_string(),
+            &base[end..]
+        );
+        std::fs::write(&path, text).unwrap();
+        let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("model.pretrain.vision_steps: ")
+                && e.contains("scenes_train.json is missing")
+                && e.lines().count() == 1,
             "{e}"
         );
     }
