@@ -92,12 +92,17 @@ pub trait VisionLanguageModel<B: Backend>:
     fn freeze_vision(self) -> Self;
 }
 
-/// Checks pixel values against the tower's square input size.
+/// Checks pixel values against the tower's square input size (at least one image).
 pub fn check_pixels<B: Backend>(pixel_values: &Tensor<B, 4>, image_size: usize) -> Result<()> {
     let [b, c, h, w] = pixel_values.dims();
-    if b == 0 || c != 3 || h != image_size || w != image_size {
+    if b == 0 {
+        return Err(ModelError::Input(
+            "the batch is empty: give at least one image".into(),
+        ));
+    }
+    if c != 3 || h != image_size || w != image_size {
         return Err(ModelError::Input(format!(
-            "pixel_values are [{b}, {c}, {h}, {w}], expected [B ≥ 1, 3, {image_size}, {image_size}]"
+            "pixel_values have shape [{b}, {c}, {h}, {w}], the vision tower expects [{b}, 3, {image_size}, {image_size}]"
         )));
     }
     Ok(())
@@ -177,18 +182,8 @@ pub fn check_id_tensor<B: Backend>(
 /// The checks every family's [`VisionLanguageModel::lm_input`] starts with: batch ≥ 1, square
 /// images of the model's size, a non-empty prompt whose ids and mask match, ids in range.
 pub fn check_inputs<B: Backend>(inputs: &VlmInputs<B>, spec: &InputSpec) -> Result<()> {
-    let [b, c, h, w] = inputs.pixel_values.dims();
-    if b == 0 {
-        return Err(ModelError::Input(
-            "the batch is empty: give at least one image".into(),
-        ));
-    }
-    if c != 3 || h != spec.image_size || w != spec.image_size {
-        return Err(ModelError::Input(format!(
-            "pixel_values have shape [{b}, {c}, {h}, {w}], the vision tower expects [{b}, 3, {s}, {s}]",
-            s = spec.image_size
-        )));
-    }
+    check_pixels(&inputs.pixel_values, spec.image_size)?;
+    let b = inputs.pixel_values.dims()[0];
     let [ib, l] = inputs.input_ids.dims();
     if ib != b || inputs.attention_mask.dims() != [ib, l] {
         return Err(ModelError::Input(format!(

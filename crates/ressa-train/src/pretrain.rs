@@ -115,6 +115,17 @@ impl PretrainConfig {
         }
     }
 
+    /// AdamW with the run's weight decay and gradient clipping.
+    fn adamw(&self) -> AdamWConfig {
+        let adamw = AdamWConfig::new().with_weight_decay(self.weight_decay as f32);
+        match self.clip_grad_norm {
+            Some(c) => adamw.with_grad_clipping(Some(
+                burn::grad_clipping::GradientClippingConfig::Norm(c as f32),
+            )),
+            None => adamw,
+        }
+    }
+
     /// The indices of `examples` the warm-up steps draw from (empty without a warm-up).
     /// Refuses what [`Self::validate`] refuses, and prompts that match fewer than a batch.
     pub fn warm_examples(&self, examples: &[Example]) -> Result<Vec<usize>> {
@@ -140,6 +151,39 @@ impl PretrainConfig {
         }
         Ok(warm)
     }
+}
+
+/// One pass over `examples` in their order, eval preprocessing (the toy world's answers depend
+/// on left/right, which a flip would swap), batches of `cfg.batch_size`.
+fn epoch_loader(
+    examples: Vec<Example>,
+    texts: Texts,
+    data: &TrainData,
+    cfg: &PretrainConfig,
+) -> Result<Loader> {
+    Ok(Loader::new(
+        examples,
+        ImageTransform::Eval(data.processor.image.clone()),
+        texts,
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            threads: data.loader_threads,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// The loss as a number; a non-finite one stops the run (nothing non-finite is written).
+fn finite_loss<B: AutodiffBackend>(
+    loss: &Tensor<B, 1>,
+    step: u64,
+    what: &'static str,
+) -> Result<f64> {
+    let value: f64 = loss.clone().into_scalar().elem();
+    if !value.is_finite() {
+        return Err(TrainError::NonFinite { step, what, value });
+    }
+    Ok(value)
 }
 
 /// Linear heads over the vision tower's patch features: what the patch's scene cell holds and
@@ -229,12 +273,7 @@ where
             cfg.batch_size
         )));
     }
-    let mut adamw = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32);
-    if let Some(c) = cfg.clip_grad_norm {
-        adamw = adamw.with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
-            c as f32,
-        )));
-    }
+    let adamw = cfg.adamw();
     let mut optim = adamw.init::<B, (M, PatchHeads<B>)>();
     let mut pair = (model, PatchHeads::init(d, cfg.seed, device));
     let lr0 = cfg.vision_lr.unwrap_or(cfg.lr);
@@ -265,16 +304,7 @@ where
                 text_output: None,
             })
             .collect();
-        let loader = Loader::new(
-            examples,
-            ImageTransform::Eval(data.processor.image.clone()),
-            Texts::default(),
-            LoaderConfig {
-                batch_size: cfg.batch_size,
-                threads: data.loader_threads,
-                ..Default::default()
-            },
-        )?;
+        let loader = epoch_loader(examples, Texts::default(), data, cfg)?;
         for batch in loader {
             let batch = batch?;
             let rows: Vec<&PatchLabels> =
@@ -289,14 +319,7 @@ where
             let ones = Tensor::<B, 2>::ones([rows.len(), p], device);
             let loss = cross_entropy(content.clone(), want.clone(), ones.clone())
                 + cross_entropy(cell, targets(&rows, |l| &l.cell), ones);
-            let value: f64 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: step + 1,
-                    what: "vision pretraining loss",
-                    value,
-                });
-            }
+            let value = finite_loss(&loss, step + 1, "vision pretraining loss")?;
             step += 1;
             if step > tail_from {
                 let hits: i64 = content
@@ -352,12 +375,7 @@ where
             "pretraining needs examples, batch_size ≥ 1 and steps ≥ 1".into(),
         ));
     }
-    let mut adamw = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32);
-    if let Some(c) = cfg.clip_grad_norm {
-        adamw = adamw.with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
-            c as f32,
-        )));
-    }
+    let adamw = cfg.adamw();
     let warm = cfg.warm_examples(&data.train)?;
     if cfg.freeze_vision {
         model = model.freeze_vision();
@@ -388,29 +406,13 @@ where
         };
         order.shuffle(&mut item_rng(cfg.seed, 0x5052_4554, epoch));
         let examples: Vec<Example> = order.iter().map(|&i| data.train[i].clone()).collect();
-        let loader = Loader::new(
-            examples,
-            ImageTransform::Eval(data.processor.image.clone()),
-            data.processor.texts(true),
-            LoaderConfig {
-                batch_size: cfg.batch_size,
-                threads: data.loader_threads,
-                ..Default::default()
-            },
-        )?;
+        let loader = epoch_loader(examples, data.processor.texts(true), data, cfg)?;
         for batch in loader {
             let batch = batch?;
             let tb = TrainBatch::<B>::new(&data.processor, &model, &batch, device)?;
             let tf = teacher_forced(&model, &tb.inputs, &tb.targets)?;
             let loss = cross_entropy(tf.logits, tf.targets, tf.mask);
-            let value: f64 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: step + 1,
-                    what: "loss",
-                    value,
-                });
-            }
+            let value = finite_loss(&loss, step + 1, "loss")?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             step += 1;
             let lr = schedule.lr_at(step, cfg.steps);

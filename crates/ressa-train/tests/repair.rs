@@ -524,6 +524,25 @@ fn llama_repair_learns_only_target_tokens_and_keeps_the_zeros() {
     assert_eq!(checked, masks.len());
 }
 
+/// The fixture on the autodiff backend and the VQA list `train` (images under `images`) as
+/// its training data.
+fn fixture_training(
+    train: &Path,
+    images: &Path,
+) -> (Pretrained<AD, T5<AD>>, ressa_train::trainer::TrainData) {
+    let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &Default::default()).unwrap();
+    let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
+    let data_cfg = DataConfig {
+        train: train.to_path_buf(),
+        images: images.to_path_buf(),
+        val: None,
+        caption_prompt: None,
+        max_examples: None,
+    };
+    let data = train_data(processor, &data_cfg).unwrap();
+    (dense, data)
+}
+
 /// The pretraining curriculum (`warm_steps`, `warm_prompts`): the warm-up steps see exactly the
 /// matching examples, in the order a run on those examples alone sees them, and the steps after
 /// it draw from every example.
@@ -536,16 +555,7 @@ fn a_pretraining_warm_up_draws_only_the_matching_examples() {
     let (train, _, images) = write_data(tmp.path());
     let device = Default::default();
     let losses = |only_warm: bool, warm_steps: u64| -> Vec<f64> {
-        let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
-        let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
-        let data_cfg = DataConfig {
-            train: train.clone(),
-            images: images.clone(),
-            val: None,
-            caption_prompt: None,
-            max_examples: None,
-        };
-        let mut data = train_data(processor, &data_cfg).unwrap();
+        let (dense, mut data) = fixture_training(&train, &images);
         if only_warm {
             data.train.retain(|e| e.text_input.contains("where is the"));
         }
@@ -631,16 +641,7 @@ fn a_frozen_vision_tower_is_left_as_it_is() {
     let (train, _, images) = write_data(tmp.path());
     let device = Default::default();
     for freeze in [true, false] {
-        let dense = Pretrained::<AD, T5<AD>>::load(&fixture(), &device).unwrap();
-        let processor = Processor::for_model(&fixture(), &dense.model).unwrap();
-        let data_cfg = DataConfig {
-            train: train.clone(),
-            images: images.clone(),
-            val: None,
-            caption_prompt: None,
-            max_examples: None,
-        };
-        let data = train_data(processor, &data_cfg).unwrap();
+        let (dense, data) = fixture_training(&train, &images);
         let before = params_by_key(&dense.model);
         let cfg = PretrainConfig {
             steps: 3,

@@ -334,15 +334,7 @@ where
             &images,
             &cfg.model.pretrain,
             &device,
-            &mut |e| {
-                if let TrainEvent::Step { step, loss, .. } = e {
-                    p.set_position(*step);
-                    p.set_message(format!("loss {loss:.3}"));
-                    if *step % (total / 10).max(1) == 0 {
-                        tracing::info!(step, total, loss, "pretraining the vision tower");
-                    }
-                }
-            },
+            &mut progress(&p, total, "pretraining the vision tower", t),
         )?;
         p.finish_and_clear();
         tracing::info!(
@@ -354,30 +346,13 @@ where
     }
     let p = bar(cfg.model.pretrain.steps, "training the dense model");
     let t = Instant::now();
-    let (model, tail) =
-        ressa_train::pretrain::pretrain(model, &td, &cfg.model.pretrain, &device, &mut |e| {
-            if let TrainEvent::Step {
-                step,
-                loss,
-                examples_per_s,
-                ..
-            } = e
-            {
-                p.set_position(*step);
-                p.set_message(format!("loss {loss:.3} {examples_per_s:.0} ex/s"));
-                // The bar is hidden off a terminal: logs get a line every 10 %.
-                let total = cfg.model.pretrain.steps;
-                if *step % (total / 10).max(1) == 0 {
-                    tracing::info!(
-                        step,
-                        total,
-                        loss,
-                        seconds = t.elapsed().as_secs_f64(),
-                        "training the dense model"
-                    );
-                }
-            }
-        })?;
+    let (model, tail) = ressa_train::pretrain::pretrain(
+        model,
+        &td,
+        &cfg.model.pretrain,
+        &device,
+        &mut progress(&p, cfg.model.pretrain.steps, "training the dense model", t),
+    )?;
     p.finish_and_clear();
     tracing::info!(
         seconds = t.elapsed().as_secs_f64(),
@@ -387,6 +362,32 @@ where
     save_model_dir(&model, &pretrained.layout, &init, &dir)?;
     std::fs::remove_dir_all(&init)?;
     Ok((dir, key))
+}
+
+/// A training run's progress: the bar's position and loss, and a log line every 10 % of
+/// `total` steps (the bar is hidden off a terminal).
+fn progress<'a>(
+    p: &'a ProgressBar,
+    total: u64,
+    what: &'static str,
+    t: Instant,
+) -> impl FnMut(&TrainEvent) + 'a {
+    move |e| {
+        if let TrainEvent::Step {
+            step,
+            loss,
+            examples_per_s,
+            ..
+        } = e
+        {
+            p.set_position(*step);
+            p.set_message(format!("loss {loss:.3} {examples_per_s:.0} ex/s"));
+            if *step % (total / 10).max(1) == 0 {
+                let seconds = t.elapsed().as_secs_f64();
+                tracing::info!(step, total, loss, seconds, "{what}");
+            }
+        }
+    }
 }
 
 /// The first `n` training questions as calibration samples (the prompt → the language model
