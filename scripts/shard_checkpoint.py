@@ -1,8 +1,10 @@
 """Splits a model directory's `model.safetensors` into shards of at most `--max-mb` MB, as
 `transformers` writes sharded checkpoints (`model-0000k-of-0000n.safetensors` plus
 `model.safetensors.index.json`), keeping every tensor's bytes and dtype. The repository keeps
-files under ~2 MB; this is how the committed dense toy model (`configs/models/shapes-paper/dense`)
-was written from the directory `cargo xtask experiment configs/shapes-paper-full.toml` trains.
+files under ~2 MB; this is how the committed dense toy models were written from the directories
+that `cargo xtask experiment` trains: `configs/models/shapes-paper/dense` from
+configs/shapes-paper-scratch.toml's, `configs/models/shapes-paper-llama/dense` from
+configs/shapes-paper-llama-scratch.toml's.
 
     python scripts/shard_checkpoint.py --src DIR --out DIR [--max-mb 1.7]
 

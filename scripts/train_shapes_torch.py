@@ -1,4 +1,4 @@
-"""Trains transformers' InstructBLIP-T5 from scratch on the shapes world, as `cargo xtask
+"""Trains transformers' InstructBLIP (T5 or, with a decoder-only config, LLaMA) from scratch on the shapes world, as `cargo xtask
 experiment` does with ressa, and reports VQA accuracy per question type.
 
 An independent check of the toy world (issue #6): is the task learnable by the same
@@ -298,6 +298,39 @@ def main():
             out["labels"] = torch.tensor([x + [-100] * (T - len(x)) for x in tg])
         return out
 
+    def encode_decoder_only(batch, with_target=True):
+        # One sequence per row: image tokens, prompt, then (training) the target, as ressa's
+        # LLaMA path builds it; labels cover the whole row (transformers shifts them), -100 but
+        # on the target. Training rows are padded on the right, generation rows on the left.
+        pix = torch.stack([img_train(b[0]) for b in batch])
+        ids = [[image_token] * nq + tok.encode(b[1]).ids for b in batch]
+        qids = [qtok.encode(b[1]).ids for b in batch]
+        labels = [[-100] * len(x) for x in ids]
+        if with_target:
+            for x, y, b in zip(ids, labels, batch):
+                t = tok.encode(b[2]).ids
+                x.extend(t)
+                y.extend(t)
+        L = max(map(len, ids))
+        Q = max(map(len, qids))
+
+        def pad(x, v):
+            return x + [v] * (L - len(x)) if with_target else [v] * (L - len(x)) + x
+
+        out = dict(
+            pixel_values=pix,
+            input_ids=torch.tensor([pad(x, 0) for x in ids]),
+            attention_mask=torch.tensor([pad([1] * len(x), 0) for x in ids]),
+            qformer_input_ids=torch.tensor([x + [0] * (Q - len(x)) for x in qids]),
+            qformer_attention_mask=torch.tensor([[1] * len(x) + [0] * (Q - len(x)) for x in qids]),
+        )
+        if with_target:
+            out["labels"] = torch.tensor([pad(y, -100) for y in labels])
+        return out
+
+    if cfg.use_decoder_only_language_model:
+        encode = encode_decoder_only
+
     if args.vision_pretrain_steps:
         pretrain_vision(model, args, cfg, img_train)
 
@@ -321,6 +354,8 @@ def main():
                 chunk = test[i : i + 100]
                 enc = encode([(c[0], c[1], c[2]) for c in chunk], with_target=False)
                 gen = model.generate(**enc, max_new_tokens=3, num_beams=1, do_sample=False)
+                if cfg.use_decoder_only_language_model:
+                    gen = gen[:, enc["input_ids"].shape[1] :]  # the prompt comes back first
                 for c, g in zip(chunk, gen.tolist()):
                     g = [t for t in g if t > 1]
                     ans = tok.decode(g)
