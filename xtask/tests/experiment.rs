@@ -244,8 +244,9 @@ max_caption_tokens = 4
     assert!(results.dense.vqa_accuracy.is_some() && results.dense.cider.is_some());
 }
 
-/// CI's reduced form of `configs/shapes-tiny-llama.toml`: the LLaMA toy trained from scratch,
-/// pruned (grid + one-tower cells), repaired and scored.
+/// CI's reduced form of `configs/shapes-paper-llama-scratch.toml`: the decoder-only toy trained
+/// from scratch by its recipe (vision stage, frozen tower, warm-up), pruned (grid + one-tower
+/// cells), repaired and scored.
 #[test]
 fn the_llama_toy_study_runs_in_its_reduced_form() {
     let tmp = tempfile::tempdir().unwrap();

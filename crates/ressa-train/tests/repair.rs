@@ -790,12 +790,10 @@ fn vision_pretraining_learns_the_patches_and_trains_only_the_tower() {
     );
 }
 
-/// The committed dense model of the default study (`configs/models/shapes-paper/dense`, two
-/// shards) loads, shares the generated data's tokenizers and reads the images: on held-out
-/// scenes it answers most questions right, and far fewer when each question is asked of
-/// another image.
-#[test]
-fn the_committed_shapes_paper_model_reads_the_images() {
+/// A committed dense toy model (`configs/models/<name>/dense`, sharded) loads, shares the
+/// generated data's tokenizers and reads the images: on held-out scenes it answers most
+/// questions right, and far fewer when each question is asked of another image.
+fn committed_model_reads_the_images<M: VisionLanguageModel<B>>(name: &str) {
     use ressa_data::shapes::{ShapesConfig, generate as generate_shapes};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -809,7 +807,7 @@ fn the_committed_shapes_paper_model_reads_the_images() {
     };
     generate_shapes(&shapes, tmp.path()).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root.join("configs/models/shapes-paper/dense");
+    let dir = root.join("configs/models").join(name).join("dense");
     for f in ["tokenizer.json", "qformer_tokenizer/tokenizer.json"] {
         assert_eq!(
             std::fs::read(dir.join(f)).unwrap(),
@@ -818,7 +816,7 @@ fn the_committed_shapes_paper_model_reads_the_images() {
         );
     }
     let device = Default::default();
-    let dense = Pretrained::<B, T5<B>>::load(&dir, &device).unwrap();
+    let dense = Pretrained::<B, M>::load(&dir, &device).unwrap();
     let processor = Processor::for_model(&dir, &dense.model).unwrap();
     let items: Vec<serde_json::Value> = serde_json::from_slice(
         &std::fs::read(tmp.path().join("annotations/vqa_test.json")).unwrap(),
@@ -852,15 +850,95 @@ fn the_committed_shapes_paper_model_reads_the_images() {
         }
         right as f64 / items.len() as f64
     };
-    let seeing = accuracy(false);
-    let other_image = accuracy(true);
+    let (seeing, other_image) = (accuracy(false), accuracy(true));
     assert!(
         seeing >= 0.8,
-        "accuracy {seeing} on {} questions",
+        "{name}: accuracy {seeing} on {} questions",
         items.len()
     );
     assert!(
         other_image < seeing - 0.25,
-        "{other_image} with another image's pixels vs {seeing}"
+        "{name}: {other_image} with another image's pixels vs {seeing}"
     );
+}
+
+/// The default study's dense model (InstructBLIP-FlanT5-XL's proportions, two shards).
+#[test]
+fn the_committed_shapes_paper_model_reads_the_images() {
+    committed_model_reads_the_images::<T5<B>>("shapes-paper");
+}
+
+/// The decoder-only toy's dense model (InstructBLIP-Vicuna-7B's proportions, untied lm_head,
+/// five shards).
+#[test]
+fn the_committed_shapes_paper_llama_model_reads_the_images() {
+    committed_model_reads_the_images::<Llama<B>>("shapes-paper-llama");
+}
+
+/// Issue #18's first criterion, checked on the committed checkpoints: each toy's parameters
+/// split between vision / Q-Former (query tokens included) / language (projection and lm_head
+/// included) within 3 points of the paper model it stands for, whose counts
+/// (`configs/models/<model>/param_counts.json`, transformers on the meta device) have the real
+/// checkpoints' untied lm_head added.
+#[test]
+fn the_committed_toys_keep_the_paper_models_proportions() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let split = |c: [u64; 3]| c.map(|x| 100.0 * x as f64 / c.iter().sum::<u64>() as f64);
+    for (toy, paper) in [
+        ("shapes-paper", "instructblip-flan-t5-xl"),
+        ("shapes-paper-llama", "instructblip-vicuna-7b"),
+    ] {
+        let mut toy_counts = [0u64; 3];
+        let dir = root.join("configs/models").join(toy).join("dense");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+            for (key, v) in header.as_object().unwrap() {
+                if key == "__metadata__" {
+                    continue;
+                }
+                let numel: u64 = v["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .product();
+                let tower = if key.starts_with("vision_model.") {
+                    0
+                } else if key.starts_with("qformer.") || key == "query_tokens" {
+                    1
+                } else {
+                    2
+                };
+                toy_counts[tower] += numel;
+            }
+        }
+        let counts: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                root.join("configs/models")
+                    .join(paper)
+                    .join("param_counts.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let c = |k: &str| counts["counts"][k].as_u64().unwrap();
+        let paper_counts = [
+            c("vision_model"),
+            c("qformer") + c("query_tokens"),
+            c("language_model") + c("language_projection") + c("language_model_lm_head_untied"),
+        ];
+        let (toy_split, paper_split) = (split(toy_counts), split(paper_counts));
+        for t in 0..3 {
+            assert!(
+                (toy_split[t] - paper_split[t]).abs() <= 3.0,
+                "{toy}: {toy_split:?} against {paper}'s {paper_split:?}"
+            );
+        }
+    }
 }
