@@ -22,23 +22,32 @@ use crate::sparse_kernels::KernelRows;
 use crate::t5::{RmsNorm, aligned_targets};
 use crate::weights::Loader;
 
-/// Rotary tables for one batch: cos and sin [B, 1, L, head_dim] (`cat(freqs, freqs)` layout).
+/// Rotary tables for one batch: cos and sin [B, L, H·head_dim] for each head count asked for
+/// (`cat(freqs, freqs)` per head), laid out as a projection's output so `apply` multiplies
+/// contiguous tensors of one shape (broadcasting [B, 1, L, dh] over heads went through Flex's
+/// strided path and was most of a layer's time).
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    tables: Vec<(usize, Tensor<B, 3>, Tensor<B, 3>)>,
 }
 
 impl<B: DenseBackend> Rope<B> {
-    /// Tables for `positions` [B][L], as HF `LlamaRotaryEmbedding` computes them in f32:
-    /// inv_freq_i = 1 / theta^(2i / dim), angle = position · inv_freq.
-    pub fn new(positions: &[Vec<usize>], head_dim: usize, theta: f64, device: &B::Device) -> Self {
+    /// Tables for `positions` [B][L] and each of `heads`, as HF `LlamaRotaryEmbedding` computes
+    /// them in f32: inv_freq_i = 1 / theta^(2i / dim), angle = position · inv_freq.
+    pub fn new(
+        positions: &[Vec<usize>],
+        head_dim: usize,
+        theta: f64,
+        heads: &[usize],
+        device: &B::Device,
+    ) -> Self {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
         let b = positions.len();
         let l = positions.first().map_or(0, |p| p.len());
+        // One head's [B·L, dh] rows.
         let mut cos = Vec::with_capacity(b * l * head_dim);
         let mut sin = Vec::with_capacity(b * l * head_dim);
         for row in positions {
@@ -50,20 +59,44 @@ impl<B: DenseBackend> Rope<B> {
                 }
             }
         }
-        let shape = [b, 1, l, head_dim];
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        let mut tables = Vec::new();
+        for &h in heads {
+            if tables.iter().any(|(th, _, _)| *th == h) {
+                continue;
+            }
+            let tile = |one: &[f32]| -> Tensor<B, 3> {
+                let mut all = Vec::with_capacity(one.len() * h);
+                for row in one.chunks(head_dim.max(1)) {
+                    for _ in 0..h {
+                        all.extend_from_slice(row);
+                    }
+                }
+                Tensor::from_data(TensorData::new(all, [b, l, h * head_dim]), device)
+            };
+            tables.push((h, tile(&cos), tile(&sin)));
         }
+        Self { tables }
     }
 
-    /// x·cos + rotate_half(x)·sin, rotate_half(x) = cat(−x₂, x₁), over [B, H, L, dh].
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, l, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..l, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..l, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+    /// x·cos + rotate_half(x)·sin per head, rotate_half(x) = cat(−x₂, x₁), over a projection's
+    /// output x [B, L, heads·dh].
+    ///
+    /// # Panics
+    /// If the tables were not built for `heads` (a programming error: `Llama::rope` builds
+    /// them for the attention's query and key/value head counts).
+    pub fn apply(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+        let (_, cos, sin) = self
+            .tables
+            .iter()
+            .find(|(h, _, _)| *h == heads)
+            .expect("rotary tables are built for every head count of the model");
+        let [b, l, hd] = x.dims();
+        let d = hd / heads;
+        let x4 = x.clone().reshape([b, l, heads, d]);
+        let x1 = x4.clone().slice([0..b, 0..l, 0..heads, 0..d / 2]);
+        let x2 = x4.slice([0..b, 0..l, 0..heads, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3).reshape([b, l, hd]);
+        x * cos.clone() + rotated * sin.clone()
     }
 }
 
@@ -202,8 +235,14 @@ impl<B: DenseBackend> LlamaLayer<B> {
         let a = &self.self_attn;
         let h = self.input_layernorm.forward(x.clone());
         tap(&[&a.q_proj, &a.k_proj, &a.v_proj], &h);
-        let q = rope.apply(split_heads(a.q_proj.forward(h.clone()), a.num_heads));
-        let mut k = rope.apply(split_heads(a.k_proj.forward(h.clone()), a.num_kv_heads));
+        let q = split_heads(
+            rope.apply(a.q_proj.forward(h.clone()), a.num_heads),
+            a.num_heads,
+        );
+        let mut k = split_heads(
+            rope.apply(a.k_proj.forward(h.clone()), a.num_kv_heads),
+            a.num_kv_heads,
+        );
         let mut v = split_heads(a.v_proj.forward(h), a.num_kv_heads);
         if let Some(c) = cache {
             if let Some((pk, pv)) = c.take() {
@@ -279,7 +318,12 @@ impl<B: DenseBackend> Llama<B> {
 
     /// Rotary tables for `positions` [B][L].
     pub fn rope(&self, positions: &[Vec<usize>], device: &B::Device) -> Rope<B> {
-        Rope::new(positions, self.head_dim, self.rope_theta, device)
+        let heads: Vec<usize> = self
+            .layers
+            .first()
+            .map(|l| vec![l.self_attn.num_heads, l.self_attn.num_kv_heads])
+            .unwrap_or_default();
+        Rope::new(positions, self.head_dim, self.rope_theta, &heads, device)
     }
 
     /// Causal + key-padding bias [B, 1, Lq, Lk] for `lq` new positions after `offset` cached
@@ -746,17 +790,24 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_rotates_pairs() {
         let device = Default::default();
-        let rope = Rope::<Flex>::new(&[vec![0, 1]], 4, 10000.0, &device);
-        let x = Tensor::<Flex, 4>::from_data(
-            TensorData::new(
-                vec![1.0f32, 2.0, 3.0, 4.0, 1.0, 0.0, 0.0, 0.0],
-                [1, 1, 2, 4],
-            ),
+        let rope = Rope::<Flex>::new(&[vec![0, 1]], 4, 10000.0, &[1], &device);
+        let x = Tensor::<Flex, 3>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 1.0, 0.0, 0.0, 0.0], [1, 2, 4]),
             &device,
         );
-        let y: Vec<f32> = rope.apply(x).into_data().into_vec().unwrap();
+        let y: Vec<f32> = rope.apply(x.clone(), 1).into_data().into_vec().unwrap();
         assert_eq!(&y[..4], &[1.0, 2.0, 3.0, 4.0]);
         // Position 1, pair (0, 2) rotates by angle 1: (cos 1, sin 1).
         assert!((y[4] - 1f32.cos()).abs() < 1e-6 && (y[6] - 1f32.sin()).abs() < 1e-6);
+        // Two heads of width 2: each head rotates its own pair; position 1, angle 1.
+        let rope2 = Rope::<Flex>::new(&[vec![0, 1]], 2, 10000.0, &[2], &device);
+        let y2: Vec<f32> = rope2.apply(x, 2).into_data().into_vec().unwrap();
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        assert_eq!(&y2[..4], &[1.0, 2.0, 3.0, 4.0]);
+        assert!(
+            (y2[4] - c).abs() < 1e-6 && (y2[5] - s).abs() < 1e-6,
+            "{y2:?}"
+        );
+        assert_eq!(&y2[6..], &[0.0, 0.0]);
     }
 }
