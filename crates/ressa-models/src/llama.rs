@@ -29,6 +29,10 @@ use crate::weights::Loader;
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     tables: Vec<(usize, Tensor<B, 3>, Tensor<B, 3>)>,
+    /// One head's cos and sin (B·L rows of dh), kept for head counts not built ahead.
+    one: (Vec<f32>, Vec<f32>),
+    /// [B, L, dh].
+    dims: [usize; 3],
 }
 
 impl<B: DenseBackend> Rope<B> {
@@ -59,44 +63,49 @@ impl<B: DenseBackend> Rope<B> {
                 }
             }
         }
-        let mut tables = Vec::new();
+        let mut rope = Self {
+            tables: Vec::new(),
+            one: (cos, sin),
+            dims: [b, l, head_dim],
+        };
         for &h in heads {
-            if tables.iter().any(|(th, _, _)| *th == h) {
-                continue;
+            if !rope.tables.iter().any(|(th, _, _)| *th == h) {
+                let (c, s) = rope.tiled(h, device);
+                rope.tables.push((h, c, s));
             }
-            let tile = |one: &[f32]| -> Tensor<B, 3> {
-                let mut all = Vec::with_capacity(one.len() * h);
-                for row in one.chunks(head_dim.max(1)) {
-                    for _ in 0..h {
-                        all.extend_from_slice(row);
-                    }
-                }
-                Tensor::from_data(TensorData::new(all, [b, l, h * head_dim]), device)
-            };
-            tables.push((h, tile(&cos), tile(&sin)));
         }
-        Self { tables }
+        rope
+    }
+
+    /// cos and sin [B, L, heads·dh]: each position's row repeated once per head.
+    fn tiled(&self, heads: usize, device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [b, l, d] = self.dims;
+        let tile = |one: &[f32]| -> Tensor<B, 3> {
+            let mut all = Vec::with_capacity(one.len() * heads);
+            for row in one.chunks(d.max(1)) {
+                for _ in 0..heads {
+                    all.extend_from_slice(row);
+                }
+            }
+            Tensor::from_data(TensorData::new(all, [b, l, heads * d]), device)
+        };
+        (tile(&self.one.0), tile(&self.one.1))
     }
 
     /// x·cos + rotate_half(x)·sin per head, rotate_half(x) = cat(−x₂, x₁), over a projection's
-    /// output x [B, L, heads·dh].
-    ///
-    /// # Panics
-    /// If the tables were not built for `heads` (a programming error: `Llama::rope` builds
-    /// them for the attention's query and key/value head counts).
+    /// output x [B, L, heads·dh]. Tables of a head count `new` was not given are built here.
     pub fn apply(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
-        let (_, cos, sin) = self
-            .tables
-            .iter()
-            .find(|(h, _, _)| *h == heads)
-            .expect("rotary tables are built for every head count of the model");
+        let (cos, sin) = match self.tables.iter().find(|(h, _, _)| *h == heads) {
+            Some((_, c, s)) => (c.clone(), s.clone()),
+            None => self.tiled(heads, &x.device()),
+        };
         let [b, l, hd] = x.dims();
         let d = hd / heads;
         let x4 = x.clone().reshape([b, l, heads, d]);
         let x1 = x4.clone().slice([0..b, 0..l, 0..heads, 0..d / 2]);
         let x2 = x4.slice([0..b, 0..l, 0..heads, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3).reshape([b, l, hd]);
-        x * cos.clone() + rotated * sin.clone()
+        x * cos + rotated * sin
     }
 }
 
@@ -801,7 +810,11 @@ mod tests {
         assert!((y[4] - 1f32.cos()).abs() < 1e-6 && (y[6] - 1f32.sin()).abs() < 1e-6);
         // Two heads of width 2: each head rotates its own pair; position 1, angle 1.
         let rope2 = Rope::<Flex>::new(&[vec![0, 1]], 2, 10000.0, &[2], &device);
-        let y2: Vec<f32> = rope2.apply(x, 2).into_data().into_vec().unwrap();
+        let y2: Vec<f32> = rope2.apply(x.clone(), 2).into_data().into_vec().unwrap();
+        // A head count the tables were not built for gives the same result.
+        let unbuilt = Rope::<Flex>::new(&[vec![0, 1]], 2, 10000.0, &[], &device);
+        let y3: Vec<f32> = unbuilt.apply(x, 2).into_data().into_vec().unwrap();
+        assert_eq!(y2, y3);
         let (c, s) = (1f32.cos(), 1f32.sin());
         assert_eq!(&y2[..4], &[1.0, 2.0, 3.0, 4.0]);
         assert!(
