@@ -487,6 +487,19 @@ mod tests {
     }
 
     /// A config over a data directory holding `files` (created empty).
+    /// `configs/shapes-paper-scratch.toml` edited by `edit` (given the text and the temporary
+    /// directory), written as `s.toml` in that directory and read.
+    fn scratch_edited(
+        edit: impl FnOnce(String, &Path) -> String,
+    ) -> (tempfile::TempDir, Result<ExperimentConfig>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("s.toml");
+        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
+        std::fs::write(&path, edit(base, tmp.path())).unwrap();
+        let cfg = ExperimentConfig::from_file(&path);
+        (tmp, cfg)
+    }
+
     fn with_data(files: &[&str], tail: &str) -> (tempfile::TempDir, Result<ExperimentConfig>) {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
@@ -711,17 +724,12 @@ file = "annotations/nocaps_val_eval.json"
 
     #[test]
     fn init_std_is_read_from_the_model_table() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("s.toml");
-        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
-        std::fs::write(
-            &path,
+        let (_tmp, cfg) = scratch_edited(|base, _| {
             format!(
                 "{base}\n[model.init_std]\n\"vision_model.embeddings.position_embedding\" = 5.0\n"
-            ),
-        )
-        .unwrap();
-        let cfg = ExperimentConfig::from_file(&path).unwrap();
+            )
+        });
+        let cfg = cfg.unwrap();
         assert_eq!(
             cfg.model
                 .init_std
@@ -734,16 +742,11 @@ file = "annotations/nocaps_val_eval.json"
 
     #[test]
     fn a_warm_up_that_cannot_run_is_refused_when_the_study_is_read() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("s.toml");
-        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
-        assert!(base.contains("warm_steps = 500\n"));
-        std::fs::write(
-            &path,
-            base.replacen("warm_steps = 500\n", "warm_steps = 9500\n", 1),
-        )
-        .unwrap();
-        let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
+        let (_tmp, cfg) = scratch_edited(|base, _| {
+            assert!(base.contains("warm_steps = 500\n"));
+            base.replacen("warm_steps = 500\n", "warm_steps = 9500\n", 1)
+        });
+        let e = cfg.unwrap_err().to_string();
         assert!(
             e.contains("s.toml")
                 && e.contains("`warm_steps` is 9500, expected fewer than `steps` (9000)"),
@@ -753,21 +756,19 @@ file = "annotations/nocaps_val_eval.json"
 
     #[test]
     fn vision_pretraining_on_data_without_scenes_is_refused_when_the_study_is_read() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("s.toml");
-        let base = std::fs::read_to_string(configs("shapes-paper-scratch.toml")).unwrap();
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(data.join("annotations")).unwrap();
-        let start = base.find("[data.shapes]").unwrap();
-        let end = base.find("[calibration]").unwrap();
-        let text = format!(
-            "{}[data]\ndir = {:?}\n\n{}",
-            &base[..start],
-            data.display().to_string(),
-            &base[end..]
-        );
-        std::fs::write(&path, text).unwrap();
-        let e = ExperimentConfig::from_file(&path).unwrap_err().to_string();
+        let (_tmp, cfg) = scratch_edited(|base, dir| {
+            let data = dir.join("data");
+            std::fs::create_dir_all(data.join("annotations")).unwrap();
+            let start = base.find("[data.shapes]").unwrap();
+            let end = base.find("[calibration]").unwrap();
+            format!(
+                "{}[data]\ndir = {:?}\n\n{}",
+                &base[..start],
+                data.display().to_string(),
+                &base[end..]
+            )
+        });
+        let e = cfg.unwrap_err().to_string();
         assert!(
             e.contains("model.pretrain.vision_steps: ")
                 && e.contains("scenes_train.json is missing")
